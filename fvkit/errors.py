@@ -1,0 +1,22 @@
+"""One exception type for every user-facing failure.
+
+A researcher who passes a wrong model name, spec, layer or file should read one
+sentence naming the thing that is wrong and how to fix it, not a traceback. The
+CLI and the pytest plugin catch :class:`FvkitError` and print ``str(err)``.
+"""
+
+
+class FvkitError(Exception):
+    """A failure caused by input the user can fix; the message says how."""
+
+
+class SpecError(FvkitError):
+    """A ModelSpec is malformed or does not fit the model it is applied to."""
+
+
+class DataError(FvkitError):
+    """A dataset or fixed-trials file is missing, malformed or mismatched."""
+
+
+class ParityModeError(FvkitError):
+    """A setting that parity work does not allow (device, dtype, quantization)."""

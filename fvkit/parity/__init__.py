@@ -1,0 +1,1 @@
+"""The parity suite: pytest plugin, report and helpers."""

@@ -1,0 +1,168 @@
+"""What each parity gate compares, and how.
+
+    ours = result.comparable()                     # fvkit.run.PipelineResult
+    check = compare_gate("M2", gate_part("M2", ours), gate_part("M2", ref), source="snapshot")
+    assert check.ok, "\\n".join(check.failures())
+
+Both the gate tests and the snapshot extension (:mod:`fvkit.parity.snapshots`)
+call :func:`compare_gate`, so a snapshot matches exactly when the gate passes.
+Inputs are the plain-Python parts of the comparable result dict that the
+reference runner and ``PipelineResult.comparable()`` share.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .tolerances import (
+    FV_REL_TOL,
+    IE_REL_TOL,
+    MEAN_ACT_REL_TOL,
+    TOP_HEAD_SCORE_ABS_TOL,
+    GateCheck,
+    Mismatch,
+    first_mismatch,
+    tensor_drift,
+)
+
+GATES = ("M1", "M2", "M3", "M4", "M5")
+GATE_TITLES = {
+    "M1": "prompts",
+    "M2": "mean_activations",
+    "M3": "indirect_effect",
+    "M4": "function_vector",
+    "M5": "spec_resolution",
+}
+#: ``split`` is the train/valid/test split the reference's loader drew (fvkit's
+#: side: the fixed-trials file's), so the trials are checked to replay its sampling.
+M1_KEYS = ("prompts", "token_ids", "token_labels", "dummy_labels", "idx_map", "split")
+EVAL_KEYS = {
+    "zero_shot": ("clean_rank_list", "intervention_rank_list", "clean_topk", "intervention_topk"),
+    "shuffled": ("clean_rank_list", "intervention_rank_list", "clean_topk", "intervention_topk"),
+    "baseline": ("clean_rank_list", "clean_topk"),
+}
+#: Keys of the comparable result dict each gate reads (``m1`` is a sub-dict).
+GATE_KEYS = {
+    "M1": ("m1",),
+    "M2": ("mean_activations",),
+    "M3": ("indirect_effect",),
+    "M4": ("top_heads", "function_vector", "zero_shot", "shuffled", "baseline"),
+}
+
+
+def gate_part(gate: str, comparable: dict) -> dict:
+    """The keys of a comparable result dict that ``gate`` compares, and only those."""
+    part = {}
+    for key in GATE_KEYS[gate]:
+        if key not in comparable:
+            continue
+        value = comparable[key]
+        if key in EVAL_KEYS and isinstance(value, dict):
+            value = {k: value[k] for k in EVAL_KEYS[key] if k in value}
+        part[key] = value
+    return part
+
+
+# --- M1 ------------------------------------------------------------------------------
+def token_cause(ours: dict, ref: dict, index: int, bos_ids=()) -> str:
+    """Why the token ids differ first at ``index``: the BOS policy, the prompt text, or the tokenizer."""
+    ours_ids, ref_ids = ours.get("token_ids") or [], ref.get("token_ids") or []
+    ours_text = (ours.get("prompts", {}).get("mean_activations") or [None])[0]
+    ref_text = (ref.get("prompts", {}).get("mean_activations") or [None])[0]
+    shifted = ours_ids[1:] == ref_ids or ref_ids[1:] == ours_ids
+    first_is_bos = any(ids and ids[0] in bos_ids for ids in (ours_ids, ref_ids))
+    if index == 0 and (shifted or first_is_bos):
+        who = "fvkit" if len(ours_ids) > len(ref_ids) else "the reference"
+        return f"BOS policy ({who} has an extra leading BOS token; check the spec's prepend_bos / bos_text)"
+    if ours_text is not None and ours_text != ref_text:
+        if ref_text and ours_text.endswith(ref_text) or ours_text and ref_text and ref_text.endswith(ours_text):
+            return "BOS policy (one prompt text carries a BOS string the other lacks)"
+        return "prompt text (template or fixed trials differ; see the prompts mismatch)"
+    return "tokenizer (same prompt text, different token ids: vocabulary, merges or normalization differ)"
+
+
+def _token_repr(m1: dict, index: int) -> str:
+    ids = m1.get("token_ids") or []
+    labels = m1.get("token_labels") or []
+    tok = next((t[1] for t in labels if t and t[0] == index), None)
+    tid = ids[index] if index < len(ids) else "<none>"
+    return f"{tok!r} (id {tid})" if tok is not None else f"id {tid}"
+
+
+def compare_m1(ours: dict, ref: dict, source: str, bos_ids=()) -> GateCheck:
+    check = GateCheck("M1", source)
+    ours, ref = ours.get("m1", {}), ref.get("m1", {})
+    for key in M1_KEYS:
+        if ref.get(key) is None:
+            check.notes.append(f"reference has no '{key}'")
+            continue
+        mm = first_mismatch(ours.get(key), ref.get(key), key)
+        if mm is None:
+            continue
+        cause = ""
+        if key == "token_ids":
+            a, b = ours.get("token_ids") or [], ref.get("token_ids") or []
+            index = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            cause = token_cause(ours, ref, index, bos_ids)
+            mm = Mismatch(f"token_ids: first differing token at position {index}",
+                          _token_repr(ours, index), _token_repr(ref, index))
+        elif key == "prompts":
+            cause = "prompt text (template, BOS text or fixed trials)"
+        check.mismatches.append((f"m1.{key}", mm, cause))
+    return check
+
+
+# --- M2 / M3 ----------------------------------------------------------------------------
+def compare_tensor_gate(gate: str, ours: dict, ref: dict, source: str) -> GateCheck:
+    key, tol, name = {
+        "M2": ("mean_activations", MEAN_ACT_REL_TOL, "MEAN_ACT_REL_TOL"),
+        "M3": ("indirect_effect", IE_REL_TOL, "IE_REL_TOL"),
+    }[gate]
+    check = GateCheck(gate, source)
+    check.drifts.append(tensor_drift(key, ours.get(key), ref.get(key), tol, name, source=source))
+    return check
+
+
+# --- M4 ------------------------------------------------------------------------------
+def compare_top_heads(ours: list, ref: list) -> Optional[Mismatch]:
+    """Same heads in the same order; scores equal up to one unit of their 4th decimal."""
+    if len(ours) != len(ref):
+        return Mismatch("top_heads length", len(ours), len(ref))
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if [int(a[0]), int(a[1])] != [int(b[0]), int(b[1])]:
+            return Mismatch(f"top_heads[{i}] (layer, head)", a, b)
+        if abs(float(a[2]) - float(b[2])) > TOP_HEAD_SCORE_ABS_TOL:
+            return Mismatch(f"top_heads[{i}] score (tolerance TOP_HEAD_SCORE_ABS_TOL={TOP_HEAD_SCORE_ABS_TOL:.0e})", a, b)
+    return None
+
+
+def compare_m4(ours: dict, ref: dict, source: str) -> GateCheck:
+    check = GateCheck("M4", source)
+    if "top_heads" in ref:
+        mm = compare_top_heads(ours.get("top_heads") or [], ref["top_heads"])
+        if mm:
+            check.mismatches.append(("top_heads", mm, ""))
+    if "function_vector" in ref:
+        check.drifts.append(tensor_drift("function_vector", ours.get("function_vector"), ref["function_vector"],
+                                         FV_REL_TOL, "FV_REL_TOL", source=source))
+    for stage, keys in EVAL_KEYS.items():
+        if stage not in ref:
+            continue
+        for key in keys:
+            if key not in ref[stage]:
+                continue
+            mm = first_mismatch((ours.get(stage) or {}).get(key), ref[stage][key], f"{stage}.{key}")
+            if mm:
+                check.mismatches.append((stage, mm, ""))
+    return check
+
+
+def compare_gate(gate: str, ours: dict, ref: dict, source: str = "reference", bos_ids=()) -> GateCheck:
+    """Compare the parts of two comparable result dicts that ``gate`` owns."""
+    if gate == "M1":
+        return compare_m1(ours, ref, source, bos_ids)
+    if gate in ("M2", "M3"):
+        return compare_tensor_gate(gate, ours, ref, source)
+    if gate == "M4":
+        return compare_m4(ours, ref, source)
+    raise ValueError(f"gate {gate} compares no reference numbers")

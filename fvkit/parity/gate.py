@@ -1,0 +1,195 @@
+"""Running one gate against every reference source it has: live and snapshot.
+
+    gate = Gate("M2", ctx)                          # ctx: GateContext from the conftest fixtures
+    gate.check(ours=result.comparable())            # compares, records, then skips or fails
+
+Sources, in order: the live reference run (``--reference-src``) unless it
+declares the gate's stages unsupported or invalid, and the stored snapshot for
+the model and settings key. Under ``--snapshot-update`` the live reference's
+numbers are written (never fvkit's) and fvkit is compared live only. With no
+source at all the test is *skipped* with the reason — it never passes silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pytest
+
+from .compare import GATE_TITLES, M1_KEYS, compare_gate, gate_part
+from .report import RESULT_PROP
+from .snapshots import SnapshotBook
+
+#: Result keys of the reference dict behind each gate, as its meta["unsupported"] names them.
+UNSUPPORTED_KEYS = {
+    "M1": ("m1",),
+    "M2": ("mean_activations",),
+    "M3": ("indirect_effect",),
+    "M4": ("top_heads", "function_vector", "zero_shot", "shuffled", "baseline"),
+}
+#: Stages a gate compares exactly (one CSV row each), as compare_gate names them.
+EXACT_STAGES = {
+    "M1": tuple(f"m1.{k}" for k in M1_KEYS),
+    "M4": ("top_heads", "zero_shot", "shuffled", "baseline"),
+}
+#: What a reference environment record keeps from the runner's meta.
+ENV_KEYS = ("transformers", "torch", "versions", "reference_commit", "reference_src_matches_commit",
+            "baukit_commit", "reference_branch", "normalizations", "warnings", "invalid", "unsupported")
+
+
+class Recorder:
+    """Findings of one gate test, shipped to the report through ``user_properties``.
+
+        rec = Recorder(request.node)
+        rec.add(metrics={"M2": {...}}, stage_rows=[{...}], notes=["..."])
+    """
+
+    def __init__(self, item):
+        self.item = item
+
+    def add(self, **data) -> None:
+        self.item.user_properties.append((RESULT_PROP, {k: v for k, v in data.items() if v}))
+
+
+@dataclass
+class GateContext:
+    """Everything a gate needs besides fvkit's numbers.
+
+        GateContext(model="tiny-llama", settings=ps.settings_for(name), live=..., snapshot=snapshot,
+                    update=False, recorder=Recorder(item))
+    """
+
+    model: str
+    settings: object           # fvkit.parity.session.ModelSettings
+    live: Optional[dict]
+    snapshot: object           # syrupy's ``snapshot`` fixture
+    update: bool
+    recorder: Recorder
+    bos_ids: tuple = ()
+    snapshot_hint: str = ""
+
+
+def reference_environment(meta: dict) -> dict:
+    return {k: meta.get(k) for k in ENV_KEYS if k in meta}
+
+
+def live_problem(gate: str, live: dict) -> Optional[str]:
+    """Why the live reference cannot be compared for ``gate`` (None when it can)."""
+    meta = live.get("meta") or {}
+    if gate == "M4":
+        invalid = (meta.get("invalid") or {}).get("m4")
+        if invalid:
+            return f"reference invalid: {invalid}"
+    unsupported = meta.get("unsupported") or {}
+    if isinstance(unsupported, str):
+        return f"reference unsupported: {unsupported}"
+    missing = [k for k in UNSUPPORTED_KEYS[gate] if k in unsupported]
+    if missing and len(missing) == len(UNSUPPORTED_KEYS[gate]):
+        return "reference unsupported: " + "; ".join(f"{k}: {unsupported[k]}" for k in missing)
+    return None
+
+
+def reference_part(gate: str, live: dict) -> dict:
+    """The gate's part of a reference dict, without stages the reference left out (None)."""
+    part = gate_part(gate, live)
+    return {k: v for k, v in part.items() if v is not None}
+
+
+@dataclass
+class Source:
+    """Reference numbers of one origin: the live run, or a stored snapshot (with its book)."""
+
+    name: str
+    part: dict
+    book: Optional[SnapshotBook] = None
+
+
+@dataclass
+class Gate:
+    """One gate test's comparison against its reference sources (see module docstring)."""
+
+    gate: str
+    ctx: GateContext
+    label: str = ""
+    checks: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return f"{self.gate} {GATE_TITLES[self.gate]}" + (f" [{self.label}]" if self.label else "")
+
+    def sources(self) -> tuple:
+        """([Source], [reasons a source is missing])."""
+        ctx, gate = self.ctx, self.gate
+        found, missing = [], []
+        usable_live = None
+        if ctx.live is not None:
+            problem = live_problem(gate, ctx.live)
+            if problem:
+                missing.append(f"live {problem}")
+                self.notes.append(f"live {problem}")
+            else:
+                usable_live = reference_part(gate, ctx.live)
+                found.append(Source("live reference", usable_live))
+        book = SnapshotBook(ctx.snapshot, gate, ctx.settings.key)
+        if ctx.update:
+            if usable_live is not None:
+                env = reference_environment(ctx.live.get("meta") or {})
+                existed = book.exists()
+                book.write(usable_live, env, ctx.model, ctx.settings.as_dict())
+                self.notes.append(f"snapshot {'updated/kept' if existed else 'written'} from the live reference: "
+                                  f"{book.path}")
+            else:
+                self.notes.append(f"snapshot not written: {missing[-1] if missing else 'no live reference'}")
+        elif book.exists():
+            stored = book.load()
+            if stored is None:
+                missing.append(f"snapshot {book.path} is not a fvkit parity snapshot; regenerate it")
+            else:
+                env = stored.get("environment") or {}
+                self.notes.append(f"snapshot {book.path.name}: reference {str(env.get('reference_commit'))[:12]}, "
+                                  f"transformers {env.get('transformers')}")
+                found.append(Source("snapshot", stored.get("value") or {}, book))
+        else:
+            missing.append(f"no snapshot {book.path.relative_to(book.path.parents[2])} for these settings"
+                           + (f" ({ctx.snapshot_hint})" if ctx.snapshot_hint else ""))
+        return found, missing
+
+    def check(self, ours: dict, guard_failures=()) -> None:
+        """Compare ``ours`` (a comparable dict) with every source; record; skip or fail."""
+        ours_part = gate_part(self.gate, ours)
+        found, missing = self.sources()
+        failures = list(guard_failures)
+        metrics, rows = {}, []
+        for source in found:
+            name = source.name
+            check = compare_gate(self.gate, ours_part, source.part, name, self.ctx.bos_ids)
+            if source.book is not None:  # the snapshot: the same verdict through syrupy's comparison
+                syrupy_ok = source.book.matches(ours_part)
+                if syrupy_ok != check.ok:
+                    check.notes.append(f"syrupy's tolerant match says {syrupy_ok}, the gate says {check.ok}")
+            self.checks.append(check)
+            metrics[name] = check.metrics()
+            rows.extend(self.stage_rows(check))
+            failures.extend(check.failures())
+        self.ctx.recorder.add(metrics={self.gate + (f"[{self.label}]" if self.label else ""): metrics} if metrics else None, stage_rows=rows,
+                              notes=self.notes, settings=self.ctx.settings.as_dict())
+        head = f"{self.title} for {self.ctx.model} ({self.ctx.settings.key})"
+        if failures:
+            pytest.fail(f"{head} FAILED:\n  " + "\n  ".join(failures), pytrace=False)
+        if not found:
+            pytest.skip(f"{head}: no reference numbers: " + "; ".join(missing))
+
+    def stage_rows(self, check) -> list:
+        """One CSV row per stage: drifts for tensors, exact-match verdicts for the rest."""
+        suffix = f" [{self.label}]" if self.label else ""
+        rows = [{"stage": d.stage + suffix, "source": check.source, "status": "PASS" if d.ok else "FAIL",
+                 "max_abs_drift": d.max_abs_drift, "rel_drift": d.rel_drift, "tolerance": d.tol,
+                 "tolerance_name": d.tol_name, "worst_index": list(d.worst_index) if d.worst_index is not None else "",
+                 "detail": d.problem} for d in check.drifts]
+        for stage in EXACT_STAGES.get(self.gate, ()):
+            found = next(((m, c) for s, m, c in check.mismatches if s == stage), None)
+            detail = "exact match" if found is None else found[0].message() + (f" [cause: {found[1]}]" if found[1] else "")
+            rows.append({"stage": stage, "source": check.source, "status": "FAIL" if found else "PASS", "detail": detail})
+        return rows

@@ -1,0 +1,230 @@
+"""pytest plugin of the parity suite: options, gate bookkeeping, --fail-fast, report.
+
+    pytest --model tiny-llama --max-trials 1 --n-top-heads 5 --edit-layer 1 --fail-fast
+    pytest -n 2                      # xdist: each model's gates stay on one worker
+
+Registered as the ``fvkit_parity`` pytest11 entry point, so it is active in
+every pytest run of an environment with fvkit installed; it only acts on tests
+marked ``fvkit_gate`` (the gate modules in ``parity_tests/``). A gate test is
+identified by its gate (``@pytest.mark.fvkit_gate("M2")`` on the module) and
+its model (``pytest.mark.fvkit_model(name)`` on each parameter); the plugin
+orders gate tests model by model, gate by gate, keeps each model on one xdist
+worker, skips a model's later gates under ``--fail-fast`` and writes the report
+(:mod:`fvkit.parity.report`) from the controller only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pytest
+
+from .compare import GATE_TITLES, GATES
+from .options import ParityOptions, add_options
+from .report import IDENTITY_PROP, RESULT_PROP, ReportState, TestOutcome, environment
+
+OPTIONS_KEY = pytest.StashKey[ParityOptions]()
+REPORT_KEY = pytest.StashKey[ReportState]()
+FAILED_KEY = pytest.StashKey[dict]()      # model -> (gate, test) of its first failure, this process
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    add_options(parser)
+
+
+def is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "fvkit_gate(gate): a parity gate test (M1..M5); set on the gate module")
+    config.addinivalue_line("markers", "fvkit_model(name): the model a parity gate test checks")
+    if not config.pluginmanager.hasplugin("xdist"):
+        # Gate tests carry xdist_group marks whether or not xdist is installed.
+        config.addinivalue_line("markers", "xdist_group(name): tests that run on one xdist worker")
+    config.stash[OPTIONS_KEY] = ParityOptions.from_config(config)
+    config.stash[REPORT_KEY] = ReportState(config.rootpath, environment=environment(), writer=not is_worker(config))
+    config.stash[FAILED_KEY] = {}
+    if not is_worker(config):
+        config.pluginmanager.register(ReportPlugin(config), "fvkit-parity-report")
+    # One run checks one settings key, so snapshots of other settings are
+    # legitimately unused; syrupy must neither fail on them nor delete them.
+    if hasattr(config.option, "disable_unused_snapshots"):
+        config.option.disable_unused_snapshots = True
+    # Under xdist, a model's gates must share one worker: the model is loaded once
+    # there, and --fail-fast sees the model's earlier gates. Plain "load" (what -n
+    # implies) is upgraded to "loadgroup"; each model is one group.
+    if getattr(config.option, "dist", "no") == "load" and not is_worker(config):
+        config.option.dist = "loadgroup"
+    if is_worker(config) and config.workerinput.get("fvkit_loadgroup"):
+        config.option.loadgroup = True
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """(xdist controller) tell each worker to tag group names onto node ids."""
+    node.workerinput["fvkit_loadgroup"] = node.config.getoption("dist", "no") == "loadgroup"
+
+
+def options(config: pytest.Config) -> ParityOptions:
+    return config.stash[OPTIONS_KEY]
+
+
+def report_state(config: pytest.Config) -> ReportState:
+    return config.stash[REPORT_KEY]
+
+
+# --- identity and ordering -------------------------------------------------------------
+def gate_identity(item: pytest.Item) -> Optional[dict]:
+    gate_mark = item.get_closest_marker("fvkit_gate")
+    if gate_mark is None:
+        return None
+    model_mark = item.get_closest_marker("fvkit_model")
+    model = model_mark.args[0] if model_mark and model_mark.args else "-"
+    return {"gate": gate_mark.args[0], "model": model, "test": getattr(item, "originalname", item.name)}
+
+
+def _gate_index(gate: str) -> int:
+    return GATES.index(gate) if gate in GATES else len(GATES)
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    gate_items, others, order = [], [], {}
+    for pos, item in enumerate(items):
+        ident = gate_identity(item)
+        if ident is None:
+            others.append(item)
+            continue
+        item.user_properties.append((IDENTITY_PROP, ident))
+        item.add_marker(pytest.mark.xdist_group(name=f"fvkit-{ident['model']}"))
+        order.setdefault(ident["model"], len(order))
+        gate_items.append((order[ident["model"]], _gate_index(ident["gate"]), pos, item))
+    if gate_items:
+        gate_items.sort(key=lambda t: t[:3])
+        items[:] = others + [t[3] for t in gate_items]
+        report_state(config).expected.update(t[3].nodeid for t in gate_items)
+
+
+# --- --fail-fast -----------------------------------------------------------------------
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if not options(item.config).fail_fast:
+        return
+    ident = gate_identity(item)
+    if ident is None:
+        return
+    failed = item.config.stash[FAILED_KEY].get(ident["model"])
+    if failed and _gate_index(failed[0]) < _gate_index(ident["gate"]):
+        gate, test = failed
+        pytest.skip(f"--fail-fast: {ident['model']} failed gate {gate} ({GATE_TITLES.get(gate, gate)}, {test}); "
+                    f"its later gates are skipped")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and not hasattr(report, "wasxfail"):
+        ident = gate_identity(item)
+        if ident is not None:
+            item.config.stash[FAILED_KEY].setdefault(ident["model"], (ident["gate"], ident["test"]))
+
+
+# --- report ----------------------------------------------------------------------------
+def _props(report, key: str) -> list:
+    return [value for name, value in getattr(report, "user_properties", []) if name == key]
+
+
+def _reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        text = str(longrepr[2])
+        return text[len("Skipped: "):] if text.startswith("Skipped: ") else text
+    text = getattr(report, "longreprtext", "") or str(longrepr or "")
+    return text.strip()
+
+
+def _cause(report) -> str:
+    """The gate's own message when it failed with one, else the last lines of the traceback."""
+    text = _reason(report)
+    for prefix in ("Failed: ",):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    lines = text.splitlines()
+    errors = [ln[2:].strip() for ln in lines if ln.startswith("E ")]
+    return "\n".join(errors[-12:]) if errors else "\n".join(lines[-12:])
+
+
+class ReportPlugin:
+    """Collects gate outcomes on the process that owns the session and writes the report.
+
+        config.pluginmanager.register(ReportPlugin(config), "fvkit-parity-report")
+    """
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.partial: dict = {}   # nodeid -> TestOutcome being assembled from phase reports
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        idents = _props(report, IDENTITY_PROP)
+        if not idents:
+            return
+        ident = idents[-1]
+        outcome = self.partial.get(report.nodeid)
+        if outcome is None:
+            outcome = self.partial[report.nodeid] = TestOutcome(report.nodeid, ident["model"], ident["gate"],
+                                                                ident["test"])
+        outcome.seconds += float(getattr(report, "duration", 0.0) or 0.0)
+        if report.when == "setup":
+            if report.failed:
+                outcome.status, outcome.cause = "ERROR", _cause(report)
+            elif report.skipped:
+                outcome.status, outcome.cause = "SKIP", _reason(report)
+        elif report.when == "call":
+            if hasattr(report, "wasxfail"):
+                outcome.status, outcome.cause = "SKIP", f"expected failure: {report.wasxfail or _reason(report)}"
+            elif report.failed:
+                outcome.status, outcome.cause = "FAIL", _cause(report)
+            elif report.skipped:
+                outcome.status, outcome.cause = "SKIP", _reason(report)
+            else:
+                outcome.status = "PASS"
+        elif report.when == "teardown":
+            if report.failed and outcome.status != "FAIL":
+                outcome.status, outcome.cause = "ERROR", _cause(report)
+            extra = {"settings": {}, "timings": {}, "reference": {}}
+            for result in _props(report, RESULT_PROP):
+                outcome.metrics.update(result.get("metrics", {}))
+                outcome.stage_rows.extend(result.get("stage_rows", []))
+                outcome.notes.extend(n for n in result.get("notes", []) if n not in outcome.notes)
+                for key in extra:
+                    extra[key].update(result.get(key, {}))
+            self.partial.pop(report.nodeid, None)
+            report_state(self.config).record(outcome, extra)
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus) -> None:
+        state = report_state(self.config)
+        if state.models:
+            stopped = int(exitstatus) in (int(pytest.ExitCode.INTERRUPTED), int(pytest.ExitCode.INTERNAL_ERROR))
+            state.finish(int(exitstatus), interrupted=stopped or bool(session.shouldstop))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    if is_worker(config):
+        return
+    state = report_state(config)
+    lines = state.table_lines()
+    if not lines:
+        return
+    tr = terminalreporter
+    title = f"fvkit parity: {state.dataset} / {state.trials_id}"
+    tr.write_sep("=", title)
+    for note in state.notes:
+        tr.write_line(f"note: {note}")
+    for line in lines:
+        tr.write_line(line)
+    if state.paths_written:
+        tr.write_line("written:" + ("" if state.complete else " (report marked incomplete)"))
+        for path in state.paths_written:
+            tr.write_line(f"  {path}")

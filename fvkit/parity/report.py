@@ -1,0 +1,262 @@
+"""The parity suite's report: JSON, CSV and log, rewritten after every test.
+
+    state = ReportState(rootdir, environment=environment())
+    state.bind(dataset="antonym", trials_id="fixed_trials_antonym_t10_s10_seed0", settings={...})
+    state.record(test_outcome)     # after each test; rewrites the files atomically
+    state.finish(exitstatus)       # marks the report complete (or not)
+
+Files go to ``results_fv/<dataset>/<fixed_trials_id>/``:
+
+* ``parity_suite_report.json``: per model and gate the status (PASS, FAIL,
+  SKIP, ERROR), metrics (drifts), tolerances, timings and cause of failure, plus
+  the environment and ``"complete"`` (false until the session ends normally, so
+  an interrupted run never looks finished);
+* ``parity_suite_stages.csv``: one row per model and stage;
+* ``parity_suite.log``: one line per test outcome, as it happens.
+
+Only the process that owns the session writes (the xdist controller, never a
+worker); workers ship their data in each test report's ``user_properties``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+REPORT_NAME = "parity_suite_report.json"
+STAGES_NAME = "parity_suite_stages.csv"
+LOG_NAME = "parity_suite.log"
+FORMAT = "fvkit-parity-report/1"
+#: Key of the user property carrying a gate test's identity (set at collection).
+IDENTITY_PROP = "fvkit_gate"
+#: Key of user properties carrying a gate test's findings (set while it runs).
+RESULT_PROP = "fvkit_result"
+STATUS_ORDER = ("ERROR", "FAIL", "PASS", "SKIP")
+STAGE_COLUMNS = ("model", "gate", "stage", "test", "source", "status", "max_abs_drift", "rel_drift",
+                 "tolerance", "tolerance_name", "worst_index", "seconds", "detail")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def environment() -> dict:
+    """Versions that decide the numbers; the reference's own come from its runs."""
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for module in ("fvkit", "torch", "transformers", "numpy", "pytest", "syrupy", "xdist"):
+        try:
+            versions[module] = __import__(module).__version__
+        except Exception:  # noqa: BLE001 - a missing optional package is simply not listed
+            continue
+    return versions
+
+
+def now() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+@dataclass
+class TestOutcome:
+    """One gate test's final state, built from its pytest reports.
+
+        TestOutcome(nodeid, model="tiny-llama", gate="M2", test="test_mean_activations", status="PASS")
+    """
+
+    nodeid: str
+    model: str
+    gate: str
+    test: str
+    status: str = "PASS"
+    cause: str = ""
+    seconds: float = 0.0
+    metrics: dict = field(default_factory=dict)
+    stage_rows: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        out = {"nodeid": self.nodeid, "test": self.test, "status": self.status, "seconds": round(self.seconds, 4)}
+        if self.cause:
+            out["cause"] = self.cause
+        if self.metrics:
+            out["metrics"] = self.metrics
+        if self.notes:
+            out["notes"] = self.notes
+        return out
+
+
+def worst_status(statuses) -> str:
+    """A gate's status from its tests': any error or failure wins; all skipped is a skip."""
+    statuses = list(statuses)
+    for status in STATUS_ORDER[:3]:
+        if status in statuses:
+            return status
+    return "SKIP"
+
+
+class ReportState:
+    """Everything the report files hold, kept in ``config.stash`` for one session.
+
+        state = ReportState(Path("."))
+        state.bind("antonym", "fixed_trials_antonym_t10_s10_seed0", {"max_trials": 1})
+        state.record(outcome); state.finish(0)
+    """
+
+    def __init__(self, rootdir: Path, environment: Optional[dict] = None, writer: bool = True):
+        self.rootdir = Path(rootdir)
+        self.writer = writer
+        self.environment = environment or {}
+        self.dataset: Optional[str] = None
+        self.trials_id: Optional[str] = None
+        self.settings: dict = {}
+        self.notes: list = []
+        self.models: dict = {}       # model -> {"settings", "timings", "reference", "gates": {gate: [outcome]}}
+        self.expected: set = set()   # node ids of gate tests that should report
+        self.started = now()
+        self.finished: Optional[str] = None
+        self.complete = False
+        self.exit_status: Optional[int] = None
+        self._log_lines: list = []
+        self.paths_written: list = []
+
+    # --- setup ---------------------------------------------------------------------------
+    def bind(self, dataset: str, trials_id: str, settings: dict, notes=()) -> None:
+        self.dataset, self.trials_id, self.settings = dataset, trials_id, dict(settings)
+        for note in notes:
+            if note not in self.notes:
+                self.notes.append(note)
+
+    @property
+    def out_dir(self) -> Optional[Path]:
+        if not (self.dataset and self.trials_id):
+            return None
+        return self.rootdir / "results_fv" / self.dataset / self.trials_id
+
+    # --- updates -------------------------------------------------------------------------
+    def model_entry(self, model: str) -> dict:
+        return self.models.setdefault(model, {"settings": {}, "timings": {}, "reference": {}, "gates": {}})
+
+    def record(self, outcome: TestOutcome, extra: Optional[dict] = None) -> None:
+        entry = self.model_entry(outcome.model)
+        tests = entry["gates"].setdefault(outcome.gate, [])
+        tests[:] = [t for t in tests if t.nodeid != outcome.nodeid] + [outcome]
+        extra = extra or {}
+        entry["settings"].update(extra.get("settings", {}))
+        entry["timings"].update(extra.get("timings", {}))
+        entry["reference"].update(extra.get("reference", {}))
+        line = f"{now()} {outcome.status:<5} {outcome.model} {outcome.gate} {outcome.test} ({outcome.seconds:.2f}s)"
+        if outcome.cause:
+            line += " -- " + outcome.cause.splitlines()[0][:300]
+        self.log(line)
+        self.write()
+
+    def log(self, line: str) -> None:
+        self._log_lines.append(line)
+        if self.writer and self.out_dir:
+            path = self.out_dir / LOG_NAME
+            path.parent.mkdir(parents=True, exist_ok=True)
+            mode = "a" if path in self.paths_written else "w"
+            with open(path, mode, encoding="utf-8") as fh:
+                # Lines logged before the directory was known are flushed on first write.
+                fh.write("\n".join(self._log_lines if mode == "w" else [line]) + "\n")
+            if path not in self.paths_written:
+                self.paths_written.append(path)
+
+    def finish(self, exit_status: int, interrupted: bool) -> None:
+        self.exit_status = int(exit_status)
+        self.finished = now()
+        reported = {t.nodeid for e in self.models.values() for ts in e["gates"].values() for t in ts}
+        missing = sorted(self.expected - reported)
+        self.complete = not interrupted and not missing
+        if missing:
+            self.notes.append(f"{len(missing)} gate test(s) never reported, e.g. {missing[0]}")
+        self.log(f"{now()} session finished: exit status {exit_status}, complete={str(self.complete).lower()}")
+        self.write()
+
+    # --- views ---------------------------------------------------------------------------
+    def gate_status(self, model: str, gate: str) -> Optional[str]:
+        tests = self.models.get(model, {}).get("gates", {}).get(gate)
+        return worst_status(t.status for t in tests) if tests else None
+
+    def as_dict(self) -> dict:
+        from .tolerances import TOLERANCES
+
+        models = {}
+        for name, entry in self.models.items():
+            gates = {}
+            for gate in sorted(entry["gates"]):
+                tests = entry["gates"][gate]
+                causes = [f"{t.test}: {t.cause}" for t in tests if t.cause and t.status != "PASS"]
+                gates[gate] = {
+                    "status": worst_status(t.status for t in tests),
+                    "seconds": round(sum(t.seconds for t in tests), 4),
+                    "tests": [t.as_dict() for t in tests],
+                    **({"cause": "\n".join(causes)} if causes else {}),
+                }
+            models[name] = {"settings": entry["settings"], "stage_timings": entry["timings"],
+                            "reference": entry["reference"], "gates": gates}
+        return {
+            "format": FORMAT,
+            "complete": self.complete,
+            "exit_status": self.exit_status,
+            "started": self.started,
+            "finished": self.finished,
+            "dataset": self.dataset,
+            "fixed_trials_id": self.trials_id,
+            "settings": self.settings,
+            "notes": self.notes,
+            "tolerances": TOLERANCES,
+            "environment": self.environment,
+            "summary": {m: {g: self.gate_status(m, g) for g in sorted(self.models[m]["gates"])} for m in self.models},
+            "models": models,
+        }
+
+    def stage_rows(self) -> list:
+        rows = []
+        for model, entry in self.models.items():
+            for gate in sorted(entry["gates"]):
+                for t in entry["gates"][gate]:
+                    if not t.stage_rows:
+                        rows.append({"model": model, "gate": gate, "stage": "", "test": t.test, "status": t.status,
+                                     "seconds": round(t.seconds, 4), "detail": t.cause.splitlines()[0][:200] if t.cause else ""})
+                    for row in t.stage_rows:
+                        rows.append({"model": model, "gate": gate, "test": t.test, **row,
+                                     "status": row.get("status") or t.status})
+        return rows
+
+    def write(self) -> None:
+        if not self.writer or not self.out_dir or not self.models:
+            return
+        out = self.out_dir
+        atomic_write(out / REPORT_NAME, json.dumps(self.as_dict(), indent=1, default=str) + "\n")
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=STAGE_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in self.stage_rows():
+            writer.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in row.items()})
+        atomic_write(out / STAGES_NAME, buf.getvalue())
+        for name in (REPORT_NAME, STAGES_NAME):
+            if out / name not in self.paths_written:
+                self.paths_written.append(out / name)
+
+    # --- terminal ------------------------------------------------------------------------
+    def table_lines(self) -> list:
+        from .compare import GATES
+
+        if not self.models:
+            return []
+        width = max(len("model"), *(len(m) for m in self.models))
+        lines = [f"{'model':<{width}}  " + "  ".join(f"{g:<5}" for g in GATES)]
+        for model in self.models:
+            cells = [self.gate_status(model, g) or "-" for g in GATES]
+            lines.append(f"{model:<{width}}  " + "  ".join(f"{c:<5}" for c in cells))
+        return lines

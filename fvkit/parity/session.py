@@ -1,0 +1,261 @@
+"""One parity session: dataset, fixed trials, models and everything computed once.
+
+    ps = ParitySession.create(options, rootdir)
+    ps.trials.id                           # 'fixed_trials_antonym_t10_s10_seed0'
+    lm = ps.model("tiny-llama")            # loaded once per session (CPU, fp32)
+    result = ps.pipeline("tiny-llama")     # run_pipeline, once per model
+    ref = ps.live_reference("tiny-llama")  # the reference runner, once per model (needs --reference-src)
+
+The gates never load or compute anything themselves; they ask the session, so
+each model is loaded once and each stage computed once per process, whatever
+order pytest runs the gates in.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..errors import FvkitError
+from .options import DEFAULT_N_TOP_HEADS, GENERATE_TRIALS, ParityOptions
+from .snapshots import settings_key
+
+#: The shipped trials every default run uses (10 trials of 10 shots, seed 0).
+DEFAULT_TRIALS = (10, 10, 0)
+
+
+@dataclass
+class ModelInfo:
+    """What collection needs to know about a model, read from its config only.
+
+        info = ps.model_info("tiny-llama"); info.id, info.spec, info.n_layers
+    """
+
+    name: str
+    id: str
+    spec: str
+    n_layers: int
+    n_heads: int
+
+
+@dataclass
+class ModelSettings:
+    """The settings a model's gates run with, after defaults and caps.
+
+        s = ps.settings_for("tiny-llama"); s.key, s.edit_layer
+    """
+
+    n_trials_used: int
+    n_top_heads: int
+    edit_layer: int
+    key: str
+    notes: tuple = ()
+
+    def as_dict(self) -> dict:
+        return {"n_trials_used": self.n_trials_used, "n_top_heads": self.n_top_heads,
+                "edit_layer": self.edit_layer, "settings_key": self.key}
+
+
+def model_id(name: str) -> str:
+    """The model's name in test ids, snapshot names and the report.
+
+    A local directory is known by its folder name, so an exported copy of a zoo
+    model (``fvkit export-model tiny-gpt2 DIR/tiny-gpt2``) meets that model's
+    snapshots; a hub id keeps its name with '/' made file-safe.
+    """
+    text = str(name)
+    if os.path.isdir(text) and "/" in text.replace("\\", "/"):
+        text = os.path.basename(os.path.normpath(text))
+    return re.sub(r"[^\w.+-]", "_", text.replace("/", "__"))
+
+
+class ParitySession:
+    """Shared state of one pytest session of the parity suite (see module docstring)."""
+
+    def __init__(self, options: ParityOptions, rootdir: Path, dataset, trials, trials_source: str, notes: list,
+                 reference_runner=None):
+        self.options = options
+        self.reference_runner = reference_runner
+        self.rootdir = Path(rootdir)
+        self.dataset = dataset
+        self.trials = trials
+        self.trials_source = trials_source
+        self.notes = notes
+        self._infos: dict = {}
+        self._models: dict = {}
+        self._pipelines: dict = {}
+        self._comparable: dict = {}
+        self._ie: dict = {}
+        self._live: dict = {}
+        self._errors: dict = {}
+
+    # --- construction ------------------------------------------------------------------
+    @classmethod
+    def create(cls, options: ParityOptions, rootdir: Path, reference_runner=None) -> "ParitySession":
+        from ..data import load_task_dataset
+        from ..fixed_trials import FixedTrials, trials_id
+
+        dataset = load_task_dataset(options.dataset, str(options.data_dir) if options.data_dir else None)
+        notes = []
+        n_trials, n_shots, default_seed = DEFAULT_TRIALS
+        path = None
+        if options.fixed_trials and options.fixed_trials != GENERATE_TRIALS:
+            path = Path(options.fixed_trials)
+        elif options.fixed_trials is None:
+            default = Path(options.data_dir or rootdir / "datasets") / "fixed_trials" / \
+                f"{trials_id(dataset.name, n_trials, n_shots, default_seed)}.json"
+            path = default if default.is_file() else None
+        if path is not None:
+            trials = FixedTrials.load(path, dataset)
+            source = str(path)
+            if options.seed_given and options.seed != trials.seed:
+                notes.append(f"--seed {options.seed} was not used: the fixed-trials file {path.name} was drawn with "
+                             f"seed {trials.seed}, and a trials file's seed is authoritative")
+        else:
+            trials = FixedTrials.make(dataset, n_trials, n_shots, options.seed)
+            source = f"generated from --seed {options.seed}"
+            notes.append(f"trials {trials.id} were drawn now with seed {options.seed} (no trials file used); "
+                         f"snapshots exist only for shipped trials files")
+        if options.max_trials is not None and options.max_trials > trials.n_trials:
+            raise FvkitError(f"--max-trials {options.max_trials} exceeds the {trials.n_trials} trials of {trials.id}; "
+                             f"pass 1..{trials.n_trials}")
+        return cls(options, rootdir, dataset, trials, source, notes, reference_runner)
+
+    @property
+    def model_names(self) -> list:
+        if self.options.models:
+            return list(dict.fromkeys(self.options.models))
+        from .. import zoo
+        return list(zoo.DEFAULT_PARITY_MODELS)
+
+    # --- models ------------------------------------------------------------------------
+    def model_info(self, name: str) -> ModelInfo:
+        """Spec and dimensions from the model's config (no weights are loaded)."""
+        if name not in self._infos:
+            self._infos[name] = self._read_info(name)
+        return self._infos[name]
+
+    def _read_info(self, name: str) -> ModelInfo:
+        from transformers import AutoConfig
+
+        from .. import hf_loader
+        from ..model_config import dims_from_config
+
+        if name in self._models:
+            lm = self._models[name]
+            return ModelInfo(name, model_id(name), lm.spec.name, lm.dims.n_layers, lm.dims.n_heads)
+        source, entry = hf_loader._resolve_source(name)
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            raise FvkitError(hf_loader._unknown_message(
+                name, f"its config cannot be read ({type(err).__name__}); the hub is not reachable offline")) from None
+        spec = hf_loader._pick_spec(name, source, entry, config, self.options.model_spec)
+        dims = dims_from_config(config, spec)
+        return ModelInfo(name, model_id(name), spec.name, dims.n_layers, dims.n_heads)
+
+    def model(self, name: str):
+        """The loaded model, once per session; a load error is raised again on later calls."""
+        if name in self._errors:
+            raise self._errors[name]
+        if name not in self._models:
+            from ..hf_loader import load_model
+            try:
+                self._models[name] = load_model(name, model_spec=self.options.model_spec, device="cpu",
+                                                dtype="fp32", quant="none", parity=True)
+            except FvkitError as err:
+                self._errors[name] = err
+                raise
+        return self._models[name]
+
+    # --- settings ----------------------------------------------------------------------
+    def settings_for(self, name: str) -> ModelSettings:
+        """Per-model settings; a value the model cannot take raises FvkitError naming the range."""
+        info = self.model_info(name)
+        opts = self.options
+        total = info.n_layers * info.n_heads
+        notes = []
+        if opts.n_top_heads is None:
+            n_top = min(DEFAULT_N_TOP_HEADS, total)
+            if n_top < DEFAULT_N_TOP_HEADS:
+                notes.append(f"n_top_heads capped at {n_top}: {info.id} has {info.n_layers}x{info.n_heads} heads")
+        elif opts.n_top_heads > total:
+            raise FvkitError(f"--n-top-heads {opts.n_top_heads} is more than the {total} heads of {info.id} "
+                             f"({info.n_layers} layers x {info.n_heads} heads); pass 1..{total}")
+        else:
+            n_top = opts.n_top_heads
+        edit_layer = info.n_layers // 2 if opts.edit_layer is None else opts.edit_layer
+        if not 0 <= edit_layer < info.n_layers:
+            raise FvkitError(f"--edit-layer {edit_layer} is out of range for {info.id}: valid layers are "
+                             f"0..{info.n_layers - 1} ({info.n_layers} layers)")
+        used = self.trials.n_trials if opts.max_trials is None else min(opts.max_trials, self.trials.n_trials)
+        return ModelSettings(used, n_top, edit_layer, settings_key(self.trials.id, used, n_top, edit_layer), tuple(notes))
+
+    # --- computed once per model -------------------------------------------------------
+    def pipeline(self, name: str):
+        """fvkit's result for every stage (indirect effect in exact mode), once per model."""
+        if name not in self._pipelines:
+            from ..run import run_pipeline
+            s = self.settings_for(name)
+            self._pipelines[name] = run_pipeline(
+                self.model(name), self.dataset, self.trials, n_top_heads=s.n_top_heads, edit_layer=s.edit_layer,
+                max_trials=self.options.max_trials, ie_mode="exact", show_progress=False)
+        return self._pipelines[name]
+
+    def has_pipeline(self, name: str) -> bool:
+        return name in self._pipelines
+
+    def comparable(self, name: str) -> dict:
+        """fvkit's comparable result dict; M1 also gets the trials' split, the draw the
+        reference's loader makes, so the gate checks that the trials replay it."""
+        if name not in self._comparable:
+            result = self.pipeline(name).comparable()
+            result["m1"]["split"] = {k: list(v) for k, v in self.trials.split.items()}
+            self._comparable[name] = result
+        return self._comparable[name]
+
+    def indirect_effect(self, name: str, mode: str):
+        """(tensor, seconds) of the indirect effect in ``mode``; exact comes from the pipeline."""
+        if mode == "exact":
+            result = self.pipeline(name)
+            return result.indirect_effect, result.timings.get("indirect_effect", 0.0)
+        if (name, mode) not in self._ie:
+            from ..indirect_effect import indirect_effects
+            result = self.pipeline(name)
+            start = time.perf_counter()
+            ie = indirect_effects(self.model(name), self.dataset, self.trials, result.mean_activations,
+                                  max_trials=self.options.max_trials, mode=mode, show_progress=False)
+            self._ie[(name, mode)] = (ie, round(time.perf_counter() - start, 4))
+        return self._ie[(name, mode)]
+
+    def live_reference(self, name: str) -> Optional[dict]:
+        """The reference's comparable dict for this model (None without --reference-src)."""
+        if not self.options.reference_src:
+            return None
+        if name not in self._live:
+            if self.reference_runner is None:
+                raise FvkitError("--reference-src was given but this session has no reference runner")
+            s = self.settings_for(name)
+            start = time.perf_counter()
+            result = self.reference_runner(self.model(name), self.dataset.path, self.trials,
+                                   reference_src=str(self.options.reference_src),
+                                   baukit=str(self.options.baukit) if self.options.baukit else None,
+                                   n_top_heads=s.n_top_heads, edit_layer=s.edit_layer,
+                                   max_trials=self.options.max_trials)
+            result.setdefault("meta", {})["fvkit_seconds"] = round(time.perf_counter() - start, 4)
+            self._live[name] = result
+        return self._live[name]
+
+    def run_dir(self, name: str) -> Path:
+        """Where M5's reduced end-to-end run of a model writes its stage files."""
+        return self.rootdir / "results_fv" / self.dataset.name / self.trials.id / "reduced_runs" / model_id(name)
+
+    def describe(self) -> dict:
+        return {"dataset": self.dataset.name, "dataset_path": self.dataset.path, "dataset_sha256": self.dataset.sha256,
+                "fixed_trials_id": self.trials.id, "fixed_trials_source": self.trials_source,
+                "trials_seed": self.trials.seed, "n_trials": self.trials.n_trials, "n_shots": self.trials.n_shots,
+                "models": [model_id(m) for m in self.model_names], "options": self.options.describe()}

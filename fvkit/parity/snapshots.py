@@ -1,0 +1,123 @@
+"""Reference numbers stored as syrupy snapshots, compared with the gates' tolerances.
+
+    ext = extension_for("M2")
+    book = SnapshotBook(snapshot.use_extension(ext), key="fixed_trials_antonym_t10_s10_seed0-mt1-nh5-el1")
+    if book.exists():
+        ok = book.matches(fvkit_part)            # tolerant comparison through syrupy
+    book.write(reference_part, environment)      # only from a live reference run
+
+One JSON file per gate, model (the test id) and settings key, e.g.
+``parity_tests/__snapshots__/test_m2_mean_activations/test_mean_activations[tiny-llama][<key>].json``.
+A snapshot holds the *reference's* numbers and the environment they came from
+(transformers version, reference commit, normalizations). fvkit's own output is
+never written: :class:`SnapshotBook` only ever asserts a reference payload when
+updating, and fvkit's payload only against an existing snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from syrupy.extensions.json import JSONSnapshotExtension
+
+from .compare import compare_gate
+
+FORMAT = "fvkit-parity-snapshot/1"
+
+
+def settings_key(trials_id: str, n_trials_used: int, n_top_heads: int, edit_layer: int) -> str:
+    """Everything besides the model that determines a gate's reference numbers."""
+    return f"{trials_id}-mt{n_trials_used}-nh{n_top_heads}-el{edit_layer}"
+
+
+class ParitySnapshotExtension(JSONSnapshotExtension):
+    """A JSON snapshot whose floats match within the gate's tolerance.
+
+        class M2Snapshot(ParitySnapshotExtension):
+            gate = "M2"
+        assert snapshot(extension_class=M2Snapshot, name=key) == {"value": part}
+
+    Two reference payloads (both carry ``environment``) must match exactly, so an
+    update rewrites a snapshot whenever anything about the reference changed;
+    fvkit's payload is compared with :func:`fvkit.parity.compare.compare_gate`.
+    """
+
+    gate: str = ""
+
+    def serialize(self, data, *, exclude=None, include=None, matcher=None) -> str:
+        # Plain floats, one line per top-level key: the files stay diffable without
+        # one line per tensor entry.
+        body = ",\n".join(f" {json.dumps(k)}: {json.dumps(v, separators=(',', ':'), ensure_ascii=False)}"
+                          for k, v in data.items())
+        return "{\n" + body + "\n}\n"
+
+    def matches(self, *, serialized_data, snapshot_data) -> bool:
+        try:
+            asserted, stored = json.loads(serialized_data), json.loads(snapshot_data)
+        except (TypeError, ValueError):
+            return False
+        if "environment" in asserted:
+            return asserted == stored
+        return compare_gate(self.gate, asserted.get("value", {}), stored.get("value", {}), "snapshot").ok
+
+    def diff_lines(self, serialized_data, snapshot_data):
+        try:
+            asserted, stored = json.loads(serialized_data), json.loads(snapshot_data)
+            check = compare_gate(self.gate, asserted.get("value", {}), stored.get("value", {}), "snapshot")
+            lines = check.failures() or ["snapshot differs (metadata only)"]
+        except (TypeError, ValueError):
+            lines = ["snapshot is missing or not valid JSON"]
+        yield from lines
+
+
+_EXTENSIONS: dict = {}
+
+
+def extension_for(gate: str) -> type:
+    """The snapshot extension class of one gate (one class per gate, created once)."""
+    if gate not in _EXTENSIONS:
+        _EXTENSIONS[gate] = type(f"{gate}ParitySnapshot", (ParitySnapshotExtension,), {"gate": gate})
+    return _EXTENSIONS[gate]
+
+
+class SnapshotBook:
+    """One gate's snapshot for one model and settings key.
+
+        book = SnapshotBook(snapshot, "M3", key)
+        book.path, book.exists(), book.load()["environment"]
+    """
+
+    def __init__(self, snapshot, gate: str, key: str):
+        self.gate = gate
+        self.key = key
+        self.assertion = snapshot.use_extension(extension_for(gate))
+
+    @property
+    def path(self) -> Path:
+        ext = self.assertion.extension
+        return Path(ext.get_location(test_location=self.assertion.test_location, index=self.key))
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def load(self) -> Optional[dict]:
+        if not self.exists():
+            return None
+        try:
+            data = json.loads(self.path.read_text())
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) and data.get("format") == FORMAT else None
+
+    def matches(self, part: dict) -> bool:
+        """fvkit's part against the stored reference part, through syrupy (never writes:
+        callers only get here when not updating snapshots)."""
+        return self.assertion(name=self.key) == {"value": part}
+
+    def write(self, part: dict, environment: dict, model: str, settings: dict) -> bool:
+        """Assert the reference's part; syrupy writes it under ``--snapshot-update``."""
+        payload = {"format": FORMAT, "gate": self.gate, "model": model, "key": self.key,
+                   "settings": settings, "environment": environment, "value": part}
+        return self.assertion(name=self.key) == payload

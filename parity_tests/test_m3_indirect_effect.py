@@ -1,0 +1,28 @@
+"""Gate M3: causal indirect effect of every head (trials x layers x heads), both modes.
+
+    pytest parity_tests/test_m3_indirect_effect.py --model tiny-llama
+
+``exact`` patches one head per full forward pass, as the reference does;
+``fast`` reuses the clean pass and recomputes the last position only. Each mode
+must be within IE_REL_TOL of the largest absolute reference effect. The fast
+mode is skipped only when fvkit itself reports it unavailable.
+"""
+
+import pytest
+
+from fvkit.parity.gate import Gate
+
+pytestmark = pytest.mark.fvkit_gate("M3")
+
+
+def test_indirect_effect(ours, gate_context):
+    Gate("M3", gate_context, label="exact").check(ours)
+
+
+def test_indirect_effect_fast(parity, parity_model, gate_context):
+    try:
+        ie, seconds = parity.indirect_effect(parity_model, "fast")
+    except (ImportError, NotImplementedError) as err:
+        pytest.skip(f"fvkit reports the fast indirect-effect mode unavailable: {err}")
+    gate_context.recorder.add(timings={"indirect_effect_fast": seconds})
+    Gate("M3", gate_context, label="fast").check({"indirect_effect": ie.tolist()})

@@ -1,0 +1,38 @@
+"""Gate M4: top heads, function vector, and the zero-shot / shuffled / baseline evaluations.
+
+    pytest parity_tests/test_m4_function_vector.py --model tiny-llama
+
+The top-head list and every rank list and top-k accuracy must be identical to
+the reference's; the function vector within FV_REL_TOL of its largest entry.
+fvkit's own injection guard always runs: adding the function vector must move
+the intervened logits. When the live reference declares its intervention
+numbers invalid (transformers releases whose blocks return a plain tensor make
+its hook a no-op), they are not compared; stored snapshots from a valid
+reference still are.
+"""
+
+import pytest
+
+from fvkit.parity.gate import Gate
+from fvkit.parity.tolerances import MIN_INJECTION_LOGIT_CHANGE
+
+pytestmark = pytest.mark.fvkit_gate("M4")
+
+
+def injection_guard(result, edit_layer: int) -> tuple:
+    """(failures, metrics) of the check that fvkit's injection changed the logits."""
+    failures, metrics = [], {}
+    for stage in ("zero_shot", "shuffled"):
+        change = getattr(result, stage).get("max_abs_logit_change")
+        metrics[stage] = change
+        if change is None or not change > MIN_INJECTION_LOGIT_CHANGE:
+            failures.append(f"{stage} injection guard: adding the function vector at layer {edit_layer} changed the "
+                            f"intervened logits by at most {change!r}, not more than MIN_INJECTION_LOGIT_CHANGE="
+                            f"{MIN_INJECTION_LOGIT_CHANGE:g}; the edit did not reach the model")
+    return failures, metrics
+
+
+def test_function_vector(pipeline_result, ours, gate_context):
+    failures, changes = injection_guard(pipeline_result, gate_context.settings.edit_layer)
+    gate_context.recorder.add(metrics={"injection_max_abs_logit_change": changes})
+    Gate("M4", gate_context).check(ours, guard_failures=failures)
