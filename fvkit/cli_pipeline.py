@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for trials generated on the fly")
     p.add_argument("--max-trials", type=int, default=None)
     p.add_argument("--n-top-heads", type=int, default=10)
-    p.add_argument("--edit-layer", default=None, help="layer to inject at (default: n_layers // 2)")
+    p.add_argument("--edit-layer", default=None,
+                   help="layer to inject at (default: n_layers // 2); 'all' also sweeps every layer "
+                        "(layer_sweep.json, layer_sweep.png) while the stage files use the default layer")
     p.add_argument("--ie-mode", choices=("fast", "exact"), default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32")
@@ -70,17 +73,22 @@ def resolve_trials(dataset, path, seed: int, fallback_dir: Path) -> FixedTrials:
 
 
 def parse_edit_layer(value):
-    if value is None:
+    if value is None or str(value).strip().lower() == "all":
         return None
     try:
         return int(value)
     except ValueError:
-        raise FvkitError(f"--edit-layer must be a layer number, got {value!r}") from None
+        raise FvkitError(f"--edit-layer must be a layer number or 'all', got {value!r}") from None
+
+
+def sweeps_all_layers(value) -> bool:
+    return value is not None and str(value).strip().lower() == "all"
 
 
 def cmd_run(args) -> int:
     from .hf_loader import load_model
     from .run import run_pipeline, write_run_outputs
+    from .run_artifacts import run_artifacts
 
     ds = load_task_dataset(args.dataset, args.data_dir)
     trials = resolve_trials(ds, args.fixed_trials, args.seed, Path(args.out).parent)
@@ -90,11 +98,19 @@ def cmd_run(args) -> int:
     kwargs = {} if args.ie_mode is None else {"ie_mode": args.ie_mode}
     result = run_pipeline(lm, ds, trials, n_top_heads=args.n_top_heads, edit_layer=parse_edit_layer(args.edit_layer),
                           max_trials=args.max_trials, **kwargs)
-    out = write_run_outputs(result, args.out, extra_args=vars(args) | {"func": None})
+    files = run_artifacts(lm, ds, trials, result, sweep=sweeps_all_layers(args.edit_layer))
+    out = write_run_outputs(result, args.out, extra_args=vars(args) | {"func": None}, extra_files=files)
     zs, sh = result.zero_shot, result.shuffled
     print(f"top heads: {result.top_heads}")
     print(f"zero-shot top-1: {zs['clean_topk'][0][1]:.3f} -> {zs['intervention_topk'][0][1]:.3f}; "
           f"shuffled top-1: {sh['clean_topk'][0][1]:.3f} -> {sh['intervention_topk'][0][1]:.3f}; "
           f"clean {trials.n_shots}-shot top-1: {result.baseline['clean_topk'][0][1]:.3f}")
+    if "layer_sweep.json" in files:
+        sweep = json.loads(files["layer_sweep.json"])
+        for stage in ("zero_shot", "shuffled"):
+            best = sweep["best_layer"][stage]
+            st = sweep["stages"][stage]
+            print(f"layer sweep {stage}: best layer {best}, top-1 {st['clean_topk'][0][1]:.3f} -> "
+                  f"{st['intervention_topk'][best][0][1]:.3f} ({sweep['seconds']:.1f}s for {sweep['n_layers']} layers)")
     print(f"wrote {out}")
     return 0

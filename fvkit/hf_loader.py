@@ -18,6 +18,7 @@ float32 without quantization; anything else is refused with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -168,6 +169,12 @@ def _check_settings(device: str, dtype: str, quant: str) -> None:
         torch.device(device)
     except RuntimeError:
         raise FvkitError(f"unknown device '{device}'; use e.g. cpu, cuda, cuda:1 or mps") from None
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FvkitError(f"device '{device}' is not available on this machine ({reason}); "
+                         f"use --device cpu") from None
 
 
 def _resolve_source(name_or_path: str):
@@ -180,6 +187,45 @@ def _resolve_source(name_or_path: str):
     if hub_id is None or name_or_path.startswith((".", "/", "~")):
         raise FvkitError(_unknown_message(name_or_path, "it is neither a zoo alias nor a directory"))
     return name_or_path, None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub endpoint accepts a TCP connection; avoids a minute of retries offline."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if getattr(constants, "HF_HUB_OFFLINE", False):
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_config(name_or_path: str, source: str):
+    from transformers import AutoConfig
+
+    local = os.path.isdir(source)
+    if not local:
+        # A hub id: use the local hub cache when it has the model, else the hub itself.
+        try:
+            return AutoConfig.from_pretrained(source, local_files_only=True)
+        except (OSError, ValueError):
+            pass
+        if not _hub_reachable():
+            raise FvkitError(_unknown_message(
+                name_or_path, "it is not a zoo alias or directory, it is not in the local hub "
+                              "cache, and the hub cannot be reached"))
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        why = ("the directory holds no loadable config.json" if local
+               else "it is not a zoo alias or directory, and the hub has no such model")
+        raise FvkitError(_unknown_message(name_or_path, f"{why} ({type(err).__name__})")) from None
 
 
 def _unknown_message(name: str, why: str) -> str:
@@ -233,28 +279,41 @@ def resolve_all_layers(model: torch.nn.Module, spec: ModelSpec, dims: ModelDims)
     adapters.resolve_lm_head(model, spec)
 
 
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """Hide transformers' per-load progress bars (5.x draws one for every checkpoint)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(name_or_path: str, model_spec: Optional[str] = None, device: str = "cpu",
                dtype: str = "fp32", quant: str = "none", parity: bool = True) -> LoadedModel:
     """Load a model for fvkit (see module docstring)."""
+    if parity:
+        check_parity_settings(device, dtype, quant)
+    _check_settings(device, dtype, quant)
+    if model_spec:
+        get_spec(model_spec)  # an unknown spec name fails before any loading
+    with quiet_progress_bars():
+        return _load(name_or_path, model_spec, device, dtype, quant)
+
+
+def _load(name_or_path, model_spec, device, dtype, quant) -> LoadedModel:
     global LOAD_COUNT
     import time
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _check_settings(device, dtype, quant)
-    if parity:
-        check_parity_settings(device, dtype, quant)
-    if model_spec:
-        get_spec(model_spec)  # an unknown spec name fails before any loading
     start = time.time()
     source, entry = _resolve_source(name_or_path)
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        why = ("the directory holds no loadable config.json" if os.path.isdir(source)
-               else "it is not a zoo alias or directory, and the hub has no such model or is "
-                    "unreachable")
-        raise FvkitError(_unknown_message(name_or_path, f"{why} ({type(err).__name__})")) from None
+    config = _load_config(name_or_path, source)
     spec = _pick_spec(name_or_path, source, entry, config, model_spec)
     dims = dims_from_config(config, spec)
     model = AutoModelForCausalLM.from_pretrained(

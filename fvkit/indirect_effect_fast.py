@@ -1,154 +1,231 @@
 """Indirect effect of every head, recomputing only the last position.
 
-    effect = fast_trial(lm, setup, mean_acts)      # (n_layers, n_heads), like the exact path
+    effect = fast_trial(lm, setup, mean_acts)      # (n_layers, n_heads), as the exact path computes
+    drift = relative_drift(fast_ie, exact_ie)      # agreement: drift <= FAST_VS_EXACT_REL_TOL
 
 The patch changes one head's out-projection input at the last token only.
-Attention is causal, so every earlier position computes exactly what it
-computed in the clean run, at every layer. The keys and values of those
-positions are therefore taken from the clean run's cache, and only the last
-token is run again, for all heads of a layer at once: batch row ``h`` patches
-head ``h``, and one extra row stays unpatched.
+Attention is causal, so every earlier position computes, at every layer,
+exactly what it computed in the clean run. Their keys and values are therefore
+taken once from the clean run (:mod:`fvkit.kv_replay`) and only the last token
+is computed again, for all heads of a layer at once: batch row ``h`` patches
+head ``h``, and the row after the last head stays unpatched.
+
+Two strategies compute the same numbers:
+
+* ``blocks``: the decoder blocks are called one by one, as the model called
+  them for the last token, followed by the spec's final norm and output head.
+  A layer's rows join the batch at that layer's block, so nothing below a
+  patched layer is recomputed, each block runs once for all layers above it,
+  and the output head runs once for all rows.
+* ``model``: the last token goes through the model's own ``forward`` once per
+  layer, on the cached prefix. Slower, but it assumes nothing beyond the cache.
+
+``auto`` uses ``blocks`` unless a model's forward does more than its blocks,
+final norm and head (it is then refused on the first trial and ``model`` is
+used for that model from then on).
 
 The unpatched row does two jobs. Its probabilities are the baseline each
-effect is measured against, so whatever rounding the cached single-token path
-adds is common to both sides of the difference and cancels. And its logits are
-compared with the clean full-prompt run's: a cache, position or mask that the
-model did not take as intended shows up there as an error, not as plausible
-but wrong effects.
-
-Everything model-specific stays behind the model's own ``forward`` and
-:mod:`fvkit.adapters`; the cache is driven through the two operations every
-transformers version offers (repeat rows, drop trailing positions), or
-rebuilt when the model returns plain tuples.
+effect is measured against, so rounding that the single-token path adds is
+common to both sides of the difference. And its logits are compared with the
+clean full-prompt run's, so a cache, position or mask that the model did not
+take as intended stops the run instead of producing plausible wrong effects.
 """
 
 from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
 
 import torch
 
 from . import adapters
 from .errors import FvkitError
-from .tracer import EditInput
+from .kv_replay import ReplayUnsupported, capture_last_token, clean_prefix, is_cache_object, last_token_inputs
+from .tracer import EditInput, first_tensor
 
-#: Fast and exact effects agree when they differ by at most this fraction of the
-#: largest absolute effect of the trial. Both paths compute the same quantity in
-#: float32; they differ only in how matrix products are split (one full prompt
-#: against a cached single token), which moves probabilities by a few float32
-#: ulps. The tiny random models have effects down to ~1e-9 absolute, so the
-#: bound is relative; 1e-5 is ~100x the drift measured on every zoo model and
-#: far below the gap between any two top heads that could swap places.
+#: Fast and exact effects agree when no entry differs by more than this fraction
+#: of the largest absolute exact effect. The two paths compute the same quantity
+#: in float32 and differ only in how attention's products are shaped (a full
+#: prompt against one cached token), which moves logits by a few float32 ulps;
+#: the drift measured on every zoo model and both transformers versions is
+#: 0.3-5e-6 of the largest effect, and the exact path itself sits that far from a
+#: float64 computation. A patch at the wrong head or position moves effects by
+#: their own size (drift ~1).
 FAST_VS_EXACT_REL_TOL = 1e-5
 
-#: The unpatched row of every batched step must reproduce the clean run's
-#: last-token logits to within this fraction of their largest magnitude.
-#: Rounding gives ~1e-6; a wrong position, mask or cache is off by O(1).
+#: The unpatched row must reproduce the clean run's last-token logits to within
+#: this fraction of their largest magnitude. Rounding gives ~1e-6; a wrong
+#: position, mask or cache, or a forward pass that does more than its blocks,
+#: is off by O(1).
 CLEAN_ROW_REL_TOL = 1e-4
 
+#: Batch rows are padded to a multiple of this. BLAS kernels process rows in
+#: blocks of four; rows of a partial block take another code path that rounds
+#: differently, so without padding a row's result would depend on the head count
+#: and on the number of threads. Padded rows are unpatched copies.
+BATCH_ROW_MULTIPLE = 4
 
-def _is_cache_object(cache) -> bool:
-    return hasattr(cache, "crop") and hasattr(cache, "batch_repeat_interleave")
+#: Rows per output-head call in the ``blocks`` strategy: large enough for an
+#: efficient matrix product, small enough that the logits of one call stay at
+#: tens of megabytes for a 50k-token vocabulary.
+LM_HEAD_ROWS = 128
 
+#: Rows of the ``blocks`` strategy in flight at once are limited so that attention's
+#: keys and values over the prompt for all of them take at most this fraction of
+#: the model's weight memory (but at least PASS_MEMORY_FLOOR_BYTES); layers beyond
+#: the limit go into further passes. More rows per pass means fewer passes over
+#: the weights and larger, more efficient matrix products.
+PASS_MEMORY_FRACTION = 1 / 8
+PASS_MEMORY_FLOOR_BYTES = 32 * 2**20
 
-def _is_legacy_cache(cache) -> bool:
-    return isinstance(cache, (tuple, list)) and all(
-        isinstance(layer, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in layer)
-        for layer in cache)
+STRATEGIES = ("auto", "blocks", "model")
 
-
-def _check_cache(cache) -> None:
-    if not (_is_cache_object(cache) or _is_legacy_cache(cache)):
-        raise FvkitError(
-            f"fast indirect effect cannot reuse this model's key/value cache "
-            f"({type(cache).__name__}); run with --ie-mode exact"
-        )
-
-
-def _cache_length(cache) -> int:
-    if _is_cache_object(cache):
-        return int(cache.get_seq_length())
-    return int(cache[0][0].shape[-2])
-
-
-def _drop_last_position(cache):
-    """The cache without its last position (keys/values are (batch, heads, pos, dim))."""
-    if _is_cache_object(cache):
-        cache.crop(-1)  # negative: remove this many positions, on every transformers version
-        return cache
-    return tuple(tuple(t[..., :-1, :] for t in layer) for layer in cache)
+#: model -> why the ``blocks`` strategy does not fit it (``auto`` then uses ``model``).
+_BLOCKS_REFUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _repeat_rows(cache, n: int):
-    if _is_cache_object(cache):
-        cache.batch_repeat_interleave(n)
-        return cache
-    # The model concatenates new positions onto these, so broadcast views suffice.
-    return tuple(tuple(t.expand(n, *t.shape[1:]) for t in layer) for layer in cache)
+def batch_rows(n_heads: int) -> int:
+    """Rows per layer: one per head, one unpatched, padded (see BATCH_ROW_MULTIPLE)."""
+    return -(-(n_heads + 1) // BATCH_ROW_MULTIPLE) * BATCH_ROW_MULTIPLE
 
 
-def prefix_cache(model, inputs, n_rows: int):
-    """Clean last-token logits, and the clean cache of all but the last position, ``n_rows`` times over."""
-    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=True)
-    cache = out.past_key_values
-    _check_cache(cache)
-    n_tokens = inputs["input_ids"].shape[1]
-    cache = _repeat_rows(_drop_last_position(cache), n_rows)
-    if _cache_length(cache) != n_tokens - 1:
-        raise FvkitError(
-            f"fast indirect effect: the model's cache holds {_cache_length(cache)} positions after "
-            f"dropping the last of {n_tokens}; run with --ie-mode exact"
-        )
-    return out.logits[0, -1, :], cache
-
-
-def head_patch(layer: int, slots: list, mean_acts: torch.Tensor, n_heads: int, head_dim: int):
-    """Edit for the batched step: row ``h`` gets head ``h``'s mean activation at the last token."""
-    rows = torch.arange(n_heads)
+def head_patch(layer: int, slots: list, mean_acts: torch.Tensor, n_heads: int, head_dim: int, first_row: int = 0):
+    """Edit for a batched step: row ``first_row + h`` gets head ``h``'s mean activation at the last token."""
+    heads = torch.arange(n_heads)
+    rows = heads + first_row
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         view = x.view(*x.shape[:-1], n_heads, head_dim)
         # Same order as the exact path: with several slots, the last one wins.
         for slot in slots:
-            view[rows, -1, rows] = mean_acts[layer, :, slot].to(x.dtype)
+            view[rows, -1, heads] = mean_acts[layer, :, slot].to(x.dtype)
         return x
 
     return fn
 
 
-def _check_clean_row(logits: torch.Tensor, clean_logits: torch.Tensor, layer: int) -> None:
+def relative_drift(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest absolute difference as a fraction of the largest absolute reference entry."""
+    scale = float(ref.abs().max())
+    diff = float((ours - ref).abs().max())
+    if scale == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return diff / scale
+
+
+def check_clean_row(logits: torch.Tensor, clean_logits: torch.Tensor, layer: int, strategy: str) -> None:
     scale = float(clean_logits.abs().max().clamp_min(1.0))
     drift = float((logits - clean_logits).abs().max()) / scale
     if not drift <= CLEAN_ROW_REL_TOL:
-        raise FvkitError(
-            f"fast indirect effect: at layer {layer} the unpatched row's logits differ from the "
-            f"clean run's by {drift:.2e} (relative, allowed {CLEAN_ROW_REL_TOL:.0e}); this model's "
-            f"cached last-token step does not reproduce its full forward pass; run with --ie-mode exact"
+        raise ReplayUnsupported(
+            f"fast indirect effect ({strategy}): at layer {layer} the unpatched row's logits differ from the "
+            f"clean run's by {drift:.2e} of their scale (allowed {CLEAN_ROW_REL_TOL:.0e}); this model's "
+            f"last-token recomputation does not reproduce its forward pass"
         )
 
 
-def fast_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
-    """(n_layers, n_heads) effects of one trial; same semantics as the exact path."""
-    dims, model = lm.dims, lm.model
-    effect = torch.zeros(dims.n_layers, dims.n_heads)
-    if not setup.last_slots:
-        return effect  # nothing is patched, so nothing changes
-    n_rows = dims.n_heads + 1  # one row per head, plus the unpatched row last
-    inputs = setup.inputs
-    clean_logits, cache = prefix_cache(model, inputs, n_rows)
-    n_tokens = inputs["input_ids"].shape[1]
-    last_ids = inputs["input_ids"][:, -1:].expand(n_rows, 1)
-    mask = inputs["attention_mask"].expand(n_rows, n_tokens)
+def _check_fired(edit: EditInput, lm, layer: int) -> None:
+    if edit.fired != 1:
+        raise FvkitError(f"the patch on {adapters.out_proj_name(lm.spec, layer)} ran {edit.fired} times, expected once")
+
+
+def _target_probs(logits: torch.Tensor, target_id: int) -> torch.Tensor:
+    return torch.softmax(logits, dim=-1)[:, target_id]
+
+
+def layers_per_pass(lm, n_tokens: int, rows: int) -> int:
+    """How many layers' rows one pass of the ``blocks`` strategy carries (see PASS_MEMORY_FRACTION)."""
+    dims = lm.dims
+    param_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    budget = max(PASS_MEMORY_FLOOR_BYTES, int(param_bytes * PASS_MEMORY_FRACTION))
+    item = next(lm.model.parameters()).element_size()
+    # Per row, attention holds keys and values over the prompt for every head, and their concatenation.
+    row_bytes = 4 * n_tokens * dims.n_heads * dims.head_dim * item
+    return max(1, min(dims.n_layers, budget // (row_bytes * rows)))
+
+
+def blocks_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
+    """``blocks`` strategy (see module docstring)."""
+    dims, model, spec = lm.dims, lm.model, lm.spec
+    n_layers, n_heads, rows = dims.n_layers, dims.n_heads, batch_rows(dims.n_heads)
+    blocks = adapters.resolve_blocks(model, spec)
+    norm, head = adapters.resolve_final_norm(model, spec), adapters.resolve_lm_head(model, spec)
+    clean_logits, cache = clean_prefix(model, setup.inputs, rows, lm_head=head)
+    calls = capture_last_token(model, blocks, setup.inputs, cache, rows, lm_head=head)
+    del cache  # the calls keep what the replay needs
+    step = layers_per_pass(lm, setup.inputs["input_ids"].shape[1], rows)
+    finals = []
+    with calls.replaying():
+        for first in range(0, n_layers, step):
+            # One pass: layer ``first + g``'s rows join the batch at their own block, so
+            # nothing below a patched layer is computed, and every block runs once per pass.
+            joining = range(first, min(first + step, n_layers))
+            hidden = None
+            for layer in range(first, n_layers):
+                edit = contextlib.nullcontext()
+                if layer in joining:
+                    start = hidden
+                    hidden = calls.hidden(layer) if start is None else torch.cat([start, calls.hidden(layer)])
+                    patch = head_patch(layer, setup.last_slots, mean_acts, n_heads, dims.head_dim,
+                                       first_row=(layer - first) * rows)
+                    edit = EditInput(adapters.resolve_out_proj(model, spec, layer), patch)
+                with edit:
+                    hidden = first_tensor(calls.call_block(blocks, layer, hidden))
+                if layer in joining:
+                    _check_fired(edit, lm, layer)
+            finals.append(norm(hidden)[:, -1, :])
+    states = torch.cat(finals)
+    probs = []
+    for lo in range(0, states.shape[0], LM_HEAD_ROWS):
+        logits = head(states[lo:lo + LM_HEAD_ROWS])
+        for i in range(lo, lo + logits.shape[0]):
+            if i % rows == n_heads:  # the unpatched row of layer i // rows
+                check_clean_row(logits[i - lo], clean_logits, i // rows, "blocks")
+        probs.append(_target_probs(logits, setup.target_id))
+    probs = torch.cat(probs).view(n_layers, rows)
+    return probs[:, :n_heads] - probs[:, n_heads:n_heads + 1]
+
+
+def model_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
+    """``model`` strategy (see module docstring)."""
+    dims, model, spec = lm.dims, lm.model, lm.spec
+    n_heads, rows = dims.n_heads, batch_rows(dims.n_heads)
+    head = adapters.resolve_lm_head(model, spec)
+    clean_logits, cache = clean_prefix(model, setup.inputs, rows, lm_head=head)
+    step_inputs = last_token_inputs(setup.inputs, rows)
+    effect = torch.zeros(dims.n_layers, n_heads)
     for layer in range(dims.n_layers):
-        o_proj = adapters.resolve_out_proj(model, lm.spec, layer)
-        fn = head_patch(layer, setup.last_slots, mean_acts, dims.n_heads, dims.head_dim)
-        with EditInput(o_proj, fn) as edit:
-            out = model(input_ids=last_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-        if edit.fired != 1:
-            raise FvkitError(f"the patch on {adapters.out_proj_name(lm.spec, layer)} ran {edit.fired} times, expected once")
-        logits = out.logits[:, -1, :]
-        _check_clean_row(logits[-1], clean_logits, layer)
-        if _is_cache_object(cache):
-            cache.crop(-1)  # back to the clean prefix for the next layer
-        probs = torch.softmax(logits, dim=-1)
-        effect[layer] = probs[:-1, setup.target_id] - probs[-1, setup.target_id]
+        o_proj = adapters.resolve_out_proj(model, spec, layer)
+        with EditInput(o_proj, head_patch(layer, setup.last_slots, mean_acts, n_heads, dims.head_dim)) as edit:
+            logits = model(**step_inputs, past_key_values=cache, use_cache=True).logits[:, -1, :]
+        _check_fired(edit, lm, layer)
+        if is_cache_object(cache):
+            cache.crop(-1)  # the step appended the last token to every layer; back to the clean prefix
+        try:
+            check_clean_row(logits[n_heads], clean_logits, layer, "model")
+        except ReplayUnsupported as err:
+            raise FvkitError(f"{err}; run with --ie-mode exact") from None
+        probs = _target_probs(logits, setup.target_id)
+        effect[layer] = probs[:n_heads] - probs[n_heads]
     return effect
+
+
+def fast_trial(lm, setup, mean_acts: torch.Tensor, strategy: str = "auto") -> torch.Tensor:
+    """(n_layers, n_heads) effects of one trial, with the exact path's semantics."""
+    if strategy not in STRATEGIES:
+        raise FvkitError(f"unknown fast indirect-effect strategy '{strategy}'; use one of {', '.join(STRATEGIES)}")
+    if not setup.last_slots:
+        return torch.zeros(lm.dims.n_layers, lm.dims.n_heads)  # nothing is patched, nothing changes
+    with torch.no_grad():
+        if strategy == "model" or (strategy == "auto" and lm.model in _BLOCKS_REFUSED):
+            return model_trial(lm, setup, mean_acts)
+        try:
+            return blocks_trial(lm, setup, mean_acts)
+        except ReplayUnsupported as err:
+            if strategy == "blocks":
+                raise
+            _BLOCKS_REFUSED[lm.model] = str(err)
+            warnings.warn(f"{err}; recomputing the last token through the whole model instead", stacklevel=2)
+            return model_trial(lm, setup, mean_acts)

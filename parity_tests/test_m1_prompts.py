@@ -33,5 +33,10 @@ def trials_replay_failures(parity) -> list:
             f"{trials.seed}: {mismatch.message()} (file vs fresh draw); regenerate the file with `fvkit trials`"]
 
 
-def test_prompts(parity, ours, gate_context):
-    Gate("M1", gate_context).check(ours, guard_failures=trials_replay_failures(parity))
+def test_prompts(parity, parity_model, gate_context):
+    replay = trials_replay_failures(parity)
+    if replay:
+        pytest.fail("M1 prompts: " + "; ".join(replay), pytrace=False)
+    gate = Gate("M1", gate_context)
+    gate.prepare()
+    gate.check(parity.comparable(parity_model))

@@ -15,5 +15,7 @@ from fvkit.parity.gate import Gate
 pytestmark = pytest.mark.fvkit_gate("M2")
 
 
-def test_mean_activations(ours, gate_context):
-    Gate("M2", gate_context).check(ours)
+def test_mean_activations(parity, parity_model, gate_context):
+    gate = Gate("M2", gate_context)
+    gate.prepare()
+    gate.check(parity.comparable(parity_model))

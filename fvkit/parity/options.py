@@ -27,6 +27,10 @@ QUANT_ALIASES = {"none": "none", "no": "none", "": "none"}
 DEFAULT_DATASET = "antonym"
 DEFAULT_N_TOP_HEADS = 10
 DEFAULT_SEED = 0
+#: The transformers release the reference pins (its fv_environment.yml). Snapshots
+#: are written only under it: newer releases make the reference's intervention a
+#: no-op, so its M4 numbers there are void.
+REFERENCE_TRANSFORMERS = "4.49.0"
 #: The fixed-trials value that asks for trials drawn from --seed even when a file exists.
 GENERATE_TRIALS = "generate"
 
@@ -136,7 +140,7 @@ class ParityOptions:
                 if not path.is_dir():
                     raise pytest.UsageError(f"--{name} {value}: no such directory; pass the checkout's folder")
                 setattr(opts, name.replace("-", "_"), path)
-        if opts.reference_src and not (opts.reference_src / "src" / "utils").is_dir():
+        if opts.reference_src and not any((opts.reference_src / sub / "utils").is_dir() for sub in ("src", ".")):
             raise pytest.UsageError(
                 f"--reference-src {opts.reference_src}: no src/utils/ inside; pass the root of the "
                 f"function_vectors checkout (the folder that holds src/)"
@@ -148,6 +152,15 @@ class ParityOptions:
                 "--snapshot-update writes reference numbers and needs a live reference: add "
                 "--reference-src PATH (and --baukit PATH); snapshots are never written from fvkit's own output"
             )
+        if opts.update_snapshots:
+            import transformers
+
+            if transformers.__version__ != REFERENCE_TRANSFORMERS:
+                raise pytest.UsageError(
+                    f"--snapshot-update needs the reference's transformers {REFERENCE_TRANSFORMERS}, this environment "
+                    f"has {transformers.__version__}; regenerate snapshots in the `reference` tox environment "
+                    f"(tox -e reference) so stored numbers always come from the reference's own setup"
+                )
         return opts
 
     def describe(self) -> dict:

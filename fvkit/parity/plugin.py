@@ -9,7 +9,7 @@ marked ``fvkit_gate`` (the gate modules in ``parity_tests/``). A gate test is
 identified by its gate (``@pytest.mark.fvkit_gate("M2")`` on the module) and
 its model (``pytest.mark.fvkit_model(name)`` on each parameter); the plugin
 orders gate tests model by model, gate by gate, keeps each model on one xdist
-worker, skips a model's later gates under ``--fail-fast`` and writes the report
+worker (:mod:`fvkit.parity.xdist_scheduling`), skips a model's later gates under ``--fail-fast`` and writes the report
 (:mod:`fvkit.parity.report`) from the controller only.
 """
 
@@ -40,31 +40,28 @@ def is_worker(config: pytest.Config) -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "fvkit_gate(gate): a parity gate test (M1..M5); set on the gate module")
     config.addinivalue_line("markers", "fvkit_model(name): the model a parity gate test checks")
-    if not config.pluginmanager.hasplugin("xdist"):
-        # Gate tests carry xdist_group marks whether or not xdist is installed.
-        config.addinivalue_line("markers", "xdist_group(name): tests that run on one xdist worker")
     config.stash[OPTIONS_KEY] = ParityOptions.from_config(config)
     config.stash[REPORT_KEY] = ReportState(config.rootpath, environment=environment(), writer=not is_worker(config))
     config.stash[FAILED_KEY] = {}
     if not is_worker(config):
         config.pluginmanager.register(ReportPlugin(config), "fvkit-parity-report")
-    # One run checks one settings key, so snapshots of other settings are
-    # legitimately unused; syrupy must neither fail on them nor delete them.
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """(xdist controller) under plain ``-n`` (dist "load"), keep each model's gates on
+    one worker: the model is loaded once there and --fail-fast sees its earlier gates."""
+    if config.getoption("dist", "no") == "load":
+        from .xdist_scheduling import make_scheduler
+        return make_scheduler(config, log)
+    return None
+
+
+def keep_unused_snapshots(config: pytest.Config) -> None:
+    """One run checks one settings key, so the snapshots of other settings are
+    legitimately unused: syrupy must neither fail on them nor delete them."""
     if hasattr(config.option, "disable_unused_snapshots"):
         config.option.disable_unused_snapshots = True
-    # Under xdist, a model's gates must share one worker: the model is loaded once
-    # there, and --fail-fast sees the model's earlier gates. Plain "load" (what -n
-    # implies) is upgraded to "loadgroup"; each model is one group.
-    if getattr(config.option, "dist", "no") == "load" and not is_worker(config):
-        config.option.dist = "loadgroup"
-    if is_worker(config) and config.workerinput.get("fvkit_loadgroup"):
-        config.option.loadgroup = True
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_configure_node(node) -> None:
-    """(xdist controller) tell each worker to tag group names onto node ids."""
-    node.workerinput["fvkit_loadgroup"] = node.config.getoption("dist", "no") == "loadgroup"
 
 
 def options(config: pytest.Config) -> ParityOptions:
@@ -89,7 +86,9 @@ def _gate_index(gate: str) -> int:
     return GATES.index(gate) if gate in GATES else len(GATES)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    # tryfirst: ordered before -k/-m deselection and other plugins see the items.
     gate_items, others, order = [], [], {}
     for pos, item in enumerate(items):
         ident = gate_identity(item)
@@ -97,7 +96,6 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
             others.append(item)
             continue
         item.user_properties.append((IDENTITY_PROP, ident))
-        item.add_marker(pytest.mark.xdist_group(name=f"fvkit-{ident['model']}"))
         order.setdefault(ident["model"], len(order))
         gate_items.append((order[ident["model"]], _gate_index(ident["gate"]), pos, item))
     if gate_items:

@@ -87,6 +87,7 @@ class ParitySession:
         self.notes = notes
         self._infos: dict = {}
         self._models: dict = {}
+        self.loads: dict = {}        # model -> times load_model ran for it (the gates share one)
         self._pipelines: dict = {}
         self._comparable: dict = {}
         self._ie: dict = {}
@@ -164,6 +165,7 @@ class ParitySession:
             raise self._errors[name]
         if name not in self._models:
             from ..hf_loader import load_model
+            self.loads[name] = self.loads.get(name, 0) + 1
             try:
                 self._models[name] = load_model(name, model_spec=self.options.model_spec, device="cpu",
                                                 dtype="fp32", quant="none", parity=True)

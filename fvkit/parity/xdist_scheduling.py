@@ -1,0 +1,31 @@
+"""xdist scheduling that keeps each model's gate tests on one worker.
+
+    pytest parity_tests -n 2          # the plugin installs ModelScopeScheduling for plain -n
+
+A model is loaded once per worker and ``--fail-fast`` needs a model's earlier
+gates to have run where its later gates run, so all tests of one model form one
+unit of work. The model is read from the test id: gate ids end with
+``[<model>]`` (M1-M4) or ``[<spec>:<model>]`` (M5). Tests without a
+parameter id are units of their own, as under ``--dist load``.
+"""
+
+from __future__ import annotations
+
+
+def model_scope(nodeid: str) -> str:
+    """The unit of work a test id belongs to: its model, else the test itself."""
+    if not nodeid.endswith("]") or "[" not in nodeid:
+        return nodeid
+    param = nodeid.rsplit("[", 1)[1][:-1]
+    return "model:" + param.rsplit(":", 1)[-1]
+
+
+def make_scheduler(config, log):
+    """A LoadScopeScheduling whose scopes are models (see :func:`model_scope`)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModelScopeScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return model_scope(nodeid)
+
+    return ModelScopeScheduling(config, log)

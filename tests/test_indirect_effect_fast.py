@@ -1,0 +1,180 @@
+"""The fast indirect effect computes what the exact path computes, on every architecture."""
+
+import warnings
+
+import pytest
+import torch
+
+import fvkit.indirect_effect_fast as fast
+import fvkit.kv_replay as kv_replay
+from fvkit.activations import mean_head_activations
+from fvkit.errors import FvkitError
+from fvkit.function_vector import select_top_heads
+from fvkit.indirect_effect import TrialSetup, _exact_trial, indirect_effects
+from fvkit.indirect_effect_fast import FAST_VS_EXACT_REL_TOL, batch_rows, fast_trial, relative_drift
+from fvkit.kv_replay import ReplayUnsupported
+from fvkit.prompts import DEFAULT_TEMPLATE
+from fvkit.token_labels import dummy_token_labels
+from fvkit.zoo import ZOO
+
+#: Every tiny zoo model: one per architecture, plus Gemma with n_heads*head_dim != hidden.
+#: Grouped-query attention: tiny-llama, tiny-mistral, tiny-qwen2, tiny-gemma(-hd);
+#: biased out-projection: tiny-gpt2 (Conv1D), tiny-neox.
+TINY = [alias for alias, entry in ZOO.items() if entry.source == "random"]
+
+
+@pytest.fixture(scope="module")
+def prepared(zoo_model, antonym, antonym_trials):
+    """(lm, mean activations, exact effects of the first trial), once per model."""
+    cache = {}
+
+    def get(alias):
+        if alias not in cache:
+            lm = zoo_model(alias)
+            mean = mean_head_activations(lm, antonym, antonym_trials, max_trials=2, show_progress=False)
+            exact = indirect_effects(lm, antonym, antonym_trials, mean, max_trials=1, mode="exact",
+                                     show_progress=False)
+            cache[alias] = (lm, mean, exact)
+        return cache[alias]
+
+    return get
+
+
+def first_setup(lm, antonym, antonym_trials):
+    dummy = dummy_token_labels(antonym_trials.n_shots, lm.tokenizer, lm.spec.prepend_bos, lm.spec.bos_text)
+    return TrialSetup.build(lm, antonym, antonym_trials, 0, dummy, DEFAULT_TEMPLATE)
+
+
+def n_top(lm) -> int:
+    return min(10, lm.dims.n_layers * lm.dims.n_heads)
+
+
+@pytest.mark.parametrize("alias", TINY)
+def test_fast_matches_exact(prepared, antonym, antonym_trials, alias):
+    lm, mean, exact = prepared(alias)
+    assert exact.abs().max() > 0, "a model with no effect at all would make this comparison vacuous"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 'auto' must not need its fallback on any zoo model
+        ie = indirect_effects(lm, antonym, antonym_trials, mean, max_trials=1, mode="fast", show_progress=False)
+    drift = relative_drift(ie, exact)
+    assert drift <= FAST_VS_EXACT_REL_TOL, f"{alias}: fast drifts {drift:.2e} of the largest |IE|"
+    assert select_top_heads(ie, n_top(lm)) == select_top_heads(exact, n_top(lm))
+
+
+@pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-llama", "tiny-neox", "tiny-qwen2"])
+def test_both_strategies_compute_the_same_numbers(prepared, antonym, antonym_trials, alias):
+    lm, mean, exact = prepared(alias)
+    setup = first_setup(lm, antonym, antonym_trials)
+    by_blocks = fast_trial(lm, setup, mean, strategy="blocks")
+    by_model = fast_trial(lm, setup, mean, strategy="model")
+    assert relative_drift(by_model, exact[0]) <= FAST_VS_EXACT_REL_TOL
+    # Same rows, same kernels, same order of operations above the patched layer.
+    assert torch.equal(by_blocks, by_model)
+
+
+@pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-mistral"])
+def test_patching_the_wrong_head_is_caught(prepared, antonym, antonym_trials, monkeypatch, alias):
+    lm, mean, exact = prepared(alias)
+    n_heads, head_dim = lm.dims.n_heads, lm.dims.head_dim
+
+    def shifted(layer, slots, mean_acts, n_heads_, head_dim_):
+        heads = torch.arange(n_heads)
+        wrong = (heads + 1) % n_heads
+
+        def fn(x):
+            x = x.clone()
+            view = x.view(*x.shape[:-1], n_heads, head_dim)
+            for slot in slots:
+                view[heads, -1, wrong] = mean_acts[layer, wrong, slot]
+            return x
+        return fn
+
+    monkeypatch.setattr(fast, "head_patch", shifted)
+    broken = fast_trial(lm, first_setup(lm, antonym, antonym_trials), mean)
+    assert relative_drift(broken, exact[0]) > 100 * FAST_VS_EXACT_REL_TOL
+
+
+def test_a_wrong_last_token_is_refused(prepared, antonym, antonym_trials, monkeypatch):
+    lm, mean, _ = prepared("tiny-llama")
+    setup = first_setup(lm, antonym, antonym_trials)
+    right = kv_replay.last_token_inputs
+
+    def second_to_last(inputs, n_rows):  # the cache is right, the recomputed token is not
+        shifted = dict(inputs)
+        shifted["input_ids"] = torch.roll(inputs["input_ids"], 1, dims=1)
+        return right(shifted, n_rows)
+
+    monkeypatch.setattr(kv_replay, "last_token_inputs", second_to_last)
+    monkeypatch.setattr(fast, "last_token_inputs", second_to_last)
+    monkeypatch.setattr(fast, "_BLOCKS_REFUSED", fast.weakref.WeakKeyDictionary())
+    with pytest.raises(ReplayUnsupported, match="unpatched row"):
+        fast_trial(lm, setup, mean, strategy="blocks")
+    with pytest.raises(FvkitError, match="unpatched row.*--ie-mode exact"):
+        fast_trial(lm, setup, mean, strategy="model")
+
+
+@pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-llama"], ids=["legacy-tuple-cache", "cache-object"])
+def test_a_cache_of_the_wrong_length_is_refused(prepared, antonym, antonym_trials, monkeypatch, alias):
+    lm, mean, _ = prepared(alias)
+
+    def drop_two(cache):
+        if kv_replay.is_cache_object(cache):
+            cache.crop(-2)
+            return cache
+        return tuple(tuple(t[..., :-2, :] for t in layer) for layer in cache)
+
+    monkeypatch.setattr(kv_replay, "drop_last_position", drop_two)
+    with pytest.raises(FvkitError, match="positions after dropping the last"):
+        fast_trial(lm, first_setup(lm, antonym, antonym_trials), mean)
+
+
+def test_auto_falls_back_when_the_forward_does_more_than_its_blocks(prepared, antonym, antonym_trials, monkeypatch):
+    lm, mean, _ = prepared("tiny-olmo")
+    setup = first_setup(lm, antonym, antonym_trials)
+    monkeypatch.setattr(fast, "_BLOCKS_REFUSED", fast.weakref.WeakKeyDictionary())
+
+    def soft_cap(module, args, output):  # logit soft-capping after the output head, as Gemma 2 does
+        output.logits = 5.0 * torch.tanh(output.logits / 5.0)
+        return output
+
+    handle = lm.model.register_forward_hook(soft_cap)
+    try:
+        exact = _exact_trial(lm, setup, mean)
+        with pytest.raises(ReplayUnsupported):
+            fast_trial(lm, setup, mean, strategy="blocks")
+        with pytest.warns(UserWarning, match="whole model"):
+            first = fast_trial(lm, setup, mean)
+        assert lm.model in fast._BLOCKS_REFUSED
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # decided once per model
+            again = fast_trial(lm, setup, mean)
+    finally:
+        handle.remove()
+    assert torch.equal(first, again)
+    assert relative_drift(first, exact) <= FAST_VS_EXACT_REL_TOL
+
+
+def test_no_last_token_slot_means_no_effect(prepared, antonym, antonym_trials):
+    lm, mean, _ = prepared("tiny-gpt2")
+    setup = first_setup(lm, antonym, antonym_trials)
+    setup.last_slots = []
+    assert torch.equal(fast_trial(lm, setup, mean), torch.zeros(lm.dims.n_layers, lm.dims.n_heads))
+    assert torch.equal(_exact_trial(lm, setup, mean), torch.zeros(lm.dims.n_layers, lm.dims.n_heads))
+
+
+def test_unknown_strategy(prepared, antonym, antonym_trials):
+    lm, mean, _ = prepared("tiny-gpt2")
+    with pytest.raises(FvkitError, match="unknown fast indirect-effect strategy 'quick'"):
+        fast_trial(lm, first_setup(lm, antonym, antonym_trials), mean, strategy="quick")
+
+
+def test_batch_rows_are_padded_to_whole_blocks():
+    assert [batch_rows(h) for h in (1, 3, 4, 9, 12, 16)] == [4, 4, 8, 12, 16, 20]
+
+
+def test_relative_drift():
+    ref = torch.tensor([1e-6, -4e-6, 0.0])
+    assert relative_drift(ref.clone(), ref) == 0.0
+    assert relative_drift(ref + torch.tensor([0.0, 0.0, 2e-6]), ref) == pytest.approx(0.5)
+    assert relative_drift(torch.zeros(3), torch.zeros(3)) == 0.0
+    assert relative_drift(torch.ones(3), torch.zeros(3)) == float("inf")

@@ -1,0 +1,52 @@
+"""``fvkit parity`` (fvkit.parity.cli_parity): the old script's flags become one pytest session."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fvkit import zoo
+from fvkit.cli import build_parser
+from fvkit.errors import FvkitError
+from fvkit.parity.cli_parity import REPO_ROOT, pytest_arguments
+
+TRIALS_ID = "fixed_trials_antonym_t10_s10_seed0"
+
+
+def args(*argv):
+    return build_parser().parse_args(["parity", *argv])
+
+
+def test_script_flags_translate_to_plugin_options():
+    out = pytest_arguments(args("--model_name", "tiny-llama,tiny-gpt2", "--dataset_name", "antonym",
+                                "--fixed_trials_id", TRIALS_ID, "--max_trials", "1", "--n_top_heads", "5",
+                                "--edit_layer", "1", "--seed", "42", "--fail_fast", "--", "-n", "2"))
+    assert out[0] == str(REPO_ROOT / "parity_tests")
+    assert out[1:5] == ["--model", "tiny-llama", "--model", "tiny-gpt2"]
+    text = " ".join(out)
+    for part in ("--dataset antonym", f"--fixed-trials {REPO_ROOT / 'datasets' / 'fixed_trials' / TRIALS_ID}.json",
+                 "--max-trials 1", "--n-top-heads 5", "--edit-layer 1", "--seed 42", "--fail-fast"):
+        assert part in text
+    assert out[-2:] == ["-n", "2"]
+
+
+def test_trials_id_and_path_must_agree(tmp_path):
+    other = tmp_path / "t.json"
+    other.write_text(json.dumps({"id": "fixed_trials_antonym_t10_s10_seed7"}))
+    with pytest.raises(FvkitError, match="holds trials 'fixed_trials_antonym_t10_s10_seed7', not --fixed_trials_id"):
+        pytest_arguments(args("--fixed_trials_path", str(other), "--fixed_trials_id", TRIALS_ID))
+    with pytest.raises(FvkitError, match="no file"):
+        pytest_arguments(args("--fixed_trials_id", "fixed_trials_antonym_t3_s3_seed0"))
+
+
+def test_fvkit_parity_runs_the_pytest_session_and_returns_its_status(tmp_path):
+    env = dict(os.environ, FVKIT_CACHE=zoo.cache_root(), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "fvkit.cli", "parity", "--model_name", "tiny-gpt2",
+                           "--edit_layer", "9", "--", "-p", "no:cacheprovider", "--rootdir", str(REPO_ROOT)],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert proc.returncode == int(pytest.ExitCode.INTERRUPTED), proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "--edit-layer 9 is out of range for tiny-gpt2: valid layers are 0..2" in proc.stdout
+    assert proc.stdout.startswith("pytest " + str(Path(REPO_ROOT) / "parity_tests"))
