@@ -45,13 +45,14 @@ from .kv_replay import ReplayUnsupported, capture_last_token, clean_prefix, is_c
 from .tracer import EditInput, first_tensor
 
 #: Fast and exact effects agree when no entry differs by more than this fraction
-#: of the largest absolute exact effect. The two paths compute the same quantity
-#: in float32 and differ only in how attention's products are shaped (a full
-#: prompt against one cached token), which moves logits by a few float32 ulps;
-#: the drift measured on every zoo model and both transformers versions is
-#: 0.3-5e-6 of the largest effect, and the exact path itself sits that far from a
-#: float64 computation. A patch at the wrong head or position moves effects by
-#: their own size (drift ~1).
+#: of the largest absolute exact effect. Both compute the same quantity in
+#: float32 (in float64 they agree to 1e-12); they differ only in how attention's
+#: products are shaped (a full prompt against one cached token), which moves
+#: logits by a few float32 ulps. That is the float32 noise floor of the quantity
+#: itself: the exact path (and the reference, bit for bit) is 1-9e-6 of the
+#: largest effect away from a float64 computation on the zoo models, GPT-2-small
+#: and SmolLM2-135M, and fast-vs-exact drift measures 1-8.5e-6 there. A patch at
+#: the wrong head, row or position moves effects by their own size (drift ~1).
 FAST_VS_EXACT_REL_TOL = 1e-5
 
 #: The unpatched row must reproduce the clean run's last-token logits to within
@@ -60,16 +61,23 @@ FAST_VS_EXACT_REL_TOL = 1e-5
 #: is off by O(1).
 CLEAN_ROW_REL_TOL = 1e-4
 
-#: Batch rows are padded to a multiple of this. BLAS kernels process rows in
-#: blocks of four; rows of a partial block take another code path that rounds
-#: differently, so without padding a row's result would depend on the head count
-#: and on the number of threads. Padded rows are unpatched copies.
+#: Every batched matrix product gets a multiple of this many rows. BLAS kernels
+#: process rows in blocks of four; rows of a partial block take another code
+#: path that rounds differently, so without padding a row's result would depend
+#: on the head count and the number of threads, and the linear layers would not
+#: reproduce the full prompt's last row bit for bit. Padded rows are unpatched
+#: copies whose results are dropped.
 BATCH_ROW_MULTIPLE = 4
 
+#: Rows of the run that records how the model calls its blocks. Any number
+#: above one tells batch-sized tensors apart from the rest; a whole block of rows
+#: keeps the recorded states on the kernels the other steps use.
+CAPTURE_ROWS = BATCH_ROW_MULTIPLE
+
 #: Rows per output-head call in the ``blocks`` strategy: large enough for an
-#: efficient matrix product, small enough that the logits of one call stay at
-#: tens of megabytes for a 50k-token vocabulary.
-LM_HEAD_ROWS = 128
+#: efficient matrix product, small enough that the logits of one call (and their
+#: softmax) stay near ten megabytes for a 50k-token vocabulary.
+LM_HEAD_ROWS = 64
 
 #: Rows of the ``blocks`` strategy in flight at once are limited so that attention's
 #: keys and values over the prompt for all of them take at most this fraction of
@@ -78,6 +86,9 @@ LM_HEAD_ROWS = 128
 #: the weights and larger, more efficient matrix products.
 PASS_MEMORY_FRACTION = 1 / 8
 PASS_MEMORY_FLOOR_BYTES = 32 * 2**20
+#: ... and to at most this many rows: beyond a few hundred rows matrix products
+#: gain nothing more, while a large model's attention memory keeps growing.
+PASS_MAX_ROWS = 256
 
 STRATEGIES = ("auto", "blocks", "model")
 
@@ -143,49 +154,70 @@ def layers_per_pass(lm, n_tokens: int, rows: int) -> int:
     item = next(lm.model.parameters()).element_size()
     # Per row, attention holds keys and values over the prompt for every head, and their concatenation.
     row_bytes = 4 * n_tokens * dims.n_heads * dims.head_dim * item
-    return max(1, min(dims.n_layers, budget // (row_bytes * rows)))
+    return max(1, min(dims.n_layers, budget // (row_bytes * rows), PASS_MAX_ROWS // rows))
+
+
+def _whole_blocks(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with copies of its first row appended up to a multiple of BATCH_ROW_MULTIPLE rows."""
+    pad = -x.shape[0] % BATCH_ROW_MULTIPLE
+    return torch.cat([x, x[:1].expand(pad, *x.shape[1:])]) if pad else x
+
+
+def _run_pass(lm, calls, blocks, setup, mean_acts, first: int, last: int, group: int) -> torch.Tensor:
+    """Final hidden states (before the norm) of the rows of layers ``first..last-1``.
+
+    Layer ``L``'s rows join the batch at block ``L``, so nothing below a patched layer
+    is computed and every block above runs once for all of them.
+    """
+    dims, model, spec = lm.dims, lm.model, lm.spec
+    hidden = None
+    for layer in range(first, dims.n_layers):
+        edit = contextlib.nullcontext()
+        if layer < last:
+            clean = calls.hidden(layer)[:1]
+            clean = clean.expand(group, *clean.shape[1:])
+            hidden = clean if hidden is None else torch.cat([hidden, clean])
+            patch = head_patch(layer, setup.last_slots, mean_acts, dims.n_heads, dims.head_dim,
+                               first_row=(layer - first) * group)
+            edit = EditInput(adapters.resolve_out_proj(model, spec, layer), patch)
+        n_rows = hidden.shape[0]
+        with edit:
+            hidden = first_tensor(calls.call_block(blocks, layer, _whole_blocks(hidden)))[:n_rows]
+        if layer < last:
+            _check_fired(edit, lm, layer)
+    return hidden
 
 
 def blocks_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
     """``blocks`` strategy (see module docstring)."""
     dims, model, spec = lm.dims, lm.model, lm.spec
-    n_layers, n_heads, rows = dims.n_layers, dims.n_heads, batch_rows(dims.n_heads)
+    n_layers, n_heads = dims.n_layers, dims.n_heads
+    group = n_heads + 1  # one row per head, then the unpatched row
     blocks = adapters.resolve_blocks(model, spec)
     norm, head = adapters.resolve_final_norm(model, spec), adapters.resolve_lm_head(model, spec)
-    clean_logits, cache = clean_prefix(model, setup.inputs, rows, lm_head=head)
-    calls = capture_last_token(model, blocks, setup.inputs, cache, rows, lm_head=head)
-    del cache  # the calls keep what the replay needs
-    step = layers_per_pass(lm, setup.inputs["input_ids"].shape[1], rows)
-    finals = []
-    with calls.replaying():
-        for first in range(0, n_layers, step):
-            # One pass: layer ``first + g``'s rows join the batch at their own block, so
-            # nothing below a patched layer is computed, and every block runs once per pass.
-            joining = range(first, min(first + step, n_layers))
-            hidden = None
-            for layer in range(first, n_layers):
-                edit = contextlib.nullcontext()
-                if layer in joining:
-                    start = hidden
-                    hidden = calls.hidden(layer) if start is None else torch.cat([start, calls.hidden(layer)])
-                    patch = head_patch(layer, setup.last_slots, mean_acts, n_heads, dims.head_dim,
-                                       first_row=(layer - first) * rows)
-                    edit = EditInput(adapters.resolve_out_proj(model, spec, layer), patch)
-                with edit:
-                    hidden = first_tensor(calls.call_block(blocks, layer, hidden))
-                if layer in joining:
-                    _check_fired(edit, lm, layer)
-            finals.append(norm(hidden)[:, -1, :])
-    states = torch.cat(finals)
+    clean_logits, cache = clean_prefix(model, setup.inputs, CAPTURE_ROWS, lm_head=head)
+    step = layers_per_pass(lm, setup.inputs["input_ids"].shape[1], group)
+    try:
+        calls = capture_last_token(model, blocks, setup.inputs, cache, CAPTURE_ROWS, lm_head=head)
+        del cache  # the recorded calls keep what the replay needs
+        with calls.replaying():
+            finals = [norm(_run_pass(lm, calls, blocks, setup, mean_acts, first, min(first + step, n_layers), group))
+                      for first in range(0, n_layers, step)]
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as err:
+        # A block that cannot be called on its own with its recorded arguments (other shapes,
+        # state kept outside the cache): this model needs the whole-model strategy.
+        raise ReplayUnsupported(f"replaying the decoder blocks one by one failed ({type(err).__name__}: {err})") from err
+    states = torch.cat(finals)[:, -1, :]
     probs = []
     for lo in range(0, states.shape[0], LM_HEAD_ROWS):
-        logits = head(states[lo:lo + LM_HEAD_ROWS])
-        for i in range(lo, lo + logits.shape[0]):
-            if i % rows == n_heads:  # the unpatched row of layer i // rows
-                check_clean_row(logits[i - lo], clean_logits, i // rows, "blocks")
+        chunk = states[lo:lo + LM_HEAD_ROWS]
+        logits = head(_whole_blocks(chunk))[:chunk.shape[0]]
+        for i in range(lo, lo + chunk.shape[0]):
+            if i % group == n_heads:  # the unpatched row of layer i // group
+                check_clean_row(logits[i - lo], clean_logits, i // group, "blocks")
         probs.append(_target_probs(logits, setup.target_id))
-    probs = torch.cat(probs).view(n_layers, rows)
-    return probs[:, :n_heads] - probs[:, n_heads:n_heads + 1]
+    probs = torch.cat(probs).view(n_layers, group)
+    return (probs[:, :n_heads] - probs[:, n_heads:]).to(torch.float32)  # stored as the exact path stores it
 
 
 def model_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:

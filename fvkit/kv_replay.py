@@ -3,14 +3,14 @@
     logits, cache = clean_prefix(model, inputs, n_rows=16, lm_head=head)
     calls = capture_last_token(model, blocks, inputs, cache, n_rows=16)
     with calls.replaying():
-        out = calls.call_block(blocks, 3, torch.cat([calls.hidden(3)] * 2))   # 32 rows
+        out = calls.call_block(blocks, 3, torch.cat([calls.hidden(3)] * 2))   # twice the rows
 
 :func:`clean_prefix` runs the whole prompt once and keeps the key/value cache
 of every position but the last, repeated over ``n_rows`` batch rows.
 :func:`capture_last_token` runs the last token on that cache and records how
 the model called each decoder block (hidden input, attention mask, position
 data, cache object), so that any block can later be called again on its own,
-with edited hidden states and with any multiple of the captured rows. While
+with edited hidden states and any number of rows. While
 :meth:`BlockCalls.replaying` is active the cache answers every block from the
 clean prefix without growing, so blocks can be re-run in any order and any
 number of times.
@@ -140,7 +140,7 @@ class BlockCalls:
             h = calls.call_block(blocks, 2, torch.cat([calls.hidden(2)] * 3))
 
     The capture ran ``capture_rows`` identical rows; a block can be called again
-    with any multiple of that many rows, each seeing the clean prefix.
+    with any number of rows, each seeing the clean prefix.
     """
 
     def __init__(self, n_layers: int, capture_rows: int):
@@ -156,8 +156,6 @@ class BlockCalls:
     def call_block(self, blocks, layer: int, hidden: torch.Tensor):
         args, kwargs = self.calls[layer]
         n_rows = hidden.shape[0]
-        if n_rows % self.capture_rows:
-            raise FvkitError(f"a replayed block needs a multiple of {self.capture_rows} rows, got {n_rows}")
         args = _widen(tuple(args[1:]), self.capture_rows, n_rows)
         kwargs = {k: _widen(v, self.capture_rows, n_rows) for k, v in kwargs.items()}
         if self.calls[layer][0]:

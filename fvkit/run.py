@@ -98,7 +98,7 @@ def stage_prompts(lm, dataset, trials, max_trials, template: Template) -> dict:
 
 
 def run_pipeline(lm, dataset, trials, *, n_top_heads: int = 10, edit_layer: Optional[int] = None,
-                 max_trials: Optional[int] = None, ie_mode: str = "exact",
+                 max_trials: Optional[int] = None, ie_mode: str = "fast",
                  template: Template = DEFAULT_TEMPLATE, show_progress: bool = True) -> PipelineResult:
     trials.check_dataset(dataset)
     edit_layer = default_edit_layer(lm) if edit_layer is None else edit_layer

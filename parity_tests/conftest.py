@@ -34,8 +34,8 @@ SESSION_KEY = pytest.StashKey[ParitySession]()
 REPORTED_KEY = pytest.StashKey[set]()
 HERE = Path(__file__).resolve().parent
 #: How to create missing snapshots (quoted in every "no snapshot" skip).
-SNAPSHOT_HINT = ("create them with: tox -e reference, i.e. /tmp/v449/bin/pytest parity_tests "
-                 "--reference-src PATH --baukit PATH --snapshot-update <same settings>")
+SNAPSHOT_HINT = ("create them from a live reference under transformers 4.49.0: pytest parity_tests <same settings> "
+                 "--reference-src PATH --baukit PATH --snapshot-update, or tox -e reference")
 
 
 def load_reference_runner():
@@ -50,9 +50,26 @@ def load_reference_runner():
     return sys.modules[name].run_reference
 
 
+def torch_threads(config: pytest.Config, requested: Optional[int]) -> int:
+    """Threads for this process. Under xdist the cores are split between workers:
+    oversubscribed CPU threads spin against each other and run the tiny models'
+    small matrix products several times slower than one thread each."""
+    import torch
+
+    if requested:
+        return requested
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 0) or 0)
+    if workers:
+        return max(1, (os.cpu_count() or 1) // workers)
+    return torch.get_num_threads()
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
     keep_unused_snapshots(config)
     opts = options(config)
+    torch.set_num_threads(torch_threads(config, opts.torch_threads))
     try:
         ps = ParitySession.create(opts, config.rootpath,
                                   reference_runner=load_reference_runner() if opts.reference_src else None)
@@ -187,4 +204,6 @@ def gate_context(parity, parity_model, lm, model_settings, live_reference, snaps
                       bos_ids=tuple(b for b in bos if isinstance(b, int)), snapshot_hint=SNAPSHOT_HINT)
     if parity.has_pipeline(parity_model):
         recorder.add(timings=parity.pipeline(parity_model).timings)
-    recorder.add(settings={"model_loads_this_process": parity.loads.get(parity_model, 0)})
+    import torch
+    recorder.add(settings={"model_loads_this_process": parity.loads.get(parity_model, 0),
+                           "torch_threads": torch.get_num_threads()})

@@ -283,3 +283,5 @@ def test_perturbed_out_projection_fails_m2_m3_m4(suite, tmp_path):
     assert report["summary"]["tiny-gpt2"] == {"M1": "PASS", "M2": "FAIL", "M3": "FAIL", "M4": "FAIL"}
     drift = report["models"]["tiny-gpt2"]["gates"]["M2"]["tests"][0]["metrics"]["M2"]["snapshot"]["drifts"][0]
     assert drift["rel_drift"] > drift["tolerance"] and drift["worst_index"]
+    # Four gates, one model load, one pipeline run.
+    assert report["models"]["tiny-gpt2"]["settings"]["model_loads_this_process"] == 1

@@ -9,8 +9,9 @@ marked ``fvkit_gate`` (the gate modules in ``parity_tests/``). A gate test is
 identified by its gate (``@pytest.mark.fvkit_gate("M2")`` on the module) and
 its model (``pytest.mark.fvkit_model(name)`` on each parameter); the plugin
 orders gate tests model by model, gate by gate, keeps each model on one xdist
-worker (:mod:`fvkit.parity.xdist_scheduling`), skips a model's later gates under ``--fail-fast`` and writes the report
-(:mod:`fvkit.parity.report`) from the controller only.
+worker (:mod:`fvkit.parity.xdist_scheduling`), skips a model's later gates
+under ``--fail-fast`` and writes the report (:mod:`fvkit.parity.report`) from
+the controller only.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "fvkit_gate(gate): a parity gate test (M1..M5); set on the gate module")
     config.addinivalue_line("markers", "fvkit_model(name): the model a parity gate test checks")
     config.stash[OPTIONS_KEY] = ParityOptions.from_config(config)
-    config.stash[REPORT_KEY] = ReportState(config.rootpath, environment=environment(), writer=not is_worker(config))
+    config.stash[REPORT_KEY] = ReportState(config.rootpath, environment=environment, writer=not is_worker(config))
     config.stash[FAILED_KEY] = {}
     if not is_worker(config):
         config.pluginmanager.register(ReportPlugin(config), "fvkit-parity-report")
@@ -101,7 +102,12 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     if gate_items:
         gate_items.sort(key=lambda t: t[:3])
         items[:] = others + [t[3] for t in gate_items]
-        report_state(config).expected.update(t[3].nodeid for t in gate_items)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The gate tests that must report before the report counts as complete (after -k/-m)."""
+    state = report_state(session.config)
+    state.expected.update(item.nodeid for item in session.items if gate_identity(item) is not None)
 
 
 # --- --fail-fast -----------------------------------------------------------------------

@@ -111,10 +111,12 @@ class ReportState:
         state.record(outcome); state.finish(0)
     """
 
-    def __init__(self, rootdir: Path, environment: Optional[dict] = None, writer: bool = True):
+    def __init__(self, rootdir: Path, environment=None, writer: bool = True):
         self.rootdir = Path(rootdir)
         self.writer = writer
-        self.environment = environment or {}
+        # A dict, or a function giving one: versions are only looked up (torch and
+        # transformers imported) once there is something to report.
+        self._environment = environment
         self.dataset: Optional[str] = None
         self.trials_id: Optional[str] = None
         self.settings: dict = {}
@@ -127,6 +129,14 @@ class ReportState:
         self.exit_status: Optional[int] = None
         self._log_lines: list = []
         self.paths_written: list = []
+
+    @property
+    def environment(self) -> dict:
+        if callable(self._environment):
+            self._environment = self._environment()
+        if self._environment is None:
+            self._environment = {}
+        return self._environment
 
     # --- setup ---------------------------------------------------------------------------
     def bind(self, dataset: str, trials_id: str, settings: dict, notes=()) -> None:
@@ -183,6 +193,11 @@ class ReportState:
         self.write()
 
     # --- views ---------------------------------------------------------------------------
+    def model_order(self) -> list:
+        """The run's --model order first, then models only a spec check used, as they came."""
+        listed = [m for m in self.settings.get("models", []) if m in self.models]
+        return listed + [m for m in self.models if m not in listed]
+
     def gate_status(self, model: str, gate: str) -> Optional[str]:
         tests = self.models.get(model, {}).get("gates", {}).get(gate)
         return worst_status(t.status for t in tests) if tests else None
@@ -191,7 +206,8 @@ class ReportState:
         from .tolerances import TOLERANCES
 
         models = {}
-        for name, entry in self.models.items():
+        for name in self.model_order():
+            entry = self.models[name]
             gates = {}
             for gate in sorted(entry["gates"]):
                 tests = entry["gates"][gate]
@@ -216,13 +232,15 @@ class ReportState:
             "notes": self.notes,
             "tolerances": TOLERANCES,
             "environment": self.environment,
-            "summary": {m: {g: self.gate_status(m, g) for g in sorted(self.models[m]["gates"])} for m in self.models},
+            "summary": {m: {g: self.gate_status(m, g) for g in sorted(self.models[m]["gates"])}
+                        for m in self.model_order()},
             "models": models,
         }
 
     def stage_rows(self) -> list:
         rows = []
-        for model, entry in self.models.items():
+        for model in self.model_order():
+            entry = self.models[model]
             for gate in sorted(entry["gates"]):
                 for t in entry["gates"][gate]:
                     if not t.stage_rows:
@@ -256,7 +274,7 @@ class ReportState:
             return []
         width = max(len("model"), *(len(m) for m in self.models))
         lines = [f"{'model':<{width}}  " + "  ".join(f"{g:<5}" for g in GATES)]
-        for model in self.models:
+        for model in self.model_order():
             cells = [self.gate_status(model, g) or "-" for g in GATES]
             lines.append(f"{model:<{width}}  " + "  ".join(f"{c:<5}" for c in cells))
         return lines

@@ -153,8 +153,9 @@ class ParitySession:
         try:
             config = AutoConfig.from_pretrained(source)
         except (OSError, ValueError) as err:
-            raise FvkitError(hf_loader._unknown_message(
-                name, f"its config cannot be read ({type(err).__name__}); the hub is not reachable offline")) from None
+            why = ("the directory holds no loadable config.json" if os.path.isdir(str(source)) else
+                   "it is not a zoo alias or a directory, and the hub has no such model or is unreachable")
+            raise FvkitError(hf_loader._unknown_message(name, f"{why} ({type(err).__name__})")) from None
         spec = hf_loader._pick_spec(name, source, entry, config, self.options.model_spec)
         dims = dims_from_config(config, spec)
         return ModelInfo(name, model_id(name), spec.name, dims.n_layers, dims.n_heads)
