@@ -25,9 +25,10 @@ ARTIFACT_FILES = ("cie_heatmap.png", "decoded_tokens.json", "report.html")
 SWEEP_FILES = ("layer_sweep.json", "layer_sweep.png")
 
 
-def run_caption(result, dataset) -> str:
+def run_caption(result, dataset_name: str) -> str:
+    """The caption under every figure of a run: model, task, trials, settings."""
     s = result.settings
-    return (f"model {result.model} (spec {result.spec}); task {dataset.name}; trials {result.trials_id}: "
+    return (f"model {result.model} (spec {result.spec}); task {dataset_name}; trials {result.trials_id}: "
             f"{s.get('n_trials_used')} trials of {s.get('n_shots')} shots, seed {s.get('seed')}; "
             f"indirect effect mode {s.get('ie_mode')}; {len(result.top_heads)} top heads.")
 
@@ -58,28 +59,44 @@ def run_metrics(result, sweep=None) -> dict:
     return out
 
 
+def report_entry(result, dataset_name: str, lm=None, sweep=None) -> dict:
+    """One model's entry of :func:`fvkit.html_report.render_html`'s ``models`` argument.
+
+        models = {r.model: report_entry(r, "antonym", lm) for r, lm in runs}
+        write_html_report("results_fv/antonym/<trials_id>/parity_suite_report.json", models)
+
+    Without ``lm`` the vector is not decoded; without ``sweep`` there is no sweep figure.
+    """
+    caption = run_caption(result, dataset_name)
+    heatmap = cie_heatmap(result.indirect_effect.mean(dim=0), result.top_heads,
+                          title=f"Mean indirect effect per head: {result.model} on {dataset_name}", caption=caption)
+    decoded = decode_vector(lm, result.function_vector, k=DECODE_TOP_K) if lm is not None else []
+    sweep_png = None
+    if sweep is not None:
+        sweep_png = layer_sweep_plot(
+            sweep, title=f"Accuracy with the function vector at each layer: {result.model} on {dataset_name}",
+            caption=caption + f" {sweep['stages']['zero_shot']['n_items']} test items per stage.",
+            baseline_top1=_top1(result.baseline, "clean_topk"), n_shots=result.settings.get("n_shots"),
+            edit_layer=result.settings.get("edit_layer"))
+    return {"heatmap_png": heatmap, "sweep_png": sweep_png, "decoded": decoded, "top_heads": result.top_heads,
+            "metrics": run_metrics(result, sweep), "timings": dict(result.timings)}
+
+
 def run_artifacts(lm, dataset, trials, result, sweep: bool = False, template: Template = DEFAULT_TEMPLATE,
                   show_progress: bool = True) -> dict:
-    caption = run_caption(result, dataset)
     files = {}
-    heatmap = cie_heatmap(result.indirect_effect.mean(dim=0), result.top_heads,
-                          title=f"Mean indirect effect per head: {result.model} on {dataset.name}", caption=caption)
-    files["cie_heatmap.png"] = heatmap
-    decoded = decode_vector(lm, result.function_vector, k=DECODE_TOP_K)
-    files["decoded_tokens.json"] = _json_bytes({"model": result.model, "k": DECODE_TOP_K,
-                                                "tokens": [[t, p] for t, p in decoded]})
-    sweep_result, sweep_png = None, None
+    sweep_result = None
     if sweep:
         sweep_result = layer_sweep(lm, dataset, trials, result.function_vector, template,
                                    show_progress=show_progress)
         result.timings["layer_sweep"] = sweep_result["seconds"]
         files["layer_sweep.json"] = _json_bytes(sweep_result)
-        sweep_png = layer_sweep_plot(
-            sweep_result, title=f"Accuracy with the function vector at each layer: {result.model} on {dataset.name}",
-            caption=caption + f" {sweep_result['stages']['zero_shot']['n_items']} test items per stage.",
-            baseline_top1=_top1(result.baseline, "clean_topk"), n_shots=result.settings.get("n_shots"),
-            edit_layer=result.settings.get("edit_layer"))
-        files["layer_sweep.png"] = sweep_png
+    entry = report_entry(result, dataset.name, lm, sweep_result)
+    files["cie_heatmap.png"] = entry["heatmap_png"]
+    if entry["sweep_png"] is not None:
+        files["layer_sweep.png"] = entry["sweep_png"]
+    files["decoded_tokens.json"] = _json_bytes({"model": result.model, "k": DECODE_TOP_K,
+                                                "tokens": [[t, p] for t, p in entry["decoded"]]})
     from .run import package_versions
 
     page = {
@@ -88,9 +105,6 @@ def run_artifacts(lm, dataset, trials, result, sweep: bool = False, template: Te
         "fixed_trials_id": result.trials_id,
         "settings": result.settings,
         "environment": package_versions(),
-        "models": {result.model: {"stage_timings": result.timings}},
     }
-    files["report.html"] = render_html(page, {result.model: {
-        "heatmap_png": heatmap, "sweep_png": sweep_png, "decoded": decoded, "top_heads": result.top_heads,
-        "metrics": run_metrics(result, sweep_result)}}).encode("utf-8")
+    files["report.html"] = render_html(page, {result.model: entry}).encode("utf-8")
     return files

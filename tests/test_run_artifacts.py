@@ -74,3 +74,24 @@ def test_edit_layer_values():
     assert parse_edit_layer("2") == 2 and not sweeps_all_layers(None)
     with pytest.raises(FvkitError, match="a layer number or 'all'"):
         parse_edit_layer("every")
+
+
+def test_report_entry_for_the_parity_page_needs_no_model():
+    import types
+
+    import torch
+
+    from fvkit.html_report import render_html
+    from fvkit.run_artifacts import report_entry
+
+    topk = lambda a: [[1, a], [2, a], [3, a]]
+    result = types.SimpleNamespace(
+        model="tiny-x", spec="llama", trials_id="t", top_heads=[[1, 0, 0.5]], timings={"indirect_effect": 1.0},
+        indirect_effect=torch.rand(2, 3, 4), settings={"n_shots": 10, "edit_layer": 1, "n_trials_used": 2},
+        zero_shot={"clean_topk": topk(0.1), "intervention_topk": topk(0.4)},
+        shuffled={"clean_topk": topk(0.2), "intervention_topk": topk(0.5)}, baseline={"clean_topk": topk(0.9)})
+    entry = report_entry(result, "antonym")
+    assert entry["heatmap_png"].startswith(PNG_MAGIC) and entry["sweep_png"] is None and entry["decoded"] == []
+    assert entry["metrics"]["clean 10-shot top-1"] == 0.9
+    page = render_html({"summary": {"tiny-x": {"M1": "PASS"}}}, {"tiny-x": entry})
+    assert page.count("data:image/png;base64,") == 1 and "indirect_effect" in page

@@ -185,19 +185,29 @@ class Gate:
         self.ctx.recorder.add(metrics={key: metrics} if metrics else None, stage_rows=rows, notes=self.notes,
                               settings=self.ctx.settings.as_dict())
 
-    def check(self, ours: dict, guard_failures=()) -> None:
-        """Compare ``ours`` (a comparable dict) with every source; record; fail or skip."""
+    def check(self, ours: dict, guard_failures=(), adjust=None) -> None:
+        """Compare ``ours`` (a comparable dict) with every source; record; fail or skip.
+
+        ``adjust(ours_part, ref_part) -> (ours_part, records)`` may reconcile
+        differences fvkit can prove to be float ties (see fvkit.parity.rank_ties)."""
         found = self.prepare(skip_if_none=False)
         ours_part = gate_part(self.gate, ours)
         failures = list(guard_failures)
         metrics, rows = {}, []
         for source in found:
-            check = compare_gate(self.gate, ours_part, source.part, source.name, self.ctx.bos_ids)
+            mine, ties = adjust(ours_part, source.part) if adjust else (ours_part, [])
+            check = compare_gate(self.gate, mine, source.part, source.name, self.ctx.bos_ids)
+            if ties:
+                check.notes.append(f"{len(ties)} rank(s) differ only by a float tie within RANK_TIE_REL_TOL: "
+                                   + "; ".join(f"{t['stage']}.{t['list']}[{t['item']}] fvkit {t['fvkit_rank']} vs "
+                                               f"{t['reference_rank']} (gap {t['relative_logit_gap']:.1e})"
+                                               for t in ties[:5]))
             if source.book is not None:  # the snapshot: the same verdict through syrupy's comparison
-                syrupy_ok = source.book.matches(ours_part)
+                syrupy_ok = source.book.matches(mine)
                 if syrupy_ok != check.ok:
                     check.notes.append(f"syrupy's tolerant match says {syrupy_ok}, the gate says {check.ok}")
             self.checks.append(check)
+            self.notes.extend(f"{source.name}: {note}" for note in check.notes)
             metrics[source.name] = check.metrics()
             rows.extend(self.stage_rows(check))
             failures.extend(check.failures())

@@ -38,6 +38,12 @@ FV_REL_TOL = 1e-5
 #: one unit of the 4th decimal. Heads themselves (layer, head) must be identical.
 TOP_HEAD_SCORE_ABS_TOL = 1e-4 + 1e-12
 
+#: Rank lists (M4) are compared exactly, except where fvkit's own logits show a
+#: tie: the logit at the reference's rank within this fraction of the item's
+#: largest |logit| of the target's logit. A function vector within FV_REL_TOL moves
+#: logits by about that fraction, so closer neighbours may legitimately swap.
+RANK_TIE_REL_TOL = 1e-5
+
 #: Injection guard (M4): adding the function vector must move the intervened
 #: logits by more than float32 rounding noise of a single forward pass, or the
 #: edit never reached the model (a hook on a path that did not fire, an edit
@@ -50,6 +56,7 @@ TOLERANCES = {
     "IE_REL_TOL": IE_REL_TOL,
     "FV_REL_TOL": FV_REL_TOL,
     "TOP_HEAD_SCORE_ABS_TOL": TOP_HEAD_SCORE_ABS_TOL,
+    "RANK_TIE_REL_TOL": RANK_TIE_REL_TOL,
     "MIN_INJECTION_LOGIT_CHANGE": MIN_INJECTION_LOGIT_CHANGE,
 }
 

@@ -1,0 +1,44 @@
+"""Rank differences accepted only as float ties (fvkit.parity.rank_ties)."""
+
+import torch
+
+from fvkit.parity.compare import compare_gate
+from fvkit.parity.rank_ties import resolve_rank_ties, tie_gap
+
+# Target token 0 ranks 2nd (rank 1); token 2 ranks 3rd, within 1e-7 of it; token 3 far below.
+LOGITS = torch.tensor([5.0, 9.0, 5.0 - 1e-7, 1.0])
+
+
+def logits_of(stage, kind, item):
+    return LOGITS, 0
+
+
+def part(rank):
+    """An evaluation with two items; item 0's intervened rank is ``rank``."""
+    topk = [[k, sum(r < k for r in (rank, 0)) / 2] for k in (1, 2, 3)]
+    return {"zero_shot": {"clean_rank_list": [0, 1], "intervention_rank_list": [rank, 0],
+                          "clean_topk": [[1, 0.5], [2, 1.0], [3, 1.0]], "intervention_topk": topk}}
+
+
+def test_a_rank_that_differs_by_a_float_tie_is_accepted_and_reported():
+    ours, ref = part(1), part(2)
+    adjusted, ties = resolve_rank_ties(ours, ref, logits_of)
+    assert ties == [{"stage": "zero_shot", "list": "intervention_rank_list", "item": 0, "fvkit_rank": 1,
+                     "reference_rank": 2, "relative_logit_gap": tie_gap(LOGITS, 0, 2)}]
+    assert adjusted["zero_shot"]["intervention_rank_list"] == [2, 0]
+    assert adjusted["zero_shot"]["intervention_topk"] == ref["zero_shot"]["intervention_topk"]
+    assert compare_gate("M4", adjusted, ref, "snapshot").ok
+    assert ours["zero_shot"]["intervention_rank_list"] == [1, 0]  # the input is left alone
+
+
+def test_a_rank_that_differs_by_more_than_a_tie_still_fails():
+    ours, ref = part(1), part(3)
+    adjusted, ties = resolve_rank_ties(ours, ref, logits_of)
+    assert ties == [] and adjusted["zero_shot"]["intervention_rank_list"] == [1, 0]
+    assert not compare_gate("M4", adjusted, ref, "snapshot").ok
+
+
+def test_a_rank_fvkit_cannot_reproduce_is_never_explained_away():
+    ours, ref = part(3), part(2)  # fvkit claims rank 3, but its logits give rank 1
+    adjusted, ties = resolve_rank_ties(ours, ref, logits_of)
+    assert ties == [] and adjusted["zero_shot"]["intervention_rank_list"] == [3, 0]
