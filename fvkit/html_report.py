@@ -155,7 +155,7 @@ def _drift_table(report: dict) -> str:
            "largest |reference| entry; the bar shows it as a share of the gate's tolerance.</p>",
            "<table><tr><th>model</th><th>gate</th><th>stage</th><th>against</th><th>relative drift</th>"
            "<th>tolerance</th><th>drift / tolerance</th><th>max abs drift</th><th>within</th></tr>"]
-    for model, gate, _test, d in rows:
+    for model, gate, test, d in rows:
         rel, tol = d.get("rel_drift"), d.get("tolerance")
         share = rel / tol if isinstance(rel, (int, float)) and isinstance(tol, (int, float)) and tol > 0 else None
         ok = d.get("ok", share is not None and share <= 1)
@@ -167,7 +167,8 @@ def _drift_table(report: dict) -> str:
             bar = "inf"
         tol_text = f"{_e(d.get('tolerance_name') or '')} = {_num(tol)}" if tol is not None else "-"
         badge = '<span class="badge ok">yes</span>' if ok else '<span class="badge bad">no</span>'
-        problem = f"<br><small>{_e(d['problem'])}</small>" if d.get("problem") else ""
+        problem = f"<br><small>{_e(test)}</small>" if test else ""
+        problem += f"<br><small>{_e(d['problem'])}</small>" if d.get("problem") else ""
         out.append(f"<tr><td>{_e(model)}</td><td>{_e(gate)}</td><td>{_e(d.get('stage'))}{problem}</td>"
                    f"<td>{_e(d.get('source', ''))}</td><td class='num'>{_num(rel)}</td><td>{tol_text}</td>"
                    f"<td>{bar}</td><td class='num'>{_num(d.get('max_abs_drift'))}</td><td>{badge}</td></tr>")
@@ -178,8 +179,11 @@ def _drift_table(report: dict) -> str:
 def _kv_table(mapping: dict, title: str = "") -> str:
     if not mapping:
         return ""
-    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(json.dumps(v) if isinstance(v, (dict, list)) else v)}</td></tr>"
-                   for k, v in mapping.items())
+    def cell(v):
+        if isinstance(v, (dict, list)):
+            return _e(json.dumps(v))
+        return _num(v) if isinstance(v, float) else _e(v)
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{cell(v)}</td></tr>" for k, v in mapping.items())
     return (f"<h3>{_e(title)}</h3>" if title else "") + f"<table>{rows}</table>"
 
 

@@ -14,12 +14,9 @@ import torch
 from fvkit.errors import DataError
 from fvkit.figures import cie_heatmap, layer_sweep_plot
 from fvkit.html_report import HTML_NAME, drift_rows, render_html, write_html_report
-from fvkit.parity import report as parity_report_module
-from fvkit.parity.report import REPORT_NAME, ReportState
+from fvkit.parity.report import REPORT_NAME, GateOutcome, ReportState
 from fvkit.parity.tolerances import IE_REL_TOL, MEAN_ACT_REL_TOL, GateCheck, tensor_drift
 
-# Imported under another name so that pytest does not try to collect it as a test class.
-Outcome = parity_report_module.TestOutcome
 #: Seconds a headless browser may take to render one page.
 BROWSER_TIMEOUT_S = 120
 
@@ -38,15 +35,15 @@ def parity_report():
     state.bind("antonym", "fixed_trials_antonym_t10_s10_seed0", {"max_trials": 1})
     ref = torch.ones(3, 4)
     for model, bad in (("tiny-llama", False), ("tiny-<gpt2>", True)):
-        state.record(Outcome(f"{model}::m1", model, "M1", "test_prompts", "PASS"))
-        state.record(Outcome(f"{model}::m2", model, "M2", "test_mean_activations", "PASS",
+        state.record(GateOutcome(f"{model}::m1", model, "M1", "test_prompts", "PASS"))
+        state.record(GateOutcome(f"{model}::m2", model, "M2", "test_mean_activations", "PASS",
                                  metrics=gate_metrics("M2", "mean_activations", ref + 1e-7, ref,
                                                       MEAN_ACT_REL_TOL, "MEAN_ACT_REL_TOL")))
-        state.record(Outcome(
+        state.record(GateOutcome(
             f"{model}::m3", model, "M3", "test_indirect_effect", "FAIL" if bad else "PASS",
             cause="indirect_effect vs reference: drift exceeds <IE_REL_TOL>" if bad else "",
             metrics=gate_metrics("M3", "indirect_effect", ref + (1e-3 if bad else 1e-7), ref, IE_REL_TOL, "IE_REL_TOL")))
-        state.record(Outcome(f"{model}::m5", model, "M5", "test_spec", "SKIP"))
+        state.record(GateOutcome(f"{model}::m5", model, "M5", "test_spec", "SKIP"))
     state.finish(1, interrupted=False)
     return state.as_dict()
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -243,7 +242,7 @@ def test_unknown_model_is_a_one_line_usage_error(suite):
     assert len(err) == 1 and "cannot load model './no/such/model'" in err[0]
 
 
-def test_spec_resolution_selects_one_test_per_registered_spec(suite):
+def test_dash_k_selects_one_m5_test_per_registered_spec(suite):
     result = run_suite(suite, "--collect-only", "-q", "-k", "spec_resolution")
     ids = [line for line in result.stdout.lines if "test_spec_resolution[" in line]
     assert sorted(i.split("[")[1].split(":")[0] for i in ids) == sorted(s.name for s in all_specs())

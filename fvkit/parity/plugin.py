@@ -22,7 +22,7 @@ import pytest
 
 from .compare import GATE_TITLES, GATES
 from .options import ParityOptions, add_options
-from .report import IDENTITY_PROP, RESULT_PROP, ReportState, TestOutcome, environment
+from .report import IDENTITY_PROP, RESULT_PROP, GateOutcome, ReportState, environment
 
 OPTIONS_KEY = pytest.StashKey[ParityOptions]()
 REPORT_KEY = pytest.StashKey[ReportState]()
@@ -168,7 +168,7 @@ class ReportPlugin:
 
     def __init__(self, config: pytest.Config):
         self.config = config
-        self.partial: dict = {}   # nodeid -> TestOutcome being assembled from phase reports
+        self.partial: dict = {}   # nodeid -> GateOutcome being assembled from phase reports
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         idents = _props(report, IDENTITY_PROP)
@@ -177,7 +177,7 @@ class ReportPlugin:
         ident = idents[-1]
         outcome = self.partial.get(report.nodeid)
         if outcome is None:
-            outcome = self.partial[report.nodeid] = TestOutcome(report.nodeid, ident["model"], ident["gate"],
+            outcome = self.partial[report.nodeid] = GateOutcome(report.nodeid, ident["model"], ident["gate"],
                                                                 ident["test"])
         outcome.seconds += float(getattr(report, "duration", 0.0) or 0.0)
         if report.when == "setup":

@@ -66,10 +66,10 @@ def now() -> str:
 
 
 @dataclass
-class TestOutcome:
+class GateOutcome:
     """One gate test's final state, built from its pytest reports.
 
-        TestOutcome(nodeid, model="tiny-llama", gate="M2", test="test_mean_activations", status="PASS")
+        GateOutcome(nodeid, model="tiny-llama", gate="M2", test="test_mean_activations", status="PASS")
     """
 
     nodeid: str
@@ -155,7 +155,7 @@ class ReportState:
     def model_entry(self, model: str) -> dict:
         return self.models.setdefault(model, {"settings": {}, "timings": {}, "reference": {}, "gates": {}})
 
-    def record(self, outcome: TestOutcome, extra: Optional[dict] = None) -> None:
+    def record(self, outcome: GateOutcome, extra: Optional[dict] = None) -> None:
         entry = self.model_entry(outcome.model)
         tests = entry["gates"].setdefault(outcome.gate, [])
         tests[:] = [t for t in tests if t.nodeid != outcome.nodeid] + [outcome]
