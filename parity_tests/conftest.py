@@ -50,18 +50,12 @@ def load_reference_runner():
     return sys.modules[name].run_reference
 
 
-def torch_threads(config: pytest.Config, requested: Optional[int]) -> int:
-    """Threads for this process. Under xdist the cores are split between workers:
-    oversubscribed CPU threads spin against each other and run the tiny models'
-    small matrix products several times slower than one thread each."""
-    import torch
-
-    if requested:
-        return requested
-    workers = int(getattr(config, "workerinput", {}).get("workercount", 0) or 0)
-    if workers:
-        return max(1, (os.cpu_count() or 1) // workers)
-    return torch.get_num_threads()
+def torch_threads(requested: Optional[int]) -> int:
+    """Threads per process: one unless --torch-threads says otherwise. The tiny models'
+    matrix products are too small to gain from more, and with any other load on the
+    CPU (or xdist workers beside it) OpenMP threads wait on each other: measured on
+    two cores, the default suite took 12 min with two threads and 2 min with one."""
+    return requested or 1
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -69,7 +63,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
     keep_unused_snapshots(config)
     opts = options(config)
-    torch.set_num_threads(torch_threads(config, opts.torch_threads))
+    torch.set_num_threads(torch_threads(opts.torch_threads))
     try:
         ps = ParitySession.create(opts, config.rootpath,
                                   reference_runner=load_reference_runner() if opts.reference_src else None)

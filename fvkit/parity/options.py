@@ -52,8 +52,8 @@ OPTIONS = (
     ("fail-fast", "bool", "after a model's first failing gate, skip that model's later gates"),
     ("reference-src", "string", "checkout of the reference code (folder holding src/); enables live reference runs"),
     ("baukit", "string", "checkout of baukit, needed by the live reference run"),
-    ("torch-threads", "string", "torch CPU threads per process: a number, or 'auto' (default): the CPU count divided "
-                                "by the xdist workers under -n, torch's own default otherwise"),
+    ("torch-threads", "string", "torch CPU threads per process (default 1: the tiny models gain nothing from more, "
+                                "and threads contend with xdist workers and other load; raise it for large models)"),
     ("device", "string", f"parity runs on '{PARITY_DEVICE}' only"),
     ("dtype", "string", f"parity runs in '{PARITY_DTYPE}' only"),
     ("quant", "string", f"parity runs with quantization '{PARITY_QUANT}' only"),
@@ -115,7 +115,7 @@ class ParityOptions:
     reference_src: Optional[Path] = None
     baukit: Optional[Path] = None
     update_snapshots: bool = False
-    torch_threads: Optional[int] = None   # None: 'auto'
+    torch_threads: Optional[int] = None   # None: one thread (see parity_tests/conftest.py)
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> "ParityOptions":
@@ -136,8 +136,7 @@ class ParityOptions:
         opts.seed_given = seed is not None
         opts.seed = DEFAULT_SEED if seed is None else seed
         opts.fail_fast = bool(raw_value(config, "fail-fast"))
-        threads = raw_value(config, "torch-threads")
-        opts.torch_threads = None if threads in (None, "auto") else _int(config, "torch-threads", minimum=1)
+        opts.torch_threads = _int(config, "torch-threads", minimum=1)
         for name in ("reference-src", "baukit"):
             value = raw_value(config, name)
             if value:
@@ -176,7 +175,7 @@ class ParityOptions:
             "seed": self.seed if self.seed_given else None, "fail_fast": self.fail_fast,
             "reference_src": str(self.reference_src) if self.reference_src else None,
             "baukit": str(self.baukit) if self.baukit else None, "update_snapshots": self.update_snapshots,
-            "torch_threads": self.torch_threads or "auto",
+            "torch_threads": self.torch_threads or 1,
         }
 
 
