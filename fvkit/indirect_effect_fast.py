@@ -39,6 +39,7 @@ import weakref
 
 import torch
 
+from .cache_compat import cache_kwargs, output_cache
 from . import adapters
 from .errors import FvkitError
 from .kv_replay import ReplayUnsupported, capture_last_token, clean_prefix, is_cache_object, last_token_inputs
@@ -231,7 +232,7 @@ def model_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
     for layer in range(dims.n_layers):
         o_proj = adapters.resolve_out_proj(model, spec, layer)
         with EditInput(o_proj, head_patch(layer, setup.last_slots, mean_acts, n_heads, dims.head_dim)) as edit:
-            logits = model(**step_inputs, past_key_values=cache, use_cache=True).logits[:, -1, :]
+            logits = model(**step_inputs, **cache_kwargs(model, cache), use_cache=True).logits[:, -1, :]
         _check_fired(edit, lm, layer)
         if is_cache_object(cache):
             cache.crop(-1)  # the step appended the last token to every layer; back to the clean prefix

@@ -1,7 +1,7 @@
 """A prompt's key/value cache, cut back by one token and copied into several rows.
 
     out = model(**inputs, use_cache=True)                  # the whole prompt, once
-    prefix = PrefixCache.from_output(out.past_key_values, inputs["input_ids"].shape[1])
+    prefix = PrefixCache.from_output(output_cache(out), inputs["input_ids"].shape[1])
     cache = prefix.take(rows=8)                            # 8 rows that all hold the prompt minus its last token
     model(input_ids=last_token.expand(8, 1), attention_mask=..., past_key_values=cache)
 
@@ -41,7 +41,7 @@ def _map_tensors(value, fn):
 class PrefixCache:
     """The cache of a prompt minus its last token, handed out as fresh multi-row copies.
 
-        prefix = PrefixCache.from_output(out.past_key_values, n_tokens)
+        prefix = PrefixCache.from_output(output_cache(out), n_tokens)
         first = prefix.take(rows=4)     # a copy; the stored prefix is never modified
         last = prefix.take(rows=4, reuse=True)   # hands over the stored cache itself (final use)
     """

@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from .cache_compat import cache_kwargs, output_cache
 from .errors import FvkitError
 
 
@@ -95,7 +96,7 @@ def clean_prefix(model, inputs, n_rows: int, lm_head: Optional[torch.nn.Module] 
         raise FvkitError("a one-token prompt has no earlier positions to reuse; run with --ie-mode exact")
     with last_position_only(lm_head):
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     if not (is_cache_object(cache) or is_legacy_cache(cache)):
         raise FvkitError(f"this model returns a key/value cache of type {type(cache).__name__}, which the fast "
                          f"indirect effect cannot reuse; run with --ie-mode exact")
@@ -219,7 +220,7 @@ def capture_last_token(model, blocks, inputs, cache, n_rows: int, lm_head: Optio
     try:
         # Its logits are not used: the blocks' recorded calls are what this run is for.
         with last_position_only(lm_head, first_row_only=True):
-            model(**last_token_inputs(inputs, n_rows), past_key_values=cache, use_cache=True)
+            model(**last_token_inputs(inputs, n_rows), **cache_kwargs(model, cache), use_cache=True)
     finally:
         for handle in handles:
             handle.remove()

@@ -33,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from .cache_compat import cache_kwargs, output_cache
 from . import adapters
 from .errors import FvkitError
 from .intervene import EVAL_STAGES, evaluate, inject, token_rank, topk_accuracy
@@ -127,7 +128,7 @@ def _sweep_item(lm, inputs, target: int, fv: torch.Tensor, n_layers: int, chunk:
     n_tokens = inputs["input_ids"].shape[1]
     out = model(**inputs, use_cache=True)
     clean_logits = out.logits[:, -1, :]
-    prefix = PrefixCache.from_output(out.past_key_values, n_tokens)
+    prefix = PrefixCache.from_output(output_cache(out), n_tokens)
     ranks, changes, drift, reruns = [], [], 0.0, 0
     starts = list(range(0, n_layers, chunk))
     for c, start in enumerate(starts):
@@ -135,7 +136,7 @@ def _sweep_item(lm, inputs, target: int, fv: torch.Tensor, n_layers: int, chunk:
         rows = len(layers) + 1  # the last row stays clean: the guard's point of comparison
         cache = prefix.take(rows, reuse=(c == len(starts) - 1))
         with _RowInjector(lm, vec, layers):
-            logits = model(**_last_token_rows(inputs, rows), past_key_values=cache, use_cache=True).logits[:, -1, :]
+            logits = model(**_last_token_rows(inputs, rows), **cache_kwargs(model, cache), use_cache=True).logits[:, -1, :]
         cached_clean = logits[-1:]
         gap = (cached_clean - clean_logits).abs().max().item()
         drift = max(drift, gap)
