@@ -114,10 +114,11 @@ def split_indices(n_rows: int, test_size: float = 0.3, seed: int = 0) -> dict:
     return {"train": train, "valid": valid, "test": test}
 
 
-def atomic_write_text(path, text: str) -> None:
+def atomic_write_text(path, text: str) -> Path:
     """Write a whole file or nothing: a crash never leaves a half-written result."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+    return path

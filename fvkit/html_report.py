@@ -19,10 +19,10 @@ import base64
 import html
 import json
 import math
-import os
 from pathlib import Path
 from typing import Optional
 
+from .data import atomic_write_text
 from .errors import DataError
 
 HTML_NAME = "parity_suite_report.html"
@@ -257,15 +257,6 @@ def render_html(report: dict, models: Optional[dict] = None) -> str:
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"
             + "".join(body) + "</body></html>\n")
-
-
-def atomic_write_text(path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def write_html_report(report_json_path, models: Optional[dict] = None, out_path=None) -> Path:

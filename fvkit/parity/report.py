@@ -24,11 +24,12 @@ import csv
 import datetime as _dt
 import io
 import json
-import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from ..data import atomic_write_text
 
 REPORT_NAME = "parity_suite_report.json"
 STAGES_NAME = "parity_suite_stages.csv"
@@ -42,12 +43,6 @@ STATUS_ORDER = ("ERROR", "FAIL", "PASS", "SKIP")
 STAGE_COLUMNS = ("model", "gate", "stage", "test", "source", "status", "max_abs_drift", "rel_drift",
                  "tolerance", "tolerance_name", "worst_index", "seconds", "detail")
 
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def environment() -> dict:
@@ -255,13 +250,13 @@ class ReportState:
         if not self.writer or not self.out_dir or not self.models:
             return
         out = self.out_dir
-        atomic_write(out / REPORT_NAME, json.dumps(self.as_dict(), indent=1, default=str) + "\n")
+        atomic_write_text(out / REPORT_NAME, json.dumps(self.as_dict(), indent=1, default=str) + "\n")
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=STAGE_COLUMNS, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         for row in self.stage_rows():
             writer.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in row.items()})
-        atomic_write(out / STAGES_NAME, buf.getvalue())
+        atomic_write_text(out / STAGES_NAME, buf.getvalue())
         for name in (REPORT_NAME, STAGES_NAME):
             if out / name not in self.paths_written:
                 self.paths_written.append(out / name)
