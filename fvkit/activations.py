@@ -10,6 +10,8 @@ mean over trials.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import adapters
@@ -33,10 +35,36 @@ def split_heads(x: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
     return x.view(*x.shape[:-1], n_heads, head_dim)
 
 
+class _OutputHeadReached(Exception):
+    """Raised in front of the output head by :func:`skip_output_head`."""
+
+
+@contextlib.contextmanager
+def skip_output_head(lm):
+    """End forward passes in front of the output head, for passes that only read activations.
+
+    The logits of a whole prompt, ``(rows, tokens, vocabulary)``, are the largest
+    tensor of a pass (about 20 MB for 100 tokens and a 50k vocabulary) and the
+    output head a large part of its work; everything read inside the blocks is
+    computed exactly as before. A model whose forward never calls the spec's
+    output head simply runs to the end.
+    """
+    def stop(module, args):
+        raise _OutputHeadReached
+
+    handle = adapters.resolve_lm_head(lm.model, lm.spec).register_forward_pre_hook(stop)
+    try:
+        yield
+    except _OutputHeadReached:
+        pass
+    finally:
+        handle.remove()
+
+
 def head_inputs(lm, inputs) -> torch.Tensor:
     """Out-projection inputs of every layer for one prompt: (n_layers, n_heads, n_tokens, head_dim)."""
     names = [adapters.out_proj_name(lm.spec, layer) for layer in range(lm.dims.n_layers)]
-    with TraceDict(lm.model, names, retain_input=True, retain_output=False) as td:
+    with TraceDict(lm.model, names, retain_input=True, retain_output=False) as td, skip_output_head(lm):
         lm.model(**inputs)
     if td.not_fired:
         raise FvkitError(f"hooks on {td.not_fired} never ran; the spec's out-projection path is not on the forward path")

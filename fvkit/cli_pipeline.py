@@ -88,7 +88,6 @@ def sweeps_all_layers(value) -> bool:
 def cmd_run(args) -> int:
     from .hf_loader import load_model
     from .run import run_pipeline, write_run_outputs
-    from .run_artifacts import run_artifacts
 
     ds = load_task_dataset(args.dataset, args.data_dir)
     trials = resolve_trials(ds, args.fixed_trials, args.seed, Path(args.out).parent)
@@ -98,6 +97,9 @@ def cmd_run(args) -> int:
     kwargs = {} if args.ie_mode is None else {"ie_mode": args.ie_mode}
     result = run_pipeline(lm, ds, trials, n_top_heads=args.n_top_heads, edit_layer=parse_edit_layer(args.edit_layer),
                           max_trials=args.max_trials, **kwargs)
+    # Imported only now: matplotlib's ~20 MB need not be resident during the model's passes.
+    from .run_artifacts import run_artifacts
+
     files = run_artifacts(lm, ds, trials, result, sweep=sweeps_all_layers(args.edit_layer))
     out = write_run_outputs(result, args.out, extra_args=vars(args) | {"func": None}, extra_files=files)
     zs, sh = result.zero_shot, result.shuffled

@@ -4,6 +4,7 @@
     lm = load_model("/path/to/checkpoint")         # local directory
     lm = load_model("gpt2", device="cuda", dtype="fp16", parity=False)
     print(lm.diagnostics_table())
+    d = describe_model("tiny-llama")               # spec and dimensions from the config, no weights
 
 The spec is chosen by: an explicit ``model_spec`` name, else the zoo entry's
 (or an exported zoo directory's) spec, else :func:`fvkit.model_spec.find_spec`
@@ -305,6 +306,38 @@ def load_model(name_or_path: str, model_spec: Optional[str] = None, device: str 
         return _load(name_or_path, model_spec, device, dtype, quant)
 
 
+@dataclass(frozen=True)
+class ModelDescription:
+    """A model as its config describes it: where it is, its spec and its dimensions.
+
+        d = describe_model("tiny-llama")
+        d.spec.name, d.dims.n_layers, d.dims.n_heads, d.source
+    """
+
+    name: str
+    source: str
+    spec: ModelSpec
+    dims: ModelDims
+    config: object = field(repr=False, compare=False)
+
+
+def describe_model(name_or_path: str, model_spec: Optional[str] = None) -> ModelDescription:
+    """Spec and dimensions of a model from its config alone; no weights are loaded.
+
+    Takes what :func:`load_model` takes (zoo alias, local directory or hub id, and an
+    optional spec name), chooses the spec the same way and fails with the same
+    messages: an unknown spec name, an unknown model, a directory without a
+    config. A zoo alias is built into the cache first if it is not there yet.
+    """
+    if model_spec:
+        get_spec(model_spec)  # an unknown spec name fails before anything is read
+    source, entry = _resolve_source(name_or_path)
+    config = _load_config(name_or_path, source)
+    spec = _pick_spec(name_or_path, source, entry, config, model_spec)
+    return ModelDescription(name=name_or_path, source=source, spec=spec, dims=dims_from_config(config, spec),
+                            config=config)
+
+
 def _load(name_or_path, model_spec, device, dtype, quant) -> LoadedModel:
     global LOAD_COUNT
     import time
@@ -312,10 +345,12 @@ def _load(name_or_path, model_spec, device, dtype, quant) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.time()
-    source, entry = _resolve_source(name_or_path)
-    config = _load_config(name_or_path, source)
-    spec = _pick_spec(name_or_path, source, entry, config, model_spec)
-    dims = dims_from_config(config, spec)
+    described = describe_model(name_or_path, model_spec)
+    source, spec, dims = described.source, described.spec, described.dims
+    # No low_cpu_mem_usage: both transformers lines already load a safetensors checkpoint
+    # without a second copy (4.49 skips the random init and keeps the parameters in the
+    # memory-mapped file, 5.x builds the model on the meta device); with the flag, 4.49's
+    # resident set came out the same or higher (benchmarks/bench_run_memory.py).
     model = AutoModelForCausalLM.from_pretrained(
         source, attn_implementation="eager", **dtype_kwargs(DTYPES[dtype]), **_quant_kwargs(quant))
     if quant == "none":

@@ -39,10 +39,11 @@ import weakref
 
 import torch
 
-from .cache_compat import cache_kwargs, output_cache
+from .cache_compat import cache_kwargs
 from . import adapters
 from .errors import FvkitError
-from .kv_replay import ReplayUnsupported, capture_last_token, clean_prefix, is_cache_object, last_token_inputs
+from .kv_cache import drop_last, is_cache_object
+from .kv_replay import ReplayUnsupported, capture_last_token, clean_prefix, last_token_inputs
 from .tracer import EditInput, first_tensor
 
 #: Fast and exact effects agree when no entry differs by more than this fraction
@@ -234,8 +235,10 @@ def model_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
         with EditInput(o_proj, head_patch(layer, setup.last_slots, mean_acts, n_heads, dims.head_dim)) as edit:
             logits = model(**step_inputs, **cache_kwargs(model, cache), use_cache=True).logits[:, -1, :]
         _check_fired(edit, lm, layer)
+        # The step appended the last token to every layer of a cache object (a legacy
+        # tuple is never modified in place); the next layer needs the clean prefix again.
         if is_cache_object(cache):
-            cache.crop(-1)  # the step appended the last token to every layer; back to the clean prefix
+            drop_last(cache, 1)
         try:
             check_clean_row(logits[n_heads], clean_logits, layer, "model")
         except ReplayUnsupported as err:

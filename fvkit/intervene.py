@@ -58,6 +58,17 @@ def topk_accuracy(ranks: list) -> list:
     return [[k, float((arr < k).sum() / len(arr))] for k in TOP_K]
 
 
+def last_position_logits(output) -> torch.Tensor:
+    """The logits at the last position, as a tensor of their own.
+
+    ``logits[:, -1, :]`` alone would be a view that keeps the whole
+    ``(rows, tokens, vocabulary)`` tensor alive (about 20 MB for a 100-token
+    prompt and a 50k vocabulary) through the next forward pass; the copy holds
+    the same numbers.
+    """
+    return output.logits[:, -1, :].clone()
+
+
 def evaluate(lm, dataset, trials, stage: str, fv: torch.Tensor, edit_layer: int,
              template: Template = DEFAULT_TEMPLATE, max_items=None, show_progress: bool = True) -> dict:
     """Clean and intervened ranks of each item's first target token."""
@@ -71,9 +82,9 @@ def evaluate(lm, dataset, trials, stage: str, fv: torch.Tensor, edit_layer: int,
             data, text = trial_prompt(lm, dataset, trials, stage, j, template)
             target = answer_ids(lm.tokenizer, text, data["query_target"]["output"])[0]
             inputs = lm.tokenizer([text], return_tensors="pt")
-            clean_logits = lm.model(**inputs).logits[:, -1, :]
+            clean_logits = last_position_logits(lm.model(**inputs))
             with inject(lm, edit_layer, fv):
-                edit_logits = lm.model(**inputs).logits[:, -1, :]
+                edit_logits = last_position_logits(lm.model(**inputs))
             change = (edit_logits - clean_logits).abs().max().item()
             if change == 0.0:
                 raise FvkitError(
@@ -113,6 +124,7 @@ def evaluate_baseline(lm, dataset, trials, template: Template = DEFAULT_TEMPLATE
             out = lm.model(**full, labels=labels)
             nlls.append(out.loss.item())
             ranks.append(token_rank(out.logits[:, prompt_len - 1, :], target))
+            del out  # its logits cover the whole prompt; not kept through the next pass
     return {
         "clean_rank_list": ranks,
         "clean_topk": topk_accuracy(ranks),

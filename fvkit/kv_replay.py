@@ -15,13 +15,11 @@ with edited hidden states and any number of rows. While
 clean prefix without growing, so blocks can be re-run in any order and any
 number of times.
 
-Only two things about the cache are assumed, both shared by every
-transformers release fvkit supports: a cache object (``DynamicCache`` and
-kin) has ``crop``, ``batch_repeat_interleave`` and an
-``update(keys, values, layer_idx, ...)`` through which attention layers read
-and extend it; a legacy cache is a tuple of per-layer ``(keys, values)``
-tensors shaped (batch, heads, positions, head_dim) that the model never
-modifies in place.
+The prefix is cut and copied by :mod:`fvkit.kv_cache`, which refuses any
+cache it does not understand. Replay assumes one thing more, shared by every
+transformers release fvkit supports: attention layers read and extend a cache
+object through its ``update(keys, values, layer_idx, ...)``, and a legacy
+cache is never modified in place.
 """
 
 from __future__ import annotations
@@ -33,40 +31,11 @@ import torch
 
 from .cache_compat import cache_kwargs, output_cache
 from .errors import FvkitError
+from .kv_cache import PrefixCache, UnsupportedCache
 
 
 class ReplayUnsupported(FvkitError):
     """This model's forward pass cannot be re-run block by block (use the whole-model path)."""
-
-
-def is_cache_object(cache) -> bool:
-    return hasattr(cache, "crop") and hasattr(cache, "batch_repeat_interleave") and hasattr(cache, "update")
-
-
-def is_legacy_cache(cache) -> bool:
-    return isinstance(cache, (tuple, list)) and len(cache) > 0 and all(
-        isinstance(layer, (tuple, list)) and len(layer) >= 2 and all(isinstance(t, torch.Tensor) for t in layer)
-        for layer in cache)
-
-
-def cache_length(cache) -> int:
-    if is_cache_object(cache):
-        return int(cache.get_seq_length())
-    return int(cache[0][0].shape[-2])
-
-
-def drop_last_position(cache):
-    if is_cache_object(cache):
-        cache.crop(-1)  # a negative count removes that many positions on every transformers version
-        return cache
-    return tuple(tuple(t[..., :-1, :] for t in layer) for layer in cache)
-
-
-def repeat_rows(cache, n_rows: int):
-    if is_cache_object(cache):
-        cache.batch_repeat_interleave(n_rows)
-        return cache
-    return tuple(tuple(t.repeat_interleave(n_rows, dim=0) for t in layer) for layer in cache)
 
 
 @contextlib.contextmanager
@@ -91,20 +60,15 @@ def last_position_only(lm_head: Optional[torch.nn.Module], first_row_only: bool 
 
 def clean_prefix(model, inputs, n_rows: int, lm_head: Optional[torch.nn.Module] = None):
     """(clean last-token logits, cache of all positions but the last, ``n_rows`` rows)."""
-    n_tokens = inputs["input_ids"].shape[1]
-    if n_tokens < 2:
-        raise FvkitError("a one-token prompt has no earlier positions to reuse; run with --ie-mode exact")
     with last_position_only(lm_head):
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=True)
-    cache = output_cache(out)
-    if not (is_cache_object(cache) or is_legacy_cache(cache)):
-        raise FvkitError(f"this model returns a key/value cache of type {type(cache).__name__}, which the fast "
-                         f"indirect effect cannot reuse; run with --ie-mode exact")
-    cache = repeat_rows(drop_last_position(cache), n_rows)
-    if cache_length(cache) != n_tokens - 1:
-        raise FvkitError(f"the model's cache holds {cache_length(cache)} positions after dropping the last of "
-                         f"{n_tokens}; run with --ie-mode exact")
-    return out.logits[0, -1, :], cache
+    try:
+        prefix = PrefixCache.from_output(output_cache(out), inputs["input_ids"].shape[1])
+    except UnsupportedCache as err:
+        # Unlike the layer sweep, the fast path has no whole-prompt fallback of its own.
+        raise UnsupportedCache(f"the fast indirect effect cannot reuse this model's key/value cache ({err}); "
+                               f"run with --ie-mode exact") from None
+    return out.logits[0, -1, :], prefix.take(n_rows, reuse=True)
 
 
 def last_token_inputs(inputs, n_rows: int) -> dict:

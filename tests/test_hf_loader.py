@@ -214,3 +214,53 @@ def test_copied_cache_directory_loads(tmp_path, zoo_model):
     ids = lm.tokenizer("<|endoftext|>Q: up\nA:", return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(lm.model(**ids).logits, zoo_model("tiny-neox").model(**ids).logits)
+
+
+# --- describe_model: spec and dimensions from the config alone ----------------------------------
+
+@pytest.fixture
+def no_weights(monkeypatch, counted):
+    """Fails a test that loads a model's weights."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("describe_model loaded weights")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    yield
+    assert counted() == 0
+
+
+@pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-gemma-hd"])
+def test_describe_model_matches_load_model(zoo_model, alias):
+    lm = zoo_model(alias)
+    described = hf_loader.describe_model(alias)
+    assert described.name == alias and described.source == lm.source
+    assert described.spec == lm.spec and described.dims == lm.dims
+    assert described.config.architectures == lm.model.config.architectures
+
+
+def test_describe_model_loads_no_weights(no_weights, tmp_path):
+    described = hf_loader.describe_model("tiny-llama")
+    assert (described.spec.name, described.dims.n_layers, described.dims.n_heads) == ("llama", 3, 4)
+    assert hf_loader.describe_model("tiny-mistral", model_spec="llama").spec.name == "llama"
+    target = zoo.export_model("tiny-mistral", str(tmp_path / "checkpoint"))
+    os.remove(os.path.join(target, zoo.METADATA_FILE))
+    assert hf_loader.describe_model(target).spec.name == "mistral"  # from config.architectures
+
+
+@pytest.mark.parametrize("name", ["no-such-model-xyz", "/nonexistent/checkpoint", "./relative/missing"])
+def test_describe_model_fails_as_load_model_does(no_weights, name):
+    with pytest.raises(FvkitError) as described:
+        hf_loader.describe_model(name)
+    with pytest.raises(FvkitError) as loaded:
+        load_model(name)
+    assert str(described.value) == str(loaded.value)
+    assert f"cannot load model '{name}'" in str(described.value) and "tiny-llama" in str(described.value)
+
+
+def test_describe_model_clear_failures(no_weights, tmp_path):
+    with pytest.raises(FvkitError, match="the directory holds no loadable config.json"):
+        hf_loader.describe_model(str(tmp_path))
+    with pytest.raises(SpecError, match="unknown model spec 'llama3'"):
+        hf_loader.describe_model("tiny-llama", model_spec="llama3")

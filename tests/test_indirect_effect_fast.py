@@ -1,11 +1,13 @@
 """The fast indirect effect computes what the exact path computes, on every architecture."""
 
+import functools
 import warnings
 
 import pytest
 import torch
 
 import fvkit.indirect_effect_fast as fast
+import fvkit.kv_cache as kv_cache
 import fvkit.kv_replay as kv_replay
 from fvkit.activations import mean_head_activations
 from fvkit.errors import FvkitError
@@ -26,16 +28,12 @@ TINY = [alias for alias, entry in ZOO.items() if entry.source == "random"]
 @pytest.fixture(scope="module")
 def prepared(zoo_model, antonym, antonym_trials):
     """(lm, mean activations, exact effects of the first trial), once per model."""
-    cache = {}
-
+    @functools.cache
     def get(alias):
-        if alias not in cache:
-            lm = zoo_model(alias)
-            mean = mean_head_activations(lm, antonym, antonym_trials, max_trials=2, show_progress=False)
-            exact = indirect_effects(lm, antonym, antonym_trials, mean, max_trials=1, mode="exact",
-                                     show_progress=False)
-            cache[alias] = (lm, mean, exact)
-        return cache[alias]
+        lm = zoo_model(alias)
+        mean = mean_head_activations(lm, antonym, antonym_trials, max_trials=2, show_progress=False)
+        exact = indirect_effects(lm, antonym, antonym_trials, mean, max_trials=1, mode="exact", show_progress=False)
+        return lm, mean, exact
 
     return get
 
@@ -143,13 +141,8 @@ def test_a_wrong_last_token_is_refused(prepared, antonym, antonym_trials, monkey
 def test_a_cache_of_the_wrong_length_is_refused(prepared, antonym, antonym_trials, monkeypatch, alias):
     lm, mean, _ = prepared(alias)
 
-    def drop_two(cache):
-        if kv_replay.is_cache_object(cache):
-            cache.crop(-2)
-            return cache
-        return tuple(tuple(t[..., :-2, :] for t in layer) for layer in cache)
-
-    monkeypatch.setattr(kv_replay, "drop_last_position", drop_two)
+    drop_last = kv_cache.drop_last
+    monkeypatch.setattr(kv_cache, "drop_last", lambda cache, n: drop_last(cache, n + 1))
     with pytest.raises(FvkitError, match="positions after dropping the last"):
         fast_trial(lm, first_setup(lm, antonym, antonym_trials), mean)
 

@@ -1,5 +1,7 @@
 """The layer sweep gives, layer for layer, exactly what evaluate() gives."""
 
+import functools
+
 import pytest
 import torch
 
@@ -40,13 +42,11 @@ def mismatches(sweep, evaluations):
 
 @pytest.fixture(scope="module")
 def reference_runs(zoo_model, antonym, antonym_trials):
-    cache = {}
-
+    """Per-layer evaluate() results, once per model."""
+    @functools.cache
     def get(alias):
-        if alias not in cache:
-            lm = zoo_model(alias)
-            cache[alias] = per_layer_evaluations(lm, antonym, antonym_trials, vector(lm))
-        return cache[alias]
+        lm = zoo_model(alias)
+        return per_layer_evaluations(lm, antonym, antonym_trials, vector(lm))
     return get
 
 
