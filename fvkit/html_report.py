@@ -50,6 +50,7 @@ td.skip { background: #eef0f2; color: #57606a; } td.none { color: #8c959f; }
 figure { margin: 8px 0 16px; } figure img { max-width: 100%; border: 1px solid #e1e4e8; }
 figcaption { font-size: 0.85em; color: #555; }
 .tokens td:first-child { font-family: ui-monospace, Menlo, Consolas, monospace; white-space: pre; }
+pre.cause.skip { background: #f6f8fa; border-left-color: #8c959f; }
 pre.cause { white-space: pre-wrap; background: #fff8f8; border-left: 3px solid #cf222e; padding: 6px 10px;
             font-size: 0.82em; margin: 4px 0 10px; }
 .model { border: 1px solid #e1e4e8; border-radius: 6px; padding: 4px 16px 12px; margin: 16px 0; }
@@ -109,15 +110,21 @@ def _find_drifts(value, found: list) -> None:
             _find_drifts(child, found)
 
 
-def drift_rows(report: dict) -> list:
-    """(model, gate, test, drift dict) for every drift measured in the report."""
-    rows = []
+def _tests(report: dict):
+    """(model, gate, test dict) for every gate test in the report."""
     for model, entry in (report.get("models") or {}).items():
         for gate, gate_entry in ((entry or {}).get("gates") or {}).items():
             for test in (gate_entry or {}).get("tests") or []:
-                found: list = []
-                _find_drifts(test.get("metrics"), found)
-                rows.extend((model, gate, test.get("test", ""), d) for d in found)
+                yield model, gate, test
+
+
+def drift_rows(report: dict) -> list:
+    """(model, gate, test, drift dict) for every drift measured in the report."""
+    rows = []
+    for model, gate, test in _tests(report):
+        found: list = []
+        _find_drifts(test.get("metrics"), found)
+        rows.extend((model, gate, test.get("test", ""), d) for d in found)
     return rows
 
 
@@ -140,8 +147,12 @@ def _gate_table(report: dict) -> str:
         for gate, gate_entry in ((entry or {}).get("gates") or {}).items():
             cause = (gate_entry or {}).get("cause")
             if cause:
-                causes.append(f"<h3>{_e(model)} {_e(gate)}: {_e(gate_entry.get('status'))}</h3>"
-                              f'<pre class="cause">{_e(cause)}</pre>')
+                status = gate_entry.get("status")
+                # A passing or skipped gate's "cause" is why some of its tests were skipped.
+                cls = "cause" if status in ("FAIL", "ERROR") else "cause skip"
+                label = _e(status) if cls == "cause" else f"{_e(status)}, with skipped tests"
+                causes.append(f"<h3>{_e(model)} {_e(gate)}: {label}</h3>"
+                              f'<pre class="{cls}">{_e(cause)}</pre>')
     return (f"<h2>Gates</h2><table><tr><th>model</th>{head}</tr>{''.join(body)}</table>"
             + "".join(causes))
 
@@ -172,6 +183,42 @@ def _drift_table(report: dict) -> str:
         out.append(f"<tr><td>{_e(model)}</td><td>{_e(gate)}</td><td>{_e(d.get('stage'))}{problem}</td>"
                    f"<td>{_e(d.get('source', ''))}</td><td class='num'>{_num(rel)}</td><td>{tol_text}</td>"
                    f"<td>{bar}</td><td class='num'>{_num(d.get('max_abs_drift'))}</td><td>{badge}</td></tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def exact_rows(report: dict) -> list:
+    """(model, gate, check, source, comparison dict) for every exact-match comparison
+    (prompts, token ids, heads, rank lists, the layer sweep) recorded in the report."""
+    rows = []
+    for model, gate, test in _tests(report):
+        for check, by_source in (test.get("metrics") or {}).items():
+            for source, result in (by_source.items() if isinstance(by_source, dict) else ()):
+                if isinstance(result, dict) and "mismatches" in result and "ok" in result:
+                    rows.append((model, gate, check, source, result))
+    return rows
+
+
+def _exact_table(report: dict) -> str:
+    rows = exact_rows(report)
+    if not rows:
+        return ""
+    out = ["<h2>Exact comparisons</h2>",
+           "<p class='meta'>What must equal the reference exactly: prompts and tokens (M1), top heads and every "
+           "rank list (M4, the layer sweep included). Rank differences that fvkit's own logits show to be float "
+           "ties are accepted and listed in the notes.</p>",
+           "<table><tr><th>model</th><th>gate</th><th>check</th><th>against</th><th>result</th></tr>"]
+    for model, gate, check, source, result in rows:
+        mism = result.get("mismatches") or []
+        if mism:
+            text = "; ".join(f"{m.get('path')}: fvkit {m.get('fvkit')} vs reference {m.get('reference')}"
+                             for m in mism[:3]) + (f" (+{len(mism) - 3} more)" if len(mism) > 3 else "")
+            cell = f"<td class='fail'>{_e(text)}</td>"
+        else:
+            ties = [n for n in result.get("notes") or [] if "float tie" in n]
+            cell = "<td class='pass'>identical</td>" if not ties else \
+                f"<td class='pass'>identical after float ties: {_e(ties[0][:300])}</td>"
+        out.append(f"<tr><td>{_e(model)}</td><td>{_e(gate)}</td><td>{_e(check)}</td><td>{_e(source)}</td>{cell}</tr>")
     out.append("</table>")
     return "".join(out)
 
@@ -215,10 +262,13 @@ def _model_section(name: str, info: dict, entry: dict) -> str:
         rows = "".join(f"<tr><td>{_e(repr(t[0]))}</td><td class='num'>{_num(t[1])}</td></tr>" for t in decoded)
         parts.append("<h3>Function vector decoded through the output layer</h3>"
                      f"<table class='tokens'><tr><th>token</th><th>probability</th></tr>{rows}</table>")
+    seconds = lambda t: {k: f"{v:.2f} s" if isinstance(v, (int, float)) else v for k, v in t.items()}
     timings = (entry or {}).get("stage_timings") or info.get("timings") or {}
     if timings:
-        parts.append(_kv_table({k: f"{v:.2f} s" if isinstance(v, (int, float)) else v for k, v in timings.items()},
-                               "Timings"))
+        parts.append(_kv_table(seconds(timings), "Timings"))
+    ref_timings = ((entry or {}).get("reference") or {}).get("live_timings") or {}
+    if ref_timings:
+        parts.append(_kv_table(seconds(ref_timings), "Reference stage timings (live run, same process)"))
     if len(parts) == 1 or not any(parts[1:]):
         parts.append("<p class='meta'>No figures, heads or tokens were recorded for this model.</p>")
     parts.append("</div>")
@@ -243,8 +293,12 @@ def render_html(report: dict, models: Optional[dict] = None) -> str:
     body = [f"<h1>{_e(title)}</h1>", f"<p class='meta'>{sub} {state}<br>{times}</p>"]
     body.append(_gate_table(report))
     body.append(_drift_table(report))
+    body.append(_exact_table(report))
     entries = report.get("models") or {}
     for name in dict.fromkeys([*models, *entries]):
+        gates = set(((entries.get(name) or {}).get("gates") or {}))
+        if name not in models and gates <= {"M5"}:
+            continue  # a model only the spec check used: its row in the gate table says it all
         body.append(_model_section(name, models.get(name) or {}, entries.get(name) or {}))
     notes = report.get("notes") or []
     if notes:
@@ -257,6 +311,25 @@ def render_html(report: dict, models: Optional[dict] = None) -> str:
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"
             + "".join(body) + "</body></html>\n")
+
+
+#: Figure fields of a model entry, carried as base64 text between processes.
+PNG_FIELDS = ("heatmap_png", "sweep_png")
+
+
+def pack_entry(entry: dict) -> dict:
+    """A model entry as plain JSON-able data (figures as base64 text), for shipping from
+    an xdist worker to the process that writes the page; :func:`unpack_entry` reverses it."""
+    out = {k: v for k, v in entry.items() if k not in PNG_FIELDS}
+    out.update({k: base64.b64encode(entry[k]).decode("ascii") for k in PNG_FIELDS if entry.get(k)})
+    out["decoded"] = [list(t) for t in entry.get("decoded") or []]
+    return out
+
+
+def unpack_entry(packed: dict) -> dict:
+    out = dict(packed)
+    out.update({k: base64.b64decode(packed[k]) for k in PNG_FIELDS if packed.get(k)})
+    return out
 
 
 def write_html_report(report_json_path, models: Optional[dict] = None, out_path=None) -> Path:

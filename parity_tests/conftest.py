@@ -187,8 +187,10 @@ def recorder(request) -> Recorder:
 @pytest.fixture
 def gate_context(parity, parity_model, lm, model_settings, live_reference, snapshot, recorder):
     """What a gate needs besides fvkit's numbers; the stage timings are recorded when it ends."""
+    meta = (live_reference or {}).get("meta") or {}
     recorder.add(settings=model_settings.as_dict(), notes=list(model_settings.notes),
-                 reference={"live": reference_environment(live_reference.get("meta") or {})} if live_reference else None)
+                 reference={"live": reference_environment(meta), "live_timings": meta.get("timings") or {}}
+                 if live_reference else None)
     tok = lm.tokenizer
     bos = {getattr(tok, "bos_token_id", None)}
     if lm.spec.bos_text:
@@ -197,7 +199,12 @@ def gate_context(parity, parity_model, lm, model_settings, live_reference, snaps
                       update=parity.options.update_snapshots, recorder=recorder,
                       bos_ids=tuple(b for b in bos if isinstance(b, int)), snapshot_hint=SNAPSHOT_HINT)
     if parity.has_pipeline(parity_model):
-        recorder.add(timings=parity.pipeline(parity_model).timings)
+        recorder.add(timings=parity.pipeline(parity_model).timings, page=parity.page_entry(parity_model))
     import torch
+    from fvkit import hf_loader
+    # The session's count for this model, and every load this process made so far
+    # (a gate or fixture loading behind the session's back shows up as the gap).
     recorder.add(settings={"model_loads_this_process": parity.loads.get(parity_model, 0),
+                           "loader_calls_this_process": hf_loader.load_count(),
+                           "models_loaded_by_session": len(parity.loads),
                            "torch_threads": torch.get_num_threads()})

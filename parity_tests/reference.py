@@ -703,7 +703,8 @@ def _eval_result(res: dict, with_intervention: bool) -> dict:
 
 
 def run_reference_tensors(lm, dataset_path, trials, *, reference_src, baukit=None, n_top_heads: int,
-                          edit_layer: int, max_trials: Optional[int] = None, progress: bool = False) -> dict:
+                          edit_layer: int, max_trials: Optional[int] = None, progress: bool = False,
+                          sweep: bool = False) -> dict:
     """Like :func:`run_reference`, but tensors stay tensors and idx_map keys stay ints."""
     k = _check_settings(lm, trials, n_top_heads, edit_layer, max_trials)
     path = _dataset_file(dataset_path, trials)
@@ -814,9 +815,25 @@ def run_reference_tensors(lm, dataset_path, trials, *, reference_src, baukit=Non
                 if probe["invalid_reason"]:
                     invalid["m4"] = probe["invalid_reason"] + "; the reference's zero_shot/shuffled intervention " \
                                                               "numbers are reported but must not be compared"
+            def layer_sweep():
+                # evaluate_function_vector.py with --edit_layer -1: set_seed(seed) before
+                # each layer's zero-shot and shuffled evaluation, layers 0..n_layers-1.
+                out_sweep = {"zero_shot": [], "shuffled": []}
+                for layer in range(int(model_config["n_layers"])):
+                    for name, shots, shuffle in (("zero_shot", 0, False), ("shuffled", n_shots, True)):
+                        set_seed(seed)
+                        kwargs = {"shuffle_labels": True} if shuffle else {}
+                        res = ev.n_shot_eval(dataset=ds, fv_vector=out["function_vector"], edit_layer=layer,
+                                             n_shots=shots, **common, filter_set=None, prefixes=prefixes,
+                                             separators=separators, **kwargs)
+                        out_sweep[name].append(_eval_result(res, True))
+                return out_sweep
+
             stage("zero_shot", "zero_shot", evaluation(0, False))
             stage("shuffled", "shuffled", evaluation(n_shots, True))
             stage("baseline", "baseline", baseline)
+            if sweep and out["function_vector"] is not None:
+                stage("layer_sweep", None, layer_sweep)
 
     split = split_from_calls(rec.split_calls)
     if ds is not None and split is not None:
@@ -865,7 +882,7 @@ def run_reference_tensors(lm, dataset_path, trials, *, reference_src, baukit=Non
             "dataset_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
             "seed": seed, "n_shots": n_shots, "n_trials": int(trials.n_trials), "test_size": float(trials.test_size),
             "max_trials": max_trials, "trials_used": k, "n_top_heads": n_top_heads, "edit_layer": edit_layer,
-            "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
+            "layer_sweep": bool(sweep), "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
             "device": str(next(lm.model.parameters()).device),
         },
         "model_config": model_config,
@@ -898,18 +915,21 @@ def to_plain(value: Any) -> Any:
 
 
 def run_reference(lm, dataset_path, trials, *, reference_src, baukit=None, n_top_heads: int, edit_layer: int,
-                  max_trials: Optional[int] = None, progress: bool = False) -> dict:
+                  max_trials: Optional[int] = None, progress: bool = False, sweep: bool = False) -> dict:
     """Run the reference's stages on ``lm`` with the draws of ``trials``; the comparable result dict.
 
     ``lm`` is a ``fvkit.hf_loader.LoadedModel`` (model, tokenizer, spec, dims, name);
     ``trials`` a ``fvkit.fixed_trials.FixedTrials`` (seed, n_shots, n_trials, test_size);
     ``dataset_path`` the JSON file the trials were drawn from (or a TaskDataset).
     ``max_trials`` limits mean_activations and indirect_effect to their first K trials;
-    evaluations use every test item. All numbers are plain Python floats.
+    evaluations use every test item. ``sweep`` also evaluates zero-shot and
+    shuffled-label with the vector at every layer, as the reference's
+    ``--edit_layer -1`` does (``result["layer_sweep"][stage][layer]``). All numbers
+    are plain Python floats.
     """
     return to_plain(run_reference_tensors(lm, dataset_path, trials, reference_src=reference_src, baukit=baukit,
                                           n_top_heads=n_top_heads, edit_layer=edit_layer, max_trials=max_trials,
-                                          progress=progress))
+                                          progress=progress, sweep=sweep))
 
 
 # --------------------------------------------------------------------------------------
@@ -935,6 +955,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-trials", type=int, default=None)
     p.add_argument("--n-top-heads", type=int, default=10)
     p.add_argument("--edit-layer", type=int, required=True)
+    p.add_argument("--sweep", action="store_true", help="also evaluate with the vector at every layer "
+                                                        "(the reference's --edit_layer -1)")
     p.add_argument("--progress", action="store_true", help="show the reference's progress bars")
     p.add_argument("--out", required=True, help="where to write the result JSON (written atomically)")
     return p
@@ -958,7 +980,7 @@ def main(argv=None) -> int:
         lm = load_model(args.model, model_spec=args.model_spec)
         result = run_reference(lm, dataset.path, trials, reference_src=args.reference_src, baukit=args.baukit,
                                n_top_heads=args.n_top_heads, edit_layer=args.edit_layer,
-                               max_trials=args.max_trials, progress=args.progress)
+                               max_trials=args.max_trials, progress=args.progress, sweep=args.sweep)
         atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     except FvkitError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -11,12 +11,18 @@ the intervened logits. When the live reference declares its intervention
 numbers invalid (transformers releases whose blocks return a plain tensor make
 its hook a no-op), they are not compared; stored snapshots from a valid
 reference still are.
+
+With ``--edit-layer all`` the layer sweep (zero-shot and shuffled-label
+evaluations with the vector at every layer, fvkit's cached one-token passes)
+must give the reference's per-layer rank lists, as its ``--edit_layer -1`` run
+computes them with whole prompts.
 """
 
 import pytest
 
+from fvkit.parity.compare import SWEEP_KEY, sweep_comparable
 from fvkit.parity.gate import Gate
-from fvkit.parity.rank_ties import EvalLogits, resolve_rank_ties
+from fvkit.parity.rank_ties import EvalLogits, resolve_rank_ties, resolve_sweep_ties
 from fvkit.parity.tolerances import MIN_INJECTION_LOGIT_CHANGE
 
 pytestmark = pytest.mark.fvkit_gate("M4")
@@ -46,3 +52,23 @@ def test_function_vector(parity, parity_model, lm, gate_context):
     logits_of = EvalLogits(lm, parity.dataset, parity.trials, result.function_vector, edit_layer)
     gate.check(parity.comparable(parity_model), guard_failures=failures,
                adjust=lambda ours, ref: resolve_rank_ties(ours, ref, logits_of))
+
+
+def test_layer_sweep(parity, parity_model, lm, gate_context):
+    if not gate_context.settings.sweep:
+        pytest.skip("the layer sweep is checked with --edit-layer all")
+    gate = Gate("M4", gate_context, label="layer sweep", keys=(SWEEP_KEY,))
+    gate.prepare()
+    sweep = parity.layer_sweep(parity_model)
+    guard = [f"layer sweep injection guard: the vector at layer {layer} changed no {stage} logit"
+             for stage, st in sweep["stages"].items() for layer, change in enumerate(st["max_abs_logit_change"])
+             if not change > MIN_INJECTION_LOGIT_CHANGE]
+    gate_context.recorder.add(
+        metrics={"layer_sweep": {"method": sweep["method"], "best_layer": sweep["best_layer"],
+                                 "near_tie_reruns": sum(st["near_tie_reruns"] for st in sweep["stages"].values()),
+                                 "seconds": sweep["seconds"]}},
+        timings={"layer_sweep": sweep["seconds"]})
+    fv = parity.pipeline(parity_model).function_vector
+    gate.check(sweep_comparable(sweep), guard_failures=guard,
+               adjust=lambda ours, ref: resolve_sweep_ties(
+                   ours, ref, lambda layer: EvalLogits(lm, parity.dataset, parity.trials, fv, layer)))

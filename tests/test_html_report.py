@@ -162,3 +162,58 @@ def test_page_renders_in_headless_chromium(tmp_path, page):
     keep = os.environ.get("FVKIT_KEEP_SCREENSHOT")
     if keep:
         shutil.copy(shot, keep)
+
+
+def test_packed_entry_survives_a_json_round_trip(figures):
+    from fvkit.html_report import pack_entry, unpack_entry
+
+    packed = json.loads(json.dumps(pack_entry(figures["tiny-llama"])))
+    back = unpack_entry(packed)
+    assert back["heatmap_png"] == figures["tiny-llama"]["heatmap_png"]
+    assert back["sweep_png"] == figures["tiny-llama"]["sweep_png"]
+    assert back["decoded"] == [[" cold", 0.25], ["<b>", 0.01]]
+
+
+def test_report_state_writes_the_page_beside_the_json_with_each_models_figures(tmp_path, figures):
+    from fvkit.html_report import pack_entry
+
+    state = ReportState(tmp_path, environment={"torch": torch.__version__})
+    state.bind("antonym", "fixed_trials_antonym_t10_s10_seed0", {})
+    state.record(GateOutcome("a::m1", "tiny-llama", "M1", "test_prompts", "PASS"),
+                 {"page": pack_entry(figures["tiny-llama"])})
+    state.record(GateOutcome("b::m1", "tiny-gpt2", "M1", "test_prompts", "PASS"))
+    out = tmp_path / "results_fv" / "antonym" / "fixed_trials_antonym_t10_s10_seed0"
+    html_page = (out / HTML_NAME).read_text()
+    assert "incomplete" in html_page  # written as tests report, marked complete only at the end
+    state.finish(0, interrupted=False)
+    html_page = (out / HTML_NAME).read_text()
+    assert (out / HTML_NAME) in state.paths_written and (out / REPORT_NAME).is_file()
+    assert ">complete<" in html_page and html_page.count("data:image/png;base64,") == 2
+    assert "&#x27; cold&#x27;" in html_page and "tiny-gpt2" in html_page
+
+
+def test_exact_comparisons_show_identical_and_the_first_mismatches():
+    from fvkit.parity.compare import compare_gate
+
+    ev = {"clean_rank_list": [0, 3], "intervention_rank_list": [0, 1], "clean_topk": [[1, 0.5]],
+          "intervention_topk": [[1, 0.5]]}
+    sweep = lambda r: {"layer_sweep": {"zero_shot": [ev, {**ev, "intervention_rank_list": [r, 1]}]}}
+    same = compare_gate("M4", sweep(0), sweep(0), "live reference").metrics()
+    differs = compare_gate("M4", sweep(7), sweep(0), "snapshot").metrics()
+    report = {"models": {"smollm2-135m": {"gates": {"M4": {"status": "FAIL", "tests": [
+        {"test": "test_layer_sweep", "metrics": {"M4[layer sweep]": {"live reference": same, "snapshot": differs}}}]}}}}}
+    page = render_html(report)
+    table = page.split("<h2>Exact comparisons</h2>", 1)[1].split("</table>", 1)[0]
+    assert "<td class='pass'>identical</td>" in table
+    assert "layer_sweep.zero_shot[layer 1].intervention_rank_list[0]: fvkit 7 vs reference 0" in table
+
+
+def test_spec_only_models_get_no_section_and_skips_are_not_styled_as_failures():
+    report = {"summary": {"real": {"M3": "PASS", "M5": "PASS"}, "tiny-x": {"M5": "PASS"}},
+              "models": {"real": {"gates": {"M3": {"status": "PASS", "cause": "test_exact: --ie-mode fast"}},
+                                  "reference": {"live_timings": {"indirect_effect": 1620.5}}},
+                         "tiny-x": {"gates": {"M5": {"status": "PASS"}}}}}
+    page = render_html(report, {})
+    assert "<h2>real</h2>" in page and "<h2>tiny-x</h2>" not in page
+    assert '<pre class="cause skip">test_exact: --ie-mode fast</pre>' in page and "PASS, with skipped tests" in page
+    assert "Reference stage timings" in page and "1620.50 s" in page

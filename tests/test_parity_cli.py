@@ -33,6 +33,18 @@ def test_script_flags_translate_to_plugin_options():
     assert out[-2:] == ["-n", "2"]
 
 
+@pytest.mark.parametrize("value", ["all", "-1"])
+def test_edit_layer_all_or_minus_one_asks_for_the_sweep(value):
+    out = " ".join(pytest_arguments(args("--edit_layer", value, "--ie_mode", "fast")))
+    assert "--edit-layer all" in out and "--ie-mode fast" in out
+
+
+def test_edit_layer_must_be_a_number_or_all(capsys):
+    with pytest.raises(SystemExit):
+        args("--edit_layer", "middle")
+    assert "expected a layer number, 'all' or -1, got 'middle'" in capsys.readouterr().err
+
+
 def test_trials_id_and_path_must_agree(tmp_path):
     other = tmp_path / "t.json"
     other.write_text(json.dumps({"id": "fixed_trials_antonym_t10_s10_seed7"}))

@@ -103,3 +103,26 @@ def test_gate_part_keeps_only_compared_keys():
     part = gate_part("M4", m4())
     assert "max_abs_logit_change" not in part["zero_shot"] and set(part["baseline"]) == {"clean_rank_list", "clean_topk"}
     assert set(gate_part("M2", {"mean_activations": [1], "m1": {}})) == {"mean_activations"}
+
+
+def sweep(ranks_per_layer):
+    """A layer sweep part: zero-shot only, one evaluation per layer."""
+    return {"layer_sweep": {"zero_shot": [
+        {"clean_rank_list": [0, 1], "intervention_rank_list": list(r), "clean_topk": [[1, 0.5]],
+         "intervention_topk": [[1, sum(x < 1 for x in r) / 2]], "max_abs_logit_change": 1.0} for r in ranks_per_layer]}}
+
+
+def test_layer_sweep_ranks_are_compared_layer_by_layer():
+    ref = sweep([[0, 0], [0, 5], [2, 2]])
+    assert compare_gate("M4", gate_part("M4", sweep([[0, 0], [0, 5], [2, 2]]), ("layer_sweep",)), ref).ok
+    check = compare_gate("M4", sweep([[0, 0], [0, 4], [2, 2]]), ref, "live reference")
+    assert not check.ok
+    assert any("layer_sweep.zero_shot[layer 1].intervention_rank_list[1]: fvkit 4 != reference 5" in f
+               for f in check.failures())
+    shifted = compare_gate("M4", sweep([[0, 0], [0, 5]]), ref, "snapshot")
+    assert any("number of layers" in f for f in shifted.failures())
+
+
+def test_gate_part_of_a_sweep_drops_uncompared_keys():
+    part = gate_part("M4", sweep([[0, 1]]), ("layer_sweep",))
+    assert set(part) == {"layer_sweep"} and "max_abs_logit_change" not in part["layer_sweep"]["zero_shot"][0]

@@ -18,6 +18,7 @@ import pytest
 
 from fvkit import zoo
 from fvkit.model_spec import all_specs
+from fvkit.html_report import HTML_NAME
 from fvkit.parity.report import LOG_NAME, REPORT_NAME, STAGES_NAME
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +101,16 @@ def test_non_parity_numeric_modes_are_a_usage_error(synth, args, refused):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("args, message", [
+    (("--edit-layer", "middle"), "--edit-layer must be a whole number or 'all', got 'middle'"),
+    (("--ie-mode", "quick"), "--ie-mode must be one of both, exact, fast, got 'quick'"),
+])
+def test_bad_edit_layer_or_ie_mode_is_a_usage_error(synth, args, message):
+    result = synth.runpytest(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert message in result.stderr.str() and "Traceback" not in result.stderr.str()
+
+
 def test_ini_value_is_used_and_command_line_wins(synth):
     synth.makeini("[pytest]\nfvkit_dtype = fp16\n")
     assert synth.runpytest().ret == pytest.ExitCode.USAGE_ERROR
@@ -133,6 +144,8 @@ def test_report_files_are_written_per_model_and_gate(synth):
     assert "fvkit parity: synthds / fixed_trials_synthds_t2_s2_seed0" in out
     assert any(line.split()[:6] == ["alpha", "PASS", "PASS", "PASS", "PASS", "PASS"] for line in out.splitlines())
     assert str(root / SYNTH_DIR / REPORT_NAME) in out
+    page = (root / SYNTH_DIR / HTML_NAME).read_text()
+    assert str(root / SYNTH_DIR / HTML_NAME) in out and ">complete<" in page and "alpha" in page
 
 
 def test_failure_cause_is_in_the_report(synth, monkeypatch):
@@ -267,20 +280,54 @@ def perturbed_copy(directory: Path) -> Path:
 
 @pytest.mark.slow
 def test_perturbed_out_projection_fails_m2_m3_m4(suite, tmp_path):
-    """The stored reference numbers of tiny-gpt2 catch a 0.1% change of one weight matrix."""
+    """The stored reference numbers of tiny-gpt2 catch a 0.1% change of one weight matrix,
+    the layer sweep included (``--edit-layer all`` keeps the quick settings' layer 1)."""
     model = perturbed_copy(tmp_path)
-    result = run_suite(suite, "--model", str(model), *QUICK, "-k", "not spec_resolution", "-rf")
+    result = run_suite(suite, "--model", str(model), *QUICK[:4], "--edit-layer", "all",
+                       "-k", "not spec_resolution", "-rf")
     out = result.stdout.str()
-    result.assert_outcomes(passed=1, failed=4)
+    result.assert_outcomes(passed=1, failed=5)
     for stage, tol in (("mean_activations", "MEAN_ACT_REL_TOL=1e-05"), ("indirect_effect", "IE_REL_TOL=1e-05"),
                        ("function_vector", "FV_REL_TOL=1e-05")):
         assert f"{stage} vs snapshot: drift" in out and f"exceeds tolerance {tol}" in out, stage
     for gate in ("M2 mean_activations", "M3 indirect_effect [exact]", "M3 indirect_effect [fast]",
-                 "M4 function_vector"):
+                 "M4 function_vector", "M4 function_vector [layer sweep]"):
         assert f"{gate} for tiny-gpt2" in out and "FAILED" in out
     report = json.loads(next(suite.path.glob(f"results_fv/antonym/*/{REPORT_NAME}")).read_text())
     assert report["summary"]["tiny-gpt2"] == {"M1": "PASS", "M2": "FAIL", "M3": "FAIL", "M4": "FAIL"}
     drift = report["models"]["tiny-gpt2"]["gates"]["M2"]["tests"][0]["metrics"]["M2"]["snapshot"]["drifts"][0]
     assert drift["rel_drift"] > drift["tolerance"] and drift["worst_index"]
+    assert "layer_sweep.zero_shot vs snapshot: layer_sweep.zero_shot[layer 0]" in out
     # Four gates, one model load, one pipeline run.
     assert report["models"]["tiny-gpt2"]["settings"]["model_loads_this_process"] == 1
+
+
+@pytest.mark.slow
+def test_layer_sweep_is_checked_against_the_reference_and_shown_on_the_page(suite):
+    """--edit-layer all: M4 also compares every layer's rank lists with the stored
+    reference sweep, and the page carries the sweep figure beside the heatmap."""
+    result = run_suite(suite, "--model", "tiny-qwen2", *QUICK[:4], "--edit-layer", "all", "-k", "function_vector")
+    result.assert_outcomes(passed=2)
+    out_dir = next(suite.path.glob("results_fv/antonym/*/"))
+    report = json.loads((out_dir / REPORT_NAME).read_text())
+    tests = {t["test"]: t for t in report["models"]["tiny-qwen2"]["gates"]["M4"]["tests"]}
+    sweep = tests["test_layer_sweep"]
+    assert sweep["status"] == "PASS" and sweep["metrics"]["M4[layer sweep]"]["snapshot"]["ok"] is True
+    assert sweep["metrics"]["layer_sweep"]["method"] == "cached"
+    assert report["models"]["tiny-qwen2"]["settings"]["layer_sweep"] is True
+    page = (out_dir / HTML_NAME).read_text()
+    assert page.count("data:image/png;base64,") == 2 and "layer sweep of tiny-qwen2" in page
+
+
+@pytest.mark.slow
+def test_each_model_is_loaded_once_per_session(suite):
+    """Every gate of two models plus M5 on every registered spec: the loader runs once per model."""
+    result = run_suite(suite, "--model", "tiny-llama", "--model", "tiny-gpt2", *QUICK)
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()[-3000:]
+    report = json.loads(next(suite.path.glob(f"results_fv/antonym/*/{REPORT_NAME}")).read_text())
+    for model in ("tiny-llama", "tiny-gpt2"):
+        settings = report["models"][model]["settings"]
+        assert settings["model_loads_this_process"] == 1, (model, settings)
+        # Loader calls counted inside fvkit.hf_loader equal the session's distinct models.
+        assert settings["loader_calls_this_process"] == settings["models_loaded_by_session"], (model, settings)
+    assert len(report["summary"]["tiny-llama"]) == 5 and len(report["summary"]) >= 9

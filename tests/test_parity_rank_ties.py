@@ -42,3 +42,21 @@ def test_a_rank_fvkit_cannot_reproduce_is_never_explained_away():
     ours, ref = part(3), part(2)  # fvkit claims rank 3, but its logits give rank 1
     adjusted, ties = resolve_rank_ties(ours, ref, logits_of)
     assert ties == [] and adjusted["zero_shot"]["intervention_rank_list"] == [3, 0]
+
+
+def test_sweep_ties_are_resolved_with_each_layers_own_logits():
+    from fvkit.parity.rank_ties import resolve_sweep_ties
+
+    asked = []
+
+    def logits_at(layer):
+        asked.append(layer)
+        return logits_of
+
+    ours = {"layer_sweep": {"zero_shot": [part(1)["zero_shot"], part(1)["zero_shot"], part(1)["zero_shot"]]}}
+    ref = {"layer_sweep": {"zero_shot": [part(1)["zero_shot"], part(2)["zero_shot"], part(3)["zero_shot"]]}}
+    adjusted, ties = resolve_sweep_ties(ours, ref, logits_at)
+    assert asked == [1, 2]  # only layers that differ are recomputed
+    assert [t["stage"] for t in ties] == ["layer_sweep.zero_shot[layer 1]"]
+    check = compare_gate("M4", adjusted, ref, "snapshot")
+    assert [m[1].path for m in check.mismatches] == ["layer_sweep.zero_shot[layer 2].intervention_rank_list[0]"]

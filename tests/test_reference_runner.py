@@ -277,3 +277,17 @@ def test_cli_writes_the_result_and_refuses_a_bad_path(refs, small_dataset, tmp_p
     assert rr.main(common + ["--reference-src", REFERENCE_SRC] + (["--baukit", BAUKIT] if BAUKIT else [])) == 0
     result = json.loads(out.read_text())
     assert np.array(result["indirect_effect"]).shape[0] == 2 and result["meta"]["settings"]["n_shots"] == 2
+
+
+def test_sweep_evaluates_every_layer_as_the_single_layer_run_does(refs, zoo_model, small_dataset, small_trials):
+    """``sweep=True`` adds one zero-shot and one shuffled evaluation per layer; the
+    edit layer's entry equals the single-layer stages of the same run."""
+    lm = zoo_model("tiny-llama")
+    r = rr.run_reference(lm, small_dataset.path, small_trials, reference_src=REFERENCE_SRC, baukit=BAUKIT,
+                         n_top_heads=N_TOP_HEADS, edit_layer=EDIT_LAYER, max_trials=MAX_TRIALS, sweep=True)
+    assert r["meta"]["settings"]["layer_sweep"] is True and "layer_sweep" in r["meta"]["timings"]
+    for stage in ("zero_shot", "shuffled"):
+        layers = r["layer_sweep"][stage]
+        assert len(layers) == lm.dims.n_layers
+        assert layers[EDIT_LAYER] == r[stage]
+        assert all(layer["clean_rank_list"] == r[stage]["clean_rank_list"] for layer in layers)

@@ -36,7 +36,10 @@ def add_parser(subparsers) -> None:
                    help="fixed-trials id, looked up as <data_dir>/fixed_trials/<id>.json")
     p.add_argument("--max_trials", "--max-trials", dest="max_trials", type=int, default=None)
     p.add_argument("--n_top_heads", "--n-top-heads", dest="n_top_heads", type=int, default=None)
-    p.add_argument("--edit_layer", "--edit-layer", dest="edit_layer", type=int, default=None)
+    p.add_argument("--edit_layer", "--edit-layer", dest="edit_layer", type=edit_layer_value, default=None,
+                   help="layer to inject at; 'all' or -1 (the reference's spelling) also checks the layer sweep")
+    p.add_argument("--ie_mode", "--ie-mode", dest="ie_mode", default=None, choices=("both", "exact", "fast"),
+                   help="indirect-effect modes M3 checks (default both)")
     p.add_argument("--seed", type=int, default=None, help="seed for trials drawn when no trials file is used")
     p.add_argument("--fail_fast", "--fail-fast", dest="fail_fast", action="store_true")
     p.add_argument("--reference_src", "--reference-src", dest="reference_src", default=None)
@@ -46,6 +49,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tests", default=None, help="the parity_tests folder (default: the checkout's)")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: arguments passed to pytest as they are")
     p.set_defaults(func=cmd_parity)
+
+
+def edit_layer_value(text: str) -> str:
+    """A layer number, or 'all' for the sweep (the reference's -1 means the same)."""
+    value = str(text).strip().lower()
+    if value in ("all", "-1"):
+        return "all"
+    try:
+        return str(int(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a layer number, 'all' or -1, got {text!r}") from None
 
 
 def resolve_trials_path(args) -> str | None:
@@ -83,7 +97,7 @@ def pytest_arguments(args) -> list:
                 out += ["--model", name.strip()]
     pairs = (("--model-spec", args.model_spec), ("--dataset", args.dataset), ("--data-dir", args.data_dir),
              ("--fixed-trials", resolve_trials_path(args)), ("--max-trials", args.max_trials),
-             ("--n-top-heads", args.n_top_heads), ("--edit-layer", args.edit_layer), ("--seed", args.seed),
+             ("--n-top-heads", args.n_top_heads), ("--edit-layer", args.edit_layer), ("--ie-mode", args.ie_mode), ("--seed", args.seed),
              ("--reference-src", args.reference_src), ("--baukit", args.baukit))
     for flag, value in pairs:
         if value is not None:

@@ -41,6 +41,9 @@ EVAL_KEYS = {
     "shuffled": ("clean_rank_list", "intervention_rank_list", "clean_topk", "intervention_topk"),
     "baseline": ("clean_rank_list", "clean_topk"),
 }
+#: The layer sweep: per stage, one evaluation dict per layer (``layer_sweep[stage][layer]``).
+SWEEP_KEY = "layer_sweep"
+SWEEP_STAGES = ("zero_shot", "shuffled")
 #: Keys of the comparable result dict each gate reads (``m1`` is a sub-dict).
 GATE_KEYS = {
     "M1": ("m1",),
@@ -50,17 +53,33 @@ GATE_KEYS = {
 }
 
 
-def gate_part(gate: str, comparable: dict) -> dict:
-    """The keys of a comparable result dict that ``gate`` compares, and only those."""
+def _eval_part(stage: str, value: dict) -> dict:
+    return {k: value[k] for k in EVAL_KEYS[stage] if k in value}
+
+
+def gate_part(gate: str, comparable: dict, keys: Optional[tuple] = None) -> dict:
+    """The keys of a comparable result dict that ``gate`` compares (or just ``keys``)."""
     part = {}
-    for key in GATE_KEYS[gate]:
+    for key in keys or GATE_KEYS[gate]:
         if key not in comparable:
             continue
         value = comparable[key]
         if key in EVAL_KEYS and isinstance(value, dict):
-            value = {k: value[k] for k in EVAL_KEYS[key] if k in value}
+            value = _eval_part(key, value)
+        elif key == SWEEP_KEY and isinstance(value, dict):
+            value = {stage: [_eval_part(stage, v) for v in layers] for stage, layers in value.items()
+                     if stage in SWEEP_STAGES}
         part[key] = value
     return part
+
+
+def sweep_comparable(sweep: dict) -> dict:
+    """fvkit's layer sweep (:func:`fvkit.layer_sweep.layer_sweep`) in the reference's layout."""
+    from ..layer_sweep import layer_result
+
+    return {SWEEP_KEY: {stage: [_eval_part(stage, layer_result(sweep, stage, layer))
+                                for layer in range(sweep["n_layers"])]
+                        for stage in SWEEP_STAGES if stage in sweep["stages"]}}
 
 
 # --- M1 ------------------------------------------------------------------------------
@@ -154,6 +173,18 @@ def compare_m4(ours: dict, ref: dict, source: str) -> GateCheck:
             mm = first_mismatch((ours.get(stage) or {}).get(key), ref[stage][key], f"{stage}.{key}")
             if mm:
                 check.mismatches.append((stage, mm, ""))
+    for stage, ref_layers in (ref.get(SWEEP_KEY) or {}).items():
+        mine = (ours.get(SWEEP_KEY) or {}).get(stage) or []
+        name = f"{SWEEP_KEY}.{stage}"
+        if len(mine) != len(ref_layers):
+            check.mismatches.append((name, Mismatch(f"{name}: number of layers", len(mine), len(ref_layers)), ""))
+            continue
+        for layer, (a, b) in enumerate(zip(mine, ref_layers)):
+            mm = next((m for m in (first_mismatch(a.get(k), b[k], f"{name}[layer {layer}].{k}")
+                                   for k in EVAL_KEYS[stage] if k in b) if m), None)
+            if mm:
+                check.mismatches.append((name, mm, ""))
+                break
     return check
 
 

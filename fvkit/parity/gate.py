@@ -18,7 +18,7 @@ from typing import Optional
 
 import pytest
 
-from .compare import GATE_TITLES, M1_KEYS, compare_gate, gate_part
+from .compare import GATE_KEYS, GATE_TITLES, M1_KEYS, SWEEP_KEY, SWEEP_STAGES, compare_gate, gate_part
 from .report import RESULT_PROP
 from .snapshots import SnapshotBook
 
@@ -33,6 +33,7 @@ UNSUPPORTED_KEYS = {
 EXACT_STAGES = {
     "M1": tuple(f"m1.{k}" for k in M1_KEYS),
     "M4": ("top_heads", "zero_shot", "shuffled", "baseline"),
+    SWEEP_KEY: tuple(f"{SWEEP_KEY}.{stage}" for stage in SWEEP_STAGES),
 }
 #: What a reference environment record keeps from the runner's meta.
 ENV_KEYS = ("transformers", "torch", "versions", "reference_commit", "reference_src_matches_commit",
@@ -91,9 +92,9 @@ def live_problem(gate: str, live: dict) -> Optional[str]:
     return None
 
 
-def reference_part(gate: str, live: dict) -> dict:
+def reference_part(gate: str, live: dict, keys: Optional[tuple] = None) -> dict:
     """The gate's part of a reference dict, without stages the reference left out (None)."""
-    part = gate_part(gate, live)
+    part = gate_part(gate, live, keys)
     return {k: v for k, v in part.items() if v is not None}
 
 
@@ -113,11 +114,13 @@ class Gate:
         gate = Gate("M3", ctx, label="fast")
         gate.prepare()                   # finds sources; skips at once when there are none
         gate.check(ours)                 # compares, records, fails with every finding
+        Gate("M4", ctx, label="layer sweep", keys=("layer_sweep",))   # only part of the gate's keys
     """
 
     gate: str
     ctx: GateContext
     label: str = ""
+    keys: Optional[tuple] = None
     checks: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     found: Optional[list] = None
@@ -154,8 +157,12 @@ class Gate:
                 missing.append(f"live {problem}")
                 self.notes.append(f"live {problem}")
             else:
-                usable_live = reference_part(gate, ctx.live)
-                found.append(Source("live reference", usable_live))
+                part = reference_part(gate, ctx.live, self.keys)
+                if part:
+                    usable_live = part
+                    found.append(Source("live reference", part))
+                else:
+                    missing.append(f"the live reference computed none of {', '.join(self.keys or GATE_KEYS[gate])}")
         book = SnapshotBook(ctx.snapshot, gate, ctx.settings.key)
         if ctx.update:
             if usable_live is not None:
@@ -191,7 +198,7 @@ class Gate:
         ``adjust(ours_part, ref_part) -> (ours_part, records)`` may reconcile
         differences fvkit can prove to be float ties (see fvkit.parity.rank_ties)."""
         found = self.prepare(skip_if_none=False)
-        ours_part = gate_part(self.gate, ours)
+        ours_part = gate_part(self.gate, ours, self.keys)
         failures = list(guard_failures)
         metrics, rows = {}, []
         for source in found:
@@ -224,7 +231,8 @@ class Gate:
                  "max_abs_drift": d.max_abs_drift, "rel_drift": d.rel_drift, "tolerance": d.tol,
                  "tolerance_name": d.tol_name, "worst_index": list(d.worst_index) if d.worst_index is not None else "",
                  "detail": d.problem} for d in check.drifts]
-        for stage in EXACT_STAGES.get(self.gate, ()):
+        exact = EXACT_STAGES.get(self.keys[0] if self.keys and len(self.keys) == 1 else self.gate, ())
+        for stage in exact:
             found = next(((m, c) for s, m, c in check.mismatches if s == stage), None)
             detail = "exact match" if found is None else found[0].message() + (f" [cause: {found[1]}]" if found[1] else "")
             rows.append({"stage": stage, "source": check.source, "status": "FAIL" if found else "PASS", "detail": detail})

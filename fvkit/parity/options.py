@@ -33,6 +33,11 @@ DEFAULT_SEED = 0
 REFERENCE_TRANSFORMERS = "4.49.0"
 #: The fixed-trials value that asks for trials drawn from --seed even when a file exists.
 GENERATE_TRIALS = "generate"
+#: The --edit-layer value that sweeps every layer (the reference's --edit_layer -1).
+SWEEP_ALL = "all"
+#: --ie-mode values and the indirect-effect modes each checks.
+IE_MODES = {"both": ("exact", "fast"), "exact": ("exact",), "fast": ("fast",)}
+DEFAULT_IE_MODE = "both"
 
 # (name, ini type, help); the command-line flag is --name with dashes.
 OPTIONS = (
@@ -46,7 +51,12 @@ OPTIONS = (
     ("max-trials", "string", "use only the first N trials of mean_activations and indirect_effect (default: all)"),
     ("n-top-heads", "string", f"heads in the function vector (default: {DEFAULT_N_TOP_HEADS}, "
                               "capped at the model's head count)"),
-    ("edit-layer", "string", "layer the function vector is added at (default: n_layers // 2)"),
+    ("edit-layer", "string", f"layer the function vector is added at (default: n_layers // 2); '{SWEEP_ALL}' also "
+                             "checks the zero-shot and shuffled-label evaluations at every layer (the layer sweep) "
+                             "while the other stages use the default layer"),
+    ("ie-mode", "string", f"indirect-effect modes M3 checks: {', '.join(IE_MODES)} (default: {DEFAULT_IE_MODE}); the "
+                          "function vector is built from the exact mode's effects when it runs. 'fast' saves the "
+                          "exact mode's one forward pass per head on large models"),
     ("seed", "string", f"seed for drawing trials when no trials file is used (default: {DEFAULT_SEED}); "
                        "a trials file's own seed is authoritative"),
     ("fail-fast", "bool", "after a model's first failing gate, skip that model's later gates"),
@@ -109,6 +119,8 @@ class ParityOptions:
     max_trials: Optional[int] = None
     n_top_heads: Optional[int] = None
     edit_layer: Optional[int] = None
+    sweep: bool = False
+    ie_modes: tuple = IE_MODES[DEFAULT_IE_MODE]
     seed: int = DEFAULT_SEED
     seed_given: bool = False
     fail_fast: bool = False
@@ -131,7 +143,14 @@ class ParityOptions:
         opts.fixed_trials = None if trials is None else (trials if trials == GENERATE_TRIALS else str(_path(trials, Path.cwd())))
         opts.max_trials = _int(config, "max-trials", minimum=1)
         opts.n_top_heads = _int(config, "n-top-heads", minimum=1)
-        opts.edit_layer = _int(config, "edit-layer", minimum=None)
+        if str(raw_value(config, "edit-layer") or "").strip().lower() == SWEEP_ALL:
+            opts.sweep = True
+        else:
+            opts.edit_layer = _int(config, "edit-layer", minimum=None, alternatives=f" or '{SWEEP_ALL}'")
+        mode = str(raw_value(config, "ie-mode") or DEFAULT_IE_MODE).strip().lower()
+        if mode not in IE_MODES:
+            raise pytest.UsageError(f"--ie-mode must be one of {', '.join(IE_MODES)}, got {mode!r}")
+        opts.ie_modes = IE_MODES[mode]
         seed = _int(config, "seed", minimum=0)
         opts.seed_given = seed is not None
         opts.seed = DEFAULT_SEED if seed is None else seed
@@ -171,7 +190,8 @@ class ParityOptions:
         return {
             "models": list(self.models), "model_spec": self.model_spec, "dataset": self.dataset,
             "data_dir": str(self.data_dir) if self.data_dir else None, "fixed_trials": self.fixed_trials,
-            "max_trials": self.max_trials, "n_top_heads": self.n_top_heads, "edit_layer": self.edit_layer,
+            "max_trials": self.max_trials, "n_top_heads": self.n_top_heads,
+            "edit_layer": SWEEP_ALL if self.sweep else self.edit_layer, "ie_modes": list(self.ie_modes),
             "seed": self.seed if self.seed_given else None, "fail_fast": self.fail_fast,
             "reference_src": str(self.reference_src) if self.reference_src else None,
             "baukit": str(self.baukit) if self.baukit else None, "update_snapshots": self.update_snapshots,
@@ -184,14 +204,14 @@ def _path(value: str, base: Path) -> Path:
     return path if path.is_absolute() else (base / path).resolve()
 
 
-def _int(config: pytest.Config, name: str, minimum: Optional[int]) -> Optional[int]:
+def _int(config: pytest.Config, name: str, minimum: Optional[int], alternatives: str = "") -> Optional[int]:
     value = raw_value(config, name)
     if value is None:
         return None
     try:
         number = int(str(value).strip())
     except ValueError:
-        raise pytest.UsageError(f"--{name} must be a whole number, got {value!r}") from None
+        raise pytest.UsageError(f"--{name} must be a whole number{alternatives}, got {value!r}") from None
     if minimum is not None and number < minimum:
         raise pytest.UsageError(f"--{name} must be at least {minimum}, got {number}")
     return number

@@ -197,7 +197,7 @@ class ReportPlugin:
         elif report.when == "teardown":
             if report.failed and outcome.status != "FAIL":
                 outcome.status, outcome.cause = "ERROR", _cause(report)
-            extra = {"settings": {}, "timings": {}, "reference": {}}
+            extra = {"settings": {}, "timings": {}, "reference": {}, "page": {}}
             for result in _props(report, RESULT_PROP):
                 outcome.metrics.update(result.get("metrics", {}))
                 outcome.stage_rows.extend(result.get("stage_rows", []))

@@ -2,6 +2,7 @@
 
     adjusted, ties = resolve_rank_ties(ours_part, ref_part, EvalLogits(lm, dataset, trials, fv, edit_layer))
     compare_gate("M4", adjusted, ref_part, "snapshot")
+    adjusted, ties = resolve_sweep_ties(ours_sweep, ref_sweep, lambda layer: EvalLogits(lm, dataset, trials, fv, layer))
 
 A rank is the position of the target token among tens of thousands of logits.
 Far down that list many logits lie within 1e-6 of each other, so a function
@@ -22,7 +23,7 @@ import torch
 
 from ..intervene import inject, token_rank, topk_accuracy
 from ..stage_inputs import answer_ids, trial_prompt
-from .compare import EVAL_KEYS
+from .compare import EVAL_KEYS, SWEEP_KEY
 from .tolerances import RANK_TIE_REL_TOL
 
 #: Rank lists and the logits they are read from.
@@ -96,3 +97,22 @@ def resolve_rank_ties(ours: dict, ref: dict, logits_of) -> tuple:
                 adjusted[stage][key] = fixed
                 adjusted[stage][TOPK_OF[key]] = topk_accuracy(fixed)
     return adjusted, ties
+
+
+def resolve_sweep_ties(ours: dict, ref: dict, logits_at) -> tuple:
+    """:func:`resolve_rank_ties` for every layer of a layer sweep (``ours[SWEEP_KEY][stage][layer]``);
+    ``logits_at(layer)`` gives the ``logits_of`` of the vector injected at that layer."""
+    mine, theirs = ours.get(SWEEP_KEY) or {}, ref.get(SWEEP_KEY) or {}
+    adjusted = {stage: list(layers) for stage, layers in mine.items()}
+    ties = []
+    for stage, ref_layers in theirs.items():
+        layers = adjusted.get(stage)
+        if layers is None or len(layers) != len(ref_layers):
+            continue
+        for layer, (a, b) in enumerate(zip(layers, ref_layers)):
+            if a == b:
+                continue
+            fixed, found = resolve_rank_ties({stage: a}, {stage: b}, logits_at(layer))
+            layers[layer] = fixed[stage]
+            ties.extend({**t, "stage": f"{SWEEP_KEY}.{stage}[layer {layer}]"} for t in found)
+    return {**ours, SWEEP_KEY: adjusted}, ties

@@ -12,7 +12,10 @@ Files go to ``results_fv/<dataset>/<fixed_trials_id>/``:
   the environment and ``"complete"`` (false until the session ends normally, so
   an interrupted run never looks finished);
 * ``parity_suite_stages.csv``: one row per model and stage;
-* ``parity_suite.log``: one line per test outcome, as it happens.
+* ``parity_suite.log``: one line per test outcome, as it happens;
+* ``parity_suite_report.html``: the same report as one self-contained page,
+  with each model's indirect-effect heatmap, layer sweep (``--edit-layer all``)
+  and decoded function vector (:mod:`fvkit.html_report`).
 
 Only the process that owns the session writes (the xdist controller, never a
 worker); workers ship their data in each test report's ``user_properties``.
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..data import atomic_write_text
+from ..html_report import HTML_NAME, render_html, unpack_entry
 
 REPORT_NAME = "parity_suite_report.json"
 STAGES_NAME = "parity_suite_stages.csv"
@@ -117,6 +121,7 @@ class ReportState:
         self.settings: dict = {}
         self.notes: list = []
         self.models: dict = {}       # model -> {"settings", "timings", "reference", "gates": {gate: [outcome]}}
+        self.pages: dict = {}        # model -> packed figures/tokens for the HTML page (latest wins)
         self.expected: set = set()   # node ids of gate tests that should report
         self.started = now()
         self.finished: Optional[str] = None
@@ -158,6 +163,8 @@ class ReportState:
         entry["settings"].update(extra.get("settings", {}))
         entry["timings"].update(extra.get("timings", {}))
         entry["reference"].update(extra.get("reference", {}))
+        if extra.get("page"):
+            self.pages[outcome.model] = extra["page"]
         line = f"{now()} {outcome.status:<5} {outcome.model} {outcome.gate} {outcome.test} ({outcome.seconds:.2f}s)"
         if outcome.cause:
             line += " -- " + outcome.cause.splitlines()[0][:300]
@@ -250,14 +257,16 @@ class ReportState:
         if not self.writer or not self.out_dir or not self.models:
             return
         out = self.out_dir
-        atomic_write_text(out / REPORT_NAME, json.dumps(self.as_dict(), indent=1, default=str) + "\n")
+        report = self.as_dict()
+        atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=1, default=str) + "\n")
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=STAGE_COLUMNS, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         for row in self.stage_rows():
             writer.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in row.items()})
         atomic_write_text(out / STAGES_NAME, buf.getvalue())
-        for name in (REPORT_NAME, STAGES_NAME):
+        atomic_write_text(out / HTML_NAME, render_html(report, {m: unpack_entry(p) for m, p in self.pages.items()}))
+        for name in (REPORT_NAME, STAGES_NAME, HTML_NAME):
             if out / name not in self.paths_written:
                 self.paths_written.append(out / name)
 

@@ -54,10 +54,14 @@ class ModelSettings:
     edit_layer: int
     key: str
     notes: tuple = ()
+    sweep: bool = False
 
     def as_dict(self) -> dict:
-        return {"n_trials_used": self.n_trials_used, "n_top_heads": self.n_top_heads,
-                "edit_layer": self.edit_layer, "settings_key": self.key}
+        out = {"n_trials_used": self.n_trials_used, "n_top_heads": self.n_top_heads,
+               "edit_layer": self.edit_layer, "settings_key": self.key}
+        if self.sweep:
+            out["layer_sweep"] = True
+        return out
 
 
 def model_id(name: str) -> str:
@@ -91,6 +95,8 @@ class ParitySession:
         self._pipelines: dict = {}
         self._comparable: dict = {}
         self._ie: dict = {}
+        self._sweeps: dict = {}
+        self._paged: dict = {}       # model -> what its last page entry showed
         self._live: dict = {}
         self._errors: dict = {}
 
@@ -141,24 +147,13 @@ class ParitySession:
         return self._infos[name]
 
     def _read_info(self, name: str) -> ModelInfo:
-        from transformers import AutoConfig
-
         from .. import hf_loader
-        from ..model_config import dims_from_config
 
         if name in self._models:
             lm = self._models[name]
             return ModelInfo(name, model_id(name), lm.spec.name, lm.dims.n_layers, lm.dims.n_heads)
-        source, entry = hf_loader._resolve_source(name)
-        try:
-            config = AutoConfig.from_pretrained(source)
-        except (OSError, ValueError) as err:
-            why = ("the directory holds no loadable config.json" if os.path.isdir(str(source)) else
-                   "it is not a zoo alias or a directory, and the hub has no such model or is unreachable")
-            raise FvkitError(hf_loader._unknown_message(name, f"{why} ({type(err).__name__})")) from None
-        spec = hf_loader._pick_spec(name, source, entry, config, self.options.model_spec)
-        dims = dims_from_config(config, spec)
-        return ModelInfo(name, model_id(name), spec.name, dims.n_layers, dims.n_heads)
+        described = hf_loader.describe_model(name, model_spec=self.options.model_spec)
+        return ModelInfo(name, model_id(name), described.spec.name, described.dims.n_layers, described.dims.n_heads)
 
     def model(self, name: str):
         """The loaded model, once per session; a load error is raised again on later calls."""
@@ -196,18 +191,58 @@ class ParitySession:
             raise FvkitError(f"--edit-layer {edit_layer} is out of range for {info.id}: valid layers are "
                              f"0..{info.n_layers - 1} ({info.n_layers} layers)")
         used = self.trials.n_trials if opts.max_trials is None else min(opts.max_trials, self.trials.n_trials)
-        return ModelSettings(used, n_top, edit_layer, settings_key(self.trials.id, used, n_top, edit_layer), tuple(notes))
+        if opts.sweep:
+            notes.append(f"--edit-layer all: stage files and M4's single-layer checks use the default layer "
+                         f"{edit_layer}; the layer sweep covers layers 0..{info.n_layers - 1}")
+        return ModelSettings(used, n_top, edit_layer, settings_key(self.trials.id, used, n_top, edit_layer),
+                             tuple(notes), sweep=opts.sweep)
 
     # --- computed once per model -------------------------------------------------------
+    @property
+    def pipeline_ie_mode(self) -> str:
+        """The indirect-effect mode the pipeline's later stages build on: exact whenever
+        M3 checks it, so top heads and vector rest on the reference's own structure."""
+        return "exact" if "exact" in self.options.ie_modes else self.options.ie_modes[0]
+
     def pipeline(self, name: str):
-        """fvkit's result for every stage (indirect effect in exact mode), once per model."""
+        """fvkit's result for every stage, once per model (see ``pipeline_ie_mode``)."""
         if name not in self._pipelines:
             from ..run import run_pipeline
             s = self.settings_for(name)
             self._pipelines[name] = run_pipeline(
                 self.model(name), self.dataset, self.trials, n_top_heads=s.n_top_heads, edit_layer=s.edit_layer,
-                max_trials=self.options.max_trials, ie_mode="exact", show_progress=False)
+                max_trials=self.options.max_trials, ie_mode=self.pipeline_ie_mode, show_progress=False)
         return self._pipelines[name]
+
+    def layer_sweep(self, name: str) -> dict:
+        """fvkit's layer sweep of the pipeline's function vector, once per model."""
+        if name not in self._sweeps:
+            from ..layer_sweep import layer_sweep
+            result = self.pipeline(name)
+            sweep = layer_sweep(self.model(name), self.dataset, self.trials, result.function_vector,
+                                show_progress=False)
+            result.timings["layer_sweep"] = sweep["seconds"]
+            self._sweeps[name] = sweep
+        return self._sweeps[name]
+
+    def has_layer_sweep(self, name: str) -> bool:
+        return name in self._sweeps
+
+    def page_entry(self, name: str) -> Optional[dict]:
+        """The model's figures, top heads and decoded vector for the HTML page, packed for
+        shipping; None when nothing new was computed since the last call (the pipeline
+        comes first, the layer sweep later)."""
+        if not self.has_pipeline(name):
+            return None
+        shown = ("pipeline", self.has_layer_sweep(name))
+        if self._paged.get(name) == shown:
+            return None
+        from ..html_report import pack_entry
+        from ..run_artifacts import report_entry
+
+        entry = report_entry(self.pipeline(name), self.dataset.name, self.model(name), self._sweeps.get(name))
+        self._paged[name] = shown
+        return pack_entry(entry)
 
     def has_pipeline(self, name: str) -> bool:
         return name in self._pipelines
@@ -222,8 +257,8 @@ class ParitySession:
         return self._comparable[name]
 
     def indirect_effect(self, name: str, mode: str):
-        """(tensor, seconds) of the indirect effect in ``mode``; exact comes from the pipeline."""
-        if mode == "exact":
+        """(tensor, seconds) of the indirect effect in ``mode``; the pipeline's own mode comes from it."""
+        if mode == self.pipeline_ie_mode:
             result = self.pipeline(name)
             return result.indirect_effect, result.timings.get("indirect_effect", 0.0)
         if (name, mode) not in self._ie:
@@ -248,7 +283,7 @@ class ParitySession:
                                    reference_src=str(self.options.reference_src),
                                    baukit=str(self.options.baukit) if self.options.baukit else None,
                                    n_top_heads=s.n_top_heads, edit_layer=s.edit_layer,
-                                   max_trials=self.options.max_trials)
+                                   max_trials=self.options.max_trials, sweep=s.sweep)
             result.setdefault("meta", {})["fvkit_seconds"] = round(time.perf_counter() - start, 4)
             self._live[name] = result
         return self._live[name]
