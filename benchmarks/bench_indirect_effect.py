@@ -374,13 +374,6 @@ def markdown(report: dict, rows: list) -> str:
     return out.getvalue()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def driver(args) -> int:
     report = {"machine": machine(), "threads": args.threads, "ma_trials": args.ma_trials, "models": []}
     for model in args.models:
@@ -417,6 +410,8 @@ def driver(args) -> int:
     writer.writeheader()
     writer.writerows(rows)
     out_dir = Path(args.out_dir)
+    from fvkit.data import atomic_write_text as write_atomic
+
     write_atomic(out_dir / "indirect_effect.csv", buf.getvalue())
     text = markdown(report, rows)
     write_atomic(out_dir / "indirect_effect.md", text)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from fvkit.cli_pipeline import DEFAULT_TRIALS_DIR
-from fvkit.data import load_task_dataset
+from fvkit.data import atomic_write_text, load_task_dataset
 from fvkit.fixed_trials import FixedTrials, trials_id
 from fvkit.hf_loader import load_model
 from fvkit.intervene import EVAL_STAGES, evaluate
@@ -129,11 +129,7 @@ def main(argv=None) -> int:
         "token and runs the last token in one batch of n_layers + 1 rows.",
         "",
     ]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(args.out, "\n".join(lines))
     print("\n".join(lines))
     return 0 if identical else 1
 

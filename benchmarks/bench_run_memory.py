@@ -51,6 +51,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# Run as a script (also in its child processes), so this folder is on sys.path; the
+# module imports nothing but the standard library at the top.
+from bench_indirect_effect import GPT2_SMALL_SEED, _status_kb, gpt2_small_shaped, reset_peak_rss
+from bench_indirect_effect import machine as describe_machine
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 DATASET = "antonym"
@@ -66,13 +71,9 @@ _STATUS_FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
 
 
 def _status() -> dict:
-    """Resident-set fields of /proc/self/status in MB (Linux)."""
-    text = Path("/proc/self/status").read_text()
-    out = {}
-    for name in _STATUS_FIELDS:
-        match = re.search(rf"^{name}:\s+(\d+) kB", text, re.MULTILINE)
-        out[name] = int(match.group(1)) / 1024 if match else None
-    return out
+    """Resident-set fields of /proc/self/status in MB (Linux); None where absent."""
+    kbs = {name: _status_kb(name) for name in _STATUS_FIELDS}
+    return {name: kb / 1024 if kb >= 0 else None for name, kb in kbs.items()}
 
 
 class Marks:
@@ -86,23 +87,15 @@ class Marks:
     def __init__(self):
         self.events = []
         self.start = time.perf_counter()
-        self.can_reset = self._reset()
+        self.can_reset = reset_peak_rss()
         self.mark("interpreter started")
-
-    @staticmethod
-    def _reset() -> bool:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            return True
-        except OSError:
-            return False
 
     def mark(self, label: str) -> None:
         s = _status()
         self.events.append({"point": label, "t_s": round(time.perf_counter() - self.start, 3),
                             "rss_mb": s["VmRSS"], "anon_mb": s["RssAnon"], "file_mb": s["RssFile"],
                             "peak_since_previous_mb": s["VmHWM"]})
-        self._reset()
+        reset_peak_rss()
 
     def wrap(self, owner, name: str, label=None, start_label=None) -> None:
         """Mark the start and end of every call of ``owner.name`` (a function or classmethod).
@@ -216,9 +209,6 @@ def child_reference(args) -> int:
 
 def child_export(args) -> int:
     """Write the GPT-2-small-shaped model and its tokenizer to ``args.export`` (safetensors)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_indirect_effect import GPT2_SMALL_SEED, gpt2_small_shaped
-
     from fvkit.tokenizers import save_tokenizer
 
     lm = gpt2_small_shaped()
@@ -249,10 +239,7 @@ def run_child(cmd: list, env: dict, log: Path) -> dict:
 
 
 def machine() -> dict:
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_indirect_effect import machine as describe
-
-    info = describe()
+    info = describe_machine()
     try:
         kb = re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE).group(1)
         info["memory_gb"] = round(int(kb) / 2**20, 1)
@@ -360,6 +347,8 @@ def driver(args) -> int:
     report["load_average_end"] = round(os.getloadavg()[0], 2)
     text = markdown(report)
     out_dir = Path(args.out_dir)
+    from fvkit.data import atomic_write_text as write_atomic
+
     write_atomic(out_dir / "run_memory.md", text)
     write_atomic(out_dir / "run_memory.json", json.dumps(report, indent=1) + "\n")
     print(text)
@@ -489,13 +478,6 @@ def _environment_section(w, e: dict) -> None:
         w(f"The reference run failed:\n\n```\n{ref.get('log_tail', '')[-1500:]}\n```")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reference-src", default=os.environ.get("FVKIT_REFERENCE_SRC"),
@@ -524,6 +506,8 @@ def main(argv=None) -> int:
                    help="only rewrite run_memory.md in --out-dir from the run_memory.json there")
     args = p.parse_args(argv)
     if args.render:
+        from fvkit.data import atomic_write_text as write_atomic
+
         out_dir = Path(args.out_dir)
         write_atomic(out_dir / "run_memory.md", markdown(json.loads((out_dir / "run_memory.json").read_text())))
         return 0

@@ -134,7 +134,6 @@ def cmd_resolve(args) -> int:
 
 
 def cmd_export(args) -> int:
-    zoo.get_entry(args.name)
     path = zoo.export_model(args.name, args.directory)
     print(f"exported {args.name} to {path} (load it with AutoModelForCausalLM/AutoTokenizer"
           f".from_pretrained)")

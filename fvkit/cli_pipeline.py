@@ -73,7 +73,7 @@ def resolve_trials(dataset, path, seed: int, fallback_dir: Path) -> FixedTrials:
 
 
 def parse_edit_layer(value):
-    if value is None or str(value).strip().lower() == "all":
+    if value is None or sweeps_all_layers(value):
         return None
     try:
         return int(value)

@@ -114,11 +114,16 @@ def split_indices(n_rows: int, test_size: float = 0.3, seed: int = 0) -> dict:
     return {"train": train, "valid": valid, "test": test}
 
 
-def atomic_write_text(path, text: str) -> Path:
+def atomic_write_bytes(path, data: bytes) -> Path:
     """Write a whole file or nothing: a crash never leaves a half-written result."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
     return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
+    return atomic_write_bytes(path, text.encode("utf-8"))

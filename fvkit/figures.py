@@ -12,9 +12,7 @@ atomically.
 from __future__ import annotations
 
 import io
-import os
 import textwrap
-from pathlib import Path
 from typing import Optional
 
 import matplotlib
@@ -26,6 +24,7 @@ from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from .data import atomic_write_bytes  # noqa: E402
 from .errors import FvkitError  # noqa: E402
 
 #: Figure resolution; 110 dpi keeps a 30-layer heatmap readable and the PNG small.
@@ -50,18 +49,8 @@ def _finish(fig, caption: str, path) -> bytes:
     plt.close(fig)
     data = buf.getvalue()
     if path is not None:
-        save_bytes(data, path)
+        atomic_write_bytes(path, data)
     return data
-
-
-def save_bytes(data: bytes, path) -> Path:
-    """Write ``data`` to ``path`` through a temporary file, so no half-written file appears."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
 
 
 def cie_heatmap(mean_ie, top_heads=(), title: str = "Mean indirect effect per attention head",

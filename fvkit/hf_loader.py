@@ -300,8 +300,6 @@ def load_model(name_or_path: str, model_spec: Optional[str] = None, device: str 
     if parity:
         check_parity_settings(device, dtype, quant)
     _check_settings(device, dtype, quant)
-    if model_spec:
-        get_spec(model_spec)  # an unknown spec name fails before any loading
     with quiet_progress_bars():
         return _load(name_or_path, model_spec, device, dtype, quant)
 
@@ -351,8 +349,10 @@ def _load(name_or_path, model_spec, device, dtype, quant) -> LoadedModel:
     # without a second copy (4.49 skips the random init and keeps the parameters in the
     # memory-mapped file, 5.x builds the model on the meta device); with the flag, 4.49's
     # resident set came out the same or higher (benchmarks/bench_run_memory.py).
+    # The config describe_model already read, so it is not fetched and parsed again.
     model = AutoModelForCausalLM.from_pretrained(
-        source, attn_implementation="eager", **dtype_kwargs(DTYPES[dtype]), **_quant_kwargs(quant))
+        source, config=described.config, attn_implementation="eager", **dtype_kwargs(DTYPES[dtype]),
+        **_quant_kwargs(quant))
     if quant == "none":
         model = model.to(device)
     model.eval()

@@ -75,11 +75,16 @@ def _exact_trial(lm, setup: TrialSetup, mean_acts: torch.Tensor) -> torch.Tensor
             fn = lambda x, h=head, v=values: patch_head(x, h, v, dims.n_heads, dims.head_dim)
             with EditInput(o_proj, fn) as edit:
                 logits = model(**setup.inputs).logits[:, -1, :]
-            if edit.fired != 1:
-                raise FvkitError(f"the patch on {adapters.out_proj_name(lm.spec, layer)} ran {edit.fired} times, expected once")
+            check_patch_fired(edit, lm, layer)
             probs = torch.softmax(logits, dim=-1)
             effect[layer, head] = (probs - clean_probs)[0, setup.target_id]
     return effect
+
+
+def check_patch_fired(edit: EditInput, lm, layer: int) -> None:
+    """A head patch must run exactly once per forward pass, or the effect measures nothing."""
+    if edit.fired != 1:
+        raise FvkitError(f"the patch on {adapters.out_proj_name(lm.spec, layer)} ran {edit.fired} times, expected once")
 
 
 def indirect_effects(lm, dataset, trials, mean_acts: torch.Tensor, template: Template = DEFAULT_TEMPLATE,

@@ -42,6 +42,7 @@ import torch
 from .cache_compat import cache_kwargs
 from . import adapters
 from .errors import FvkitError
+from .indirect_effect import check_patch_fired
 from .kv_cache import drop_last, is_cache_object
 from .kv_replay import ReplayUnsupported, capture_last_token, clean_prefix, last_token_inputs
 from .tracer import EditInput, first_tensor
@@ -139,11 +140,6 @@ def check_clean_row(logits: torch.Tensor, clean_logits: torch.Tensor, layer: int
         )
 
 
-def _check_fired(edit: EditInput, lm, layer: int) -> None:
-    if edit.fired != 1:
-        raise FvkitError(f"the patch on {adapters.out_proj_name(lm.spec, layer)} ran {edit.fired} times, expected once")
-
-
 def _target_probs(logits: torch.Tensor, target_id: int) -> torch.Tensor:
     return torch.softmax(logits, dim=-1)[:, target_id]
 
@@ -186,7 +182,7 @@ def _run_pass(lm, calls, blocks, setup, mean_acts, first: int, last: int, group:
         with edit:
             hidden = first_tensor(calls.call_block(blocks, layer, _whole_blocks(hidden)))[:n_rows]
         if layer < last:
-            _check_fired(edit, lm, layer)
+            check_patch_fired(edit, lm, layer)
     return hidden
 
 
@@ -234,7 +230,7 @@ def model_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
         o_proj = adapters.resolve_out_proj(model, spec, layer)
         with EditInput(o_proj, head_patch(layer, setup.last_slots, mean_acts, n_heads, dims.head_dim)) as edit:
             logits = model(**step_inputs, **cache_kwargs(model, cache), use_cache=True).logits[:, -1, :]
-        _check_fired(edit, lm, layer)
+        check_patch_fired(edit, lm, layer)
         # The step appended the last token to every layer of a cache object (a legacy
         # tuple is never modified in place); the next layer needs the clean prefix again.
         if is_cache_object(cache):

@@ -69,6 +69,12 @@ def last_position_logits(output) -> torch.Tensor:
     return output.logits[:, -1, :].clone()
 
 
+def edited_logits(lm, inputs, layer: int, fv: torch.Tensor) -> torch.Tensor:
+    """Last-position logits of ``inputs`` with ``fv`` added to block ``layer``'s output."""
+    with inject(lm, layer, fv):
+        return last_position_logits(lm.model(**inputs))
+
+
 def evaluate(lm, dataset, trials, stage: str, fv: torch.Tensor, edit_layer: int,
              template: Template = DEFAULT_TEMPLATE, max_items=None, show_progress: bool = True) -> dict:
     """Clean and intervened ranks of each item's first target token."""
@@ -83,8 +89,7 @@ def evaluate(lm, dataset, trials, stage: str, fv: torch.Tensor, edit_layer: int,
             target = answer_ids(lm.tokenizer, text, data["query_target"]["output"])[0]
             inputs = lm.tokenizer([text], return_tensors="pt")
             clean_logits = last_position_logits(lm.model(**inputs))
-            with inject(lm, edit_layer, fv):
-                edit_logits = last_position_logits(lm.model(**inputs))
+            edit_logits = edited_logits(lm, inputs, edit_layer, fv)
             change = (edit_logits - clean_logits).abs().max().item()
             if change == 0.0:
                 raise FvkitError(

@@ -108,6 +108,19 @@ def _check_whole_prompt(cache, n_tokens: int) -> None:
         raise UnsupportedCache(f"cache of type {type(cache).__name__} is not supported")
 
 
+def last_token_inputs(inputs, n_rows: int) -> dict:
+    """The prompt's last token in ``n_rows`` rows, to run on its prefix's cache: the
+    attention mask keeps the whole prompt (as in generation), every other tokenizer
+    field is cut to the last position."""
+    out = {}
+    for key, value in inputs.items():
+        if key == "attention_mask":
+            out[key] = value.expand(n_rows, value.shape[1])
+        else:
+            out[key] = value[:, -1:].expand(n_rows, 1)
+    return out
+
+
 class PrefixCache:
     """The cache of a prompt minus its last token, handed out as fresh multi-row copies.
 

@@ -31,7 +31,7 @@ import torch
 
 from .cache_compat import cache_kwargs, output_cache
 from .errors import FvkitError
-from .kv_cache import PrefixCache, UnsupportedCache
+from .kv_cache import PrefixCache, UnsupportedCache, last_token_inputs
 
 
 class ReplayUnsupported(FvkitError):
@@ -69,13 +69,6 @@ def clean_prefix(model, inputs, n_rows: int, lm_head: Optional[torch.nn.Module] 
         raise UnsupportedCache(f"the fast indirect effect cannot reuse this model's key/value cache ({err}); "
                                f"run with --ie-mode exact") from None
     return out.logits[0, -1, :], prefix.take(n_rows, reuse=True)
-
-
-def last_token_inputs(inputs, n_rows: int) -> dict:
-    """The last token, ``n_rows`` times, with the mask over the whole prompt (as in generation)."""
-    n_tokens = inputs["input_ids"].shape[1]
-    return {"input_ids": inputs["input_ids"][:, -1:].expand(n_rows, 1),
-            "attention_mask": inputs["attention_mask"].expand(n_rows, n_tokens)}
 
 
 def _is_update_owner(value) -> bool:

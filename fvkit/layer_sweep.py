@@ -36,8 +36,8 @@ import torch
 from .cache_compat import cache_kwargs, output_cache
 from . import adapters
 from .errors import FvkitError
-from .intervene import EVAL_STAGES, evaluate, inject, token_rank, topk_accuracy
-from .kv_cache import PrefixCache, UnsupportedCache
+from .intervene import EVAL_STAGES, edited_logits, evaluate, token_rank, topk_accuracy
+from .kv_cache import PrefixCache, UnsupportedCache, last_token_inputs
 from .progress import progress
 from .prompts import DEFAULT_TEMPLATE, Template
 from .stage_inputs import answer_ids, n_used, trial_prompt
@@ -73,17 +73,6 @@ def _best_layer(topks: list) -> int:
     return max(range(len(topks)), key=lambda L: (tuple(acc for _, acc in topks[L]), -L))
 
 
-def _last_token_rows(inputs, rows: int) -> dict:
-    """The prompt's last token in ``rows`` rows, with a mask over the whole prompt."""
-    out = {}
-    for key, value in inputs.items():
-        if key == "attention_mask":
-            out[key] = value.expand(rows, value.shape[1])
-        else:
-            out[key] = value[:, -1:].expand(rows, 1)
-    return out
-
-
 class _RowInjector:
     """Hooks on every block; block ``L`` adds the vector to the last position of row ``L - first``.
 
@@ -115,12 +104,6 @@ class _RowInjector:
         return False
 
 
-def _exact_edited(lm, inputs, layer: int, fv: torch.Tensor) -> torch.Tensor:
-    """The edited logits exactly as :func:`fvkit.intervene.evaluate` computes them."""
-    with inject(lm, layer, fv):
-        return lm.model(**inputs).logits[:, -1, :]
-
-
 def _sweep_item(lm, inputs, target: int, fv: torch.Tensor, n_layers: int, chunk: int):
     """Clean rank, per-layer edited ranks and logit changes, cache gap and re-runs for one prompt."""
     model = lm.model
@@ -136,7 +119,7 @@ def _sweep_item(lm, inputs, target: int, fv: torch.Tensor, n_layers: int, chunk:
         rows = len(layers) + 1  # the last row stays clean: the guard's point of comparison
         cache = prefix.take(rows, reuse=(c == len(starts) - 1))
         with _RowInjector(lm, vec, layers):
-            logits = model(**_last_token_rows(inputs, rows), **cache_kwargs(model, cache), use_cache=True).logits[:, -1, :]
+            logits = model(**last_token_inputs(inputs, rows), **cache_kwargs(model, cache), use_cache=True).logits[:, -1, :]
         cached_clean = logits[-1:]
         gap = (cached_clean - clean_logits).abs().max().item()
         drift = max(drift, gap)
@@ -146,7 +129,7 @@ def _sweep_item(lm, inputs, target: int, fv: torch.Tensor, n_layers: int, chunk:
                 raise FvkitError(f"injecting the function vector at layer {L} did not change the output; "
                                  f"the vector is zero or the edit was lost")
             if _near_tie(edited, target, _noise_bound(edited, gap)):
-                edited = _exact_edited(lm, inputs, L, fv)
+                edited = edited_logits(lm, inputs, L, fv)
                 reruns += 1
             ranks.append(token_rank(edited, target))
             changes.append((edited - clean_logits).abs().max().item())

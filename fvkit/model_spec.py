@@ -16,7 +16,7 @@ does not, so ``bos_text`` is written at the start of every prompt.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Iterable, Optional
 
 from .errors import SpecError

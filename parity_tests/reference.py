@@ -786,12 +786,12 @@ def run_reference_tensors(lm, dataset_path, trials, *, reference_src, baukit=Non
                 fv_pair["fv"] = fv
                 return [[int(l), int(h), float(s)] for l, h, s in heads]
 
-            def evaluation(shots: int, shuffle: bool):
+            def evaluation(shots: int, shuffle: bool, layer: int = edit_layer):
                 def run():
                     set_seed(seed)
                     kwargs = {"shuffle_labels": True} if shuffle else {}
                     return _eval_result(ev.n_shot_eval(dataset=ds, fv_vector=out["function_vector"],
-                                                       edit_layer=edit_layer, n_shots=shots, **common,
+                                                       edit_layer=layer, n_shots=shots, **common,
                                                        filter_set=None, prefixes=prefixes, separators=separators,
                                                        **kwargs), True)
                 return run
@@ -821,12 +821,7 @@ def run_reference_tensors(lm, dataset_path, trials, *, reference_src, baukit=Non
                 out_sweep = {"zero_shot": [], "shuffled": []}
                 for layer in range(int(model_config["n_layers"])):
                     for name, shots, shuffle in (("zero_shot", 0, False), ("shuffled", n_shots, True)):
-                        set_seed(seed)
-                        kwargs = {"shuffle_labels": True} if shuffle else {}
-                        res = ev.n_shot_eval(dataset=ds, fv_vector=out["function_vector"], edit_layer=layer,
-                                             n_shots=shots, **common, filter_set=None, prefixes=prefixes,
-                                             separators=separators, **kwargs)
-                        out_sweep[name].append(_eval_result(res, True))
+                        out_sweep[name].append(evaluation(shots, shuffle, layer)())
                 return out_sweep
 
             stage("zero_shot", "zero_shot", evaluation(0, False))

@@ -1,6 +1,5 @@
 """Mean activations, indirect effects, the function vector and injection on tiny models."""
 
-import json
 import types
 
 import pytest

@@ -1,12 +1,11 @@
 """Token meta-labels, the single-token slot layout and the index maps."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-from fvkit.prompts import DEFAULT_TEMPLATE, Template, build_prompt_data, prompt_string
+from fvkit.prompts import DEFAULT_TEMPLATE, Template, build_prompt_data
 from fvkit.token_labels import dummy_token_labels, full_index_map, slot_index_map, token_meta_labels
 
 BOS = "<|endoftext|>"

@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..data import DEFAULT_DATA_DIR
 from ..errors import FvkitError
 
 #: The repository checkout fvkit runs from (parity_tests/ lives beside the package).
@@ -53,9 +54,11 @@ def add_parser(subparsers) -> None:
 
 def edit_layer_value(text: str) -> str:
     """A layer number, or 'all' for the sweep (the reference's -1 means the same)."""
+    from .options import SWEEP_ALL  # (options imports pytest, only needed once a command runs)
+
     value = str(text).strip().lower()
-    if value in ("all", "-1"):
-        return "all"
+    if value in (SWEEP_ALL, "-1"):
+        return SWEEP_ALL
     try:
         return str(int(value))
     except ValueError:
@@ -66,7 +69,7 @@ def resolve_trials_path(args) -> str | None:
     """--fixed_trials_path, or the file --fixed_trials_id names; both must agree."""
     path = args.fixed_trials_path
     if args.fixed_trials_id:
-        data_dir = Path(args.data_dir) if args.data_dir else REPO_ROOT / "datasets"
+        data_dir = Path(args.data_dir) if args.data_dir else DEFAULT_DATA_DIR
         by_id = data_dir / "fixed_trials" / f"{args.fixed_trials_id}.json"
         if path is None:
             if not by_id.is_file():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .gates import GATE_TITLES, GATES  # noqa: F401  (re-exported: gates compare by these names)
 from .tolerances import (
     FV_REL_TOL,
     IE_REL_TOL,
@@ -25,14 +26,6 @@ from .tolerances import (
     tensor_drift,
 )
 
-GATES = ("M1", "M2", "M3", "M4", "M5")
-GATE_TITLES = {
-    "M1": "prompts",
-    "M2": "mean_activations",
-    "M3": "indirect_effect",
-    "M4": "function_vector",
-    "M5": "spec_resolution",
-}
 #: ``split`` is the train/valid/test split the reference's loader drew (fvkit's
 #: side: the fixed-trials file's), so the trials are checked to replay its sampling.
 M1_KEYS = ("prompts", "token_ids", "token_labels", "dummy_labels", "idx_map", "split")

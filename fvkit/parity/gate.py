@@ -22,17 +22,14 @@ from .compare import GATE_KEYS, GATE_TITLES, M1_KEYS, SWEEP_KEY, SWEEP_STAGES, c
 from .report import RESULT_PROP
 from .snapshots import SnapshotBook
 
-#: Result keys of the reference dict behind each gate, as its meta["unsupported"] names them.
-UNSUPPORTED_KEYS = {
-    "M1": ("m1",),
-    "M2": ("mean_activations",),
-    "M3": ("indirect_effect",),
-    "M4": ("top_heads", "function_vector", "zero_shot", "shuffled", "baseline"),
-}
-#: Stages a gate compares exactly (one CSV row each), as compare_gate names them.
+#: Stages compared exactly (one CSV row each) per result key, as compare_gate names them;
+#: the tensor keys (mean activations, indirect effect, function vector) have drift rows instead.
 EXACT_STAGES = {
-    "M1": tuple(f"m1.{k}" for k in M1_KEYS),
-    "M4": ("top_heads", "zero_shot", "shuffled", "baseline"),
+    "m1": tuple(f"m1.{k}" for k in M1_KEYS),
+    "top_heads": ("top_heads",),
+    "zero_shot": ("zero_shot",),
+    "shuffled": ("shuffled",),
+    "baseline": ("baseline",),
     SWEEP_KEY: tuple(f"{SWEEP_KEY}.{stage}" for stage in SWEEP_STAGES),
 }
 #: What a reference environment record keeps from the runner's meta.
@@ -86,8 +83,9 @@ def live_problem(gate: str, live: dict) -> Optional[str]:
     unsupported = meta.get("unsupported") or {}
     if isinstance(unsupported, str):
         return f"reference unsupported: {unsupported}"
-    missing = [k for k in UNSUPPORTED_KEYS[gate] if k in unsupported]
-    if missing and len(missing) == len(UNSUPPORTED_KEYS[gate]):
+    # The reference's meta["unsupported"] names the same result keys the gates read.
+    missing = [k for k in GATE_KEYS[gate] if k in unsupported]
+    if missing and len(missing) == len(GATE_KEYS[gate]):
         return "reference unsupported: " + "; ".join(f"{k}: {unsupported[k]}" for k in missing)
     return None
 
@@ -127,6 +125,11 @@ class Gate:
     missing: list = field(default_factory=list)
 
     @property
+    def result_keys(self) -> tuple:
+        """The keys of the comparable result dict this gate test compares."""
+        return self.keys or GATE_KEYS[self.gate]
+
+    @property
     def title(self) -> str:
         return f"{self.gate} {GATE_TITLES[self.gate]}" + (f" [{self.label}]" if self.label else "")
 
@@ -157,12 +160,12 @@ class Gate:
                 missing.append(f"live {problem}")
                 self.notes.append(f"live {problem}")
             else:
-                part = reference_part(gate, ctx.live, self.keys)
+                part = reference_part(gate, ctx.live, self.result_keys)
                 if part:
                     usable_live = part
                     found.append(Source("live reference", part))
                 else:
-                    missing.append(f"the live reference computed none of {', '.join(self.keys or GATE_KEYS[gate])}")
+                    missing.append(f"the live reference computed none of {', '.join(self.result_keys)}")
         book = SnapshotBook(ctx.snapshot, gate, ctx.settings.key)
         if ctx.update:
             if usable_live is not None:
@@ -198,7 +201,7 @@ class Gate:
         ``adjust(ours_part, ref_part) -> (ours_part, records)`` may reconcile
         differences fvkit can prove to be float ties (see fvkit.parity.rank_ties)."""
         found = self.prepare(skip_if_none=False)
-        ours_part = gate_part(self.gate, ours, self.keys)
+        ours_part = gate_part(self.gate, ours, self.result_keys)
         failures = list(guard_failures)
         metrics, rows = {}, []
         for source in found:
@@ -231,8 +234,7 @@ class Gate:
                  "max_abs_drift": d.max_abs_drift, "rel_drift": d.rel_drift, "tolerance": d.tol,
                  "tolerance_name": d.tol_name, "worst_index": list(d.worst_index) if d.worst_index is not None else "",
                  "detail": d.problem} for d in check.drifts]
-        exact = EXACT_STAGES.get(self.keys[0] if self.keys and len(self.keys) == 1 else self.gate, ())
-        for stage in exact:
+        for stage in (s for key in self.result_keys for s in EXACT_STAGES.get(key, ())):
             found = next(((m, c) for s, m, c in check.mismatches if s == stage), None)
             detail = "exact match" if found is None else found[0].message() + (f" [cause: {found[1]}]" if found[1] else "")
             rows.append({"stage": stage, "source": check.source, "status": "FAIL" if found else "PASS", "detail": detail})

@@ -20,7 +20,7 @@ from typing import Optional
 
 import pytest
 
-from .compare import GATE_TITLES, GATES
+from .gates import GATE_TITLES, GATES
 from .options import ParityOptions, add_options
 from .report import IDENTITY_PROP, RESULT_PROP, GateOutcome, ReportState, environment
 

@@ -32,8 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..data import atomic_write_text
-from ..html_report import HTML_NAME, render_html, unpack_entry
 
 REPORT_NAME = "parity_suite_report.json"
 STAGES_NAME = "parity_suite_stages.csv"
@@ -256,6 +254,10 @@ class ReportState:
     def write(self) -> None:
         if not self.writer or not self.out_dir or not self.models:
             return
+        # Imported here, not at start-up: the plugin module is loaded by every pytest run.
+        from ..data import atomic_write_text
+        from ..html_report import HTML_NAME, render_html, unpack_entry
+
         out = self.out_dir
         report = self.as_dict()
         atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=1, default=str) + "\n")
@@ -272,7 +274,7 @@ class ReportState:
 
     # --- terminal ------------------------------------------------------------------------
     def table_lines(self) -> list:
-        from .compare import GATES
+        from .gates import GATES
 
         if not self.models:
             return []

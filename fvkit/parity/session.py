@@ -96,7 +96,7 @@ class ParitySession:
         self._comparable: dict = {}
         self._ie: dict = {}
         self._sweeps: dict = {}
-        self._paged: dict = {}       # model -> what its last page entry showed
+        self._paged: dict = {}       # model -> whether its last page entry had the sweep
         self._live: dict = {}
         self._errors: dict = {}
 
@@ -225,16 +225,13 @@ class ParitySession:
             self._sweeps[name] = sweep
         return self._sweeps[name]
 
-    def has_layer_sweep(self, name: str) -> bool:
-        return name in self._sweeps
-
     def page_entry(self, name: str) -> Optional[dict]:
         """The model's figures, top heads and decoded vector for the HTML page, packed for
         shipping; None when nothing new was computed since the last call (the pipeline
         comes first, the layer sweep later)."""
         if not self.has_pipeline(name):
             return None
-        shown = ("pipeline", self.has_layer_sweep(name))
+        shown = name in self._sweeps   # the sweep figure, once there is one
         if self._paged.get(name) == shown:
             return None
         from ..html_report import pack_entry
