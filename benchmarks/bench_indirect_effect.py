@@ -43,7 +43,7 @@ DATASET = REPO / "datasets" / "antonym.json"
 TRIALS = REPO / "datasets" / "fixed_trials" / "fixed_trials_antonym_t10_s10_seed0.json"
 RESULTS = REPO / "benchmarks" / "results"
 MODELS = ("gpt2-small-shaped", "smollm2-135m")
-#: Seed string of the benchmark model's weights (fvkit.zoo's deterministic initialiser).
+#: Seed string of the benchmark model's weights (fvkit.models.zoo's deterministic initialiser).
 GPT2_SMALL_SEED = "bench-gpt2-small"
 N_TOP_HEADS = 10
 
@@ -96,15 +96,15 @@ def machine() -> dict:
 # --- Worker: one model, every mode -------------------------------------------------------
 
 def gpt2_small_shaped():
-    """12 layers x 12 heads, hidden 768, GPT-2 vocabulary; weights from fvkit.zoo's initialiser."""
+    """12 layers x 12 heads, hidden 768, GPT-2 vocabulary; weights from fvkit.models.zoo's initialiser."""
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from fvkit import zoo
-    from fvkit.hf_loader import LoadedModel
-    from fvkit.model_config import dims_from_config
-    from fvkit.model_spec import get_spec
-    from fvkit.tokenizers import GPT2_BPE, build_tokenizer
+    from fvkit.models import zoo
+    from fvkit.models.loader import LoadedModel
+    from fvkit.models.config import dims_from_config
+    from fvkit.models.spec import get_spec
+    from fvkit.models.tokenizers import GPT2_BPE, build_tokenizer
 
     config = GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024,
                         activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -116,13 +116,13 @@ def gpt2_small_shaped():
     spec = get_spec("gpt2")
     return LoadedModel(model=model, tokenizer=build_tokenizer(GPT2_BPE), spec=spec,
                        dims=dims_from_config(config, spec), name="gpt2-small-shaped",
-                       source=f"random (fvkit.zoo.initialise, seed '{GPT2_SMALL_SEED}')")
+                       source=f"random (fvkit.models.zoo.initialise, seed '{GPT2_SMALL_SEED}')")
 
 
 def load(name: str):
     if name == "gpt2-small-shaped":
         return gpt2_small_shaped()
-    from fvkit.hf_loader import load_model
+    from fvkit.models.loader import load_model
     return load_model(name)
 
 
@@ -164,12 +164,12 @@ def reference_ie(lm, trials, mean, n_trials: int, reference_src: str, baukit: st
 def worker(args) -> dict:
     import torch
 
-    from fvkit.activations import mean_head_activations
-    from fvkit.data import load_task_dataset
+    from fvkit.method.activations import mean_head_activations
+    from fvkit.method.data import load_task_dataset
     from fvkit.errors import FvkitError
-    from fvkit.fixed_trials import FixedTrials
-    from fvkit.indirect_effect import indirect_effects
-    from fvkit.stage_inputs import trial_prompt
+    from fvkit.method.fixed_trials import FixedTrials
+    from fvkit.method.indirect_effect import indirect_effects
+    from fvkit.method.stage_inputs import trial_prompt
 
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -221,8 +221,8 @@ def worker(args) -> dict:
 
 
 def compare(tensors: dict) -> dict:
-    from fvkit.function_vector import select_top_heads
-    from fvkit.indirect_effect_fast import relative_drift
+    from fvkit.method.function_vector import select_top_heads
+    from fvkit.fast.indirect_effect import relative_drift
 
     out = {}
     pairs = [("fast", "exact"), ("fast", "reference"), ("exact", "reference"),
@@ -244,7 +244,7 @@ def measure_run(model: str, max_trials, threads: int) -> dict:
     """Peak RSS of `fvkit run` in a child process, and its timings.json."""
     with tempfile.TemporaryDirectory(prefix="fvkit-bench-run-") as tmp:
         out_dir = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "fvkit.cli", "run", "--model", model, "--dataset", str(DATASET),
+        cmd = [sys.executable, "-m", "fvkit.cli.main", "run", "--model", model, "--dataset", str(DATASET),
                "--fixed-trials", str(TRIALS), "--out", str(out_dir)]
         if max_trials:
             cmd += ["--max-trials", str(max_trials)]
@@ -316,7 +316,7 @@ def fmt(value, kind="g"):
 
 
 def markdown(report: dict, rows: list) -> str:
-    from fvkit.indirect_effect_fast import FAST_VS_EXACT_REL_TOL
+    from fvkit.fast.indirect_effect import FAST_VS_EXACT_REL_TOL
 
     m = report["machine"]
     out = io.StringIO()
@@ -410,7 +410,7 @@ def driver(args) -> int:
     writer.writeheader()
     writer.writerows(rows)
     out_dir = Path(args.out_dir)
-    from fvkit.data import atomic_write_text as write_atomic
+    from fvkit.method.data import atomic_write_text as write_atomic
 
     write_atomic(out_dir / "indirect_effect.csv", buf.getvalue())
     text = markdown(report, rows)
@@ -425,7 +425,7 @@ def main(argv=None) -> int:
     p.add_argument("--reference-src", default=None, help="checkout of the reference (its folder or its src/)")
     p.add_argument("--baukit", default=None, help="baukit checkout")
     p.add_argument("--models", nargs="+", default=list(MODELS),
-                   help="gpt2-small-shaped, or any name fvkit.hf_loader.load_model accepts (zoo alias, path)")
+                   help="gpt2-small-shaped, or any name fvkit.models.loader.load_model accepts (zoo alias, path)")
     p.add_argument("--reference-trials", type=int, default=1)
     p.add_argument("--exact-trials", type=int, default=1)
     p.add_argument("--fast-trials", type=int, default=5)

@@ -3,8 +3,8 @@
     python benchmarks/bench_layer_sweep.py --model smollm2-135m --dataset present-past \\
         --fv /tmp/smol_pp/function_vector.pt --ref-layers 0 15 29
 
-The sweep (:func:`fvkit.layer_sweep.layer_sweep`) runs every layer; the
-per-layer method (:func:`fvkit.intervene.evaluate` once per layer and stage, the
+The sweep (:func:`fvkit.fast.sweep.layer_sweep`) runs every layer; the
+per-layer method (:func:`fvkit.method.intervene.evaluate` once per layer and stage, the
 reference's structure: a clean and an edited whole-prompt pass per item) runs
 only on ``--ref-layers``, and its time per layer is extrapolated to all layers.
 The measured layers must give identical rank lists. Results go to
@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from fvkit.cli_pipeline import DEFAULT_TRIALS_DIR
-from fvkit.data import atomic_write_text, load_task_dataset
-from fvkit.fixed_trials import FixedTrials, trials_id
-from fvkit.hf_loader import load_model
-from fvkit.intervene import EVAL_STAGES, evaluate
-from fvkit.layer_sweep import layer_result, layer_sweep
-from fvkit.run import package_versions
+from fvkit.cli.pipeline import DEFAULT_TRIALS_DIR
+from fvkit.method.data import atomic_write_text, load_task_dataset
+from fvkit.method.fixed_trials import FixedTrials, trials_id
+from fvkit.models.loader import load_model
+from fvkit.method.intervene import EVAL_STAGES, evaluate
+from fvkit.fast.sweep import layer_result, layer_sweep
+from fvkit.pipeline import package_versions
 
 RESULTS = Path(__file__).resolve().parent / "results" / "layer_sweep.md"
 #: The speed-up the sweep is meant to reach over per-layer whole-prompt evaluation.
@@ -37,9 +37,9 @@ TARGET_SPEEDUP = 10.0
 
 def make_vector(lm, ds, trials, max_trials: int):
     """A real function vector from the first ``max_trials`` trials, when none is given."""
-    from fvkit.activations import mean_head_activations
-    from fvkit.function_vector import compute_function_vector, select_top_heads
-    from fvkit.indirect_effect import indirect_effects
+    from fvkit.method.activations import mean_head_activations
+    from fvkit.method.function_vector import compute_function_vector, select_top_heads
+    from fvkit.method.indirect_effect import indirect_effects
 
     mean = mean_head_activations(lm, ds, trials, max_trials=max_trials)
     try:

@@ -14,7 +14,7 @@ temporary directory, and loaded from there as any local checkpoint is.
 Every measured program is a child process of its own; its peak is the
 ``ru_maxrss`` that ``os.wait4`` reports for exactly that child:
 
-* ``fvkit run``: ``python -m fvkit.cli run --model DIR --dataset antonym
+* ``fvkit run``: ``python -m fvkit.cli.main run --model DIR --dataset antonym
   --out OUT`` with the defaults (10 trials, ``ie_mode`` fast, edit layer
   n_layers // 2, the repository's ``datasets/``), uninstrumented. Its peak is
   the headline number.
@@ -129,11 +129,12 @@ def child_fvkit_run(args) -> int:
     import torch  # noqa: F401  (imported by the run anyway; marked separately)
     import transformers
 
-    import fvkit.cli
-    from fvkit import hf_loader, run, zoo
+    import fvkit.cli.main
+    from fvkit.models import loader as hf_loader, zoo
+    from fvkit import pipeline as run
 
-    marks.mark("imports (torch, transformers, fvkit.cli)")
-    # fvkit.run_artifacts (and matplotlib with it) is left for `fvkit run` to import when it
+    marks.mark("imports (torch, transformers, fvkit.cli.main)")
+    # fvkit.report.run_files (and matplotlib with it) is left for `fvkit run` to import when it
     # wants to: its figures step is the interval between run_pipeline's end and write_run_outputs.
     marks.wrap(hf_loader, "load_model", "load_model")
     marks.wrap(transformers.AutoModelForCausalLM, "from_pretrained", "  from_pretrained (model)")
@@ -148,7 +149,7 @@ def child_fvkit_run(args) -> int:
     marks.wrap(run, "evaluate_baseline", "  eval_baseline")
     marks.wrap(run, "write_run_outputs", "write_run_outputs",
                start_label="run_artifacts done (figures, decoded tokens, report.html); write_run_outputs: start")
-    status = fvkit.cli.main(["run", *args.fvkit_args])
+    status = fvkit.cli.main.main(["run", *args.fvkit_args])
     marks.mark("exit")
     marks.dump(args.marks_out, {"status": status})
     return status
@@ -164,8 +165,8 @@ def child_reference(args) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     sys.path.insert(0, str(REPO))
-    from fvkit.model_config import dims_from_config
-    from fvkit.model_spec import get_spec
+    from fvkit.models.config import dims_from_config
+    from fvkit.models.spec import get_spec
     from parity_tests.reference import load_reference, reference_model_config
 
     refs = load_reference(args.reference_src, args.baukit)
@@ -209,7 +210,7 @@ def child_reference(args) -> int:
 
 def child_export(args) -> int:
     """Write the GPT-2-small-shaped model and its tokenizer to ``args.export`` (safetensors)."""
-    from fvkit.tokenizers import save_tokenizer
+    from fvkit.models.tokenizers import save_tokenizer
 
     lm = gpt2_small_shaped()
     lm.model.save_pretrained(args.export, safe_serialization=True)
@@ -300,7 +301,7 @@ def measure_environment(python: str, args, env: dict, tmp: Path, me: str) -> dic
     out["fvkit_args"] = ["fvkit", "run", "--model", "<dir>", *fvkit_args[2:], "--out", "<dir>"]
 
     print(f"== [{python}] fvkit run", file=sys.stderr, flush=True)
-    plain = run_child([python, "-m", "fvkit.cli", "run", *fvkit_args, "--out", str(tmp / "run-plain")],
+    plain = run_child([python, "-m", "fvkit.cli.main", "run", *fvkit_args, "--out", str(tmp / "run-plain")],
                       env, tmp / "run-plain.log")
     if plain["returncode"] != 0:
         return {**out, "error": f"fvkit run failed: {plain['log_tail']}"}
@@ -347,7 +348,7 @@ def driver(args) -> int:
     report["load_average_end"] = round(os.getloadavg()[0], 2)
     text = markdown(report)
     out_dir = Path(args.out_dir)
-    from fvkit.data import atomic_write_text as write_atomic
+    from fvkit.method.data import atomic_write_text as write_atomic
 
     write_atomic(out_dir / "run_memory.md", text)
     write_atomic(out_dir / "run_memory.json", json.dumps(report, indent=1) + "\n")
@@ -396,7 +397,7 @@ def markdown(report: dict) -> str:
         fp32 = model["fp32_mb"]
         d = model["dims"]
         w(f"Model: GPT-2-small-shaped ({d['n_layers']} layers x {d['n_heads']} heads, hidden {d['hidden_size']}, "
-          f"vocabulary {d['vocab_size']}, random weights from `fvkit.zoo.initialise`, seed `{model['seed']}`), "
+          f"vocabulary {d['vocab_size']}, random weights from `fvkit.models.zoo.initialise`, seed `{model['seed']}`), "
           f"{model['parameters']:,} parameters = **{fp32:.0f} MB in fp32**; written with `save_pretrained` "
           f"({model['safetensors_mb']:.0f} MB safetensors) into a temporary directory and loaded from there. "
           f"Criterion: peak RSS of the whole `fvkit run` process < {CRITERION_RATIO:g} x {fp32:.0f} = "
@@ -506,7 +507,7 @@ def main(argv=None) -> int:
                    help="only rewrite run_memory.md in --out-dir from the run_memory.json there")
     args = p.parse_args(argv)
     if args.render:
-        from fvkit.data import atomic_write_text as write_atomic
+        from fvkit.method.data import atomic_write_text as write_atomic
 
         out_dir = Path(args.out_dir)
         write_atomic(out_dir / "run_memory.md", markdown(json.loads((out_dir / "run_memory.json").read_text())))

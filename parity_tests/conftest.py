@@ -24,7 +24,7 @@ import pytest
 
 from fvkit.errors import FvkitError
 from fvkit.parity.options import REFERENCE_TRANSFORMERS
-from fvkit.parity.gate import GateContext, Recorder, reference_environment
+from fvkit.parity.gate_runner import GateContext, Recorder, reference_environment
 from fvkit.parity.plugin import keep_unused_snapshots, options, report_state
 from fvkit.parity.session import ParitySession, model_id
 
@@ -101,8 +101,8 @@ class SpecCase:
 
 def spec_cases(ps: ParitySession) -> list:
     """Every registered spec, on the --model models it serves, else its zoo model."""
-    from fvkit import zoo
-    from fvkit.model_spec import all_specs
+    from fvkit.models import zoo
+    from fvkit.models.spec import all_specs
 
     by_spec: dict = {}
     for name in ps.model_names:
@@ -202,7 +202,7 @@ def gate_context(parity, parity_model, lm, model_settings, live_reference, snaps
     if parity.has_pipeline(parity_model):
         recorder.add(timings=parity.pipeline(parity_model).timings, page=parity.page_entry(parity_model))
     import torch
-    from fvkit import hf_loader
+    from fvkit.models import loader as hf_loader
     # The session's count for this model, and every load this process made so far
     # (a gate or fixture loading behind the session's back shows up as the gap).
     recorder.add(settings={"model_loads_this_process": parity.loads.get(parity_model, 0),

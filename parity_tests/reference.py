@@ -1,6 +1,6 @@
 """The reference runner: the paper's own stage functions on fvkit's loaded model.
 
-    lm = load_model("tiny-llama")                                  # fvkit.hf_loader
+    lm = load_model("tiny-llama")                                  # fvkit.models.loader
     trials = FixedTrials.load("datasets/fixed_trials/....json")
     result = run_reference(lm, "datasets/antonym.json", trials,
                            reference_src="/path/to/function_vectors", baukit="/path/to/baukit",
@@ -27,7 +27,7 @@ left as ``None``; intervention numbers the reference computes without actually
 intervening (transformers releases whose decoder blocks return a plain tensor)
 are kept but flagged in ``meta["invalid"]["m4"]``.
 
-The result has the layout of ``fvkit.run.PipelineResult.comparable()`` (see
+The result has the layout of ``fvkit.pipeline.PipelineResult.comparable()`` (see
 ``docs/reference_runner.md``).
 """
 
@@ -56,7 +56,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from fvkit.adapters import block_name, out_proj_name, resolve_out_proj
+from fvkit.models.adapters import block_name, out_proj_name, resolve_out_proj
 from fvkit.errors import DataError, FvkitError, SpecError
 
 #: The BOS text the reference writes into prompts when the tokenizer adds none
@@ -913,8 +913,8 @@ def run_reference(lm, dataset_path, trials, *, reference_src, baukit=None, n_top
                   max_trials: Optional[int] = None, progress: bool = False, sweep: bool = False) -> dict:
     """Run the reference's stages on ``lm`` with the draws of ``trials``; the comparable result dict.
 
-    ``lm`` is a ``fvkit.hf_loader.LoadedModel`` (model, tokenizer, spec, dims, name);
-    ``trials`` a ``fvkit.fixed_trials.FixedTrials`` (seed, n_shots, n_trials, test_size);
+    ``lm`` is a ``fvkit.models.loader.LoadedModel`` (model, tokenizer, spec, dims, name);
+    ``trials`` a ``fvkit.method.fixed_trials.FixedTrials`` (seed, n_shots, n_trials, test_size);
     ``dataset_path`` the JSON file the trials were drawn from (or a TaskDataset).
     ``max_trials`` limits mean_activations and indirect_effect to their first K trials;
     evaluations use every test item. ``sweep`` also evaluates zero-shot and
@@ -935,7 +935,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m parity_tests.reference",
                                 description="Run the reference function_vectors code on a fvkit-loaded model "
                                             "and write the comparable result dict as JSON.")
-    p.add_argument("--model", required=True, help="model alias, id or local directory (fvkit.hf_loader.load_model)")
+    p.add_argument("--model", required=True, help="model alias, id or local directory (fvkit.models.loader.load_model)")
     p.add_argument("--model-spec", default=None, help="ModelSpec name, when it cannot be inferred")
     p.add_argument("--dataset", required=True, help="task dataset JSON file")
     p.add_argument("--fixed-trials", default=None, help="fixed-trials file; without it, trials are drawn from "
@@ -962,9 +962,9 @@ def main(argv=None) -> int:
     try:
         if not args.reference_src:
             raise FvkitError("no reference checkout given; pass --reference-src PATH or set FVKIT_REFERENCE_SRC")
-        from fvkit.data import atomic_write_text, load_task_dataset
-        from fvkit.fixed_trials import FixedTrials
-        from fvkit.hf_loader import load_model
+        from fvkit.method.data import atomic_write_text, load_task_dataset
+        from fvkit.method.fixed_trials import FixedTrials
+        from fvkit.models.loader import load_model
 
         load_reference(args.reference_src, args.baukit)  # a wrong path fails before the model loads
         dataset = load_task_dataset(args.dataset)

@@ -13,8 +13,8 @@ whether the BOS policy or the tokenizer is the cause.
 
 import pytest
 
-from fvkit.fixed_trials import FixedTrials
-from fvkit.parity.gate import Gate
+from fvkit.method.fixed_trials import FixedTrials
+from fvkit.parity.gate_runner import Gate
 from fvkit.parity.tolerances import first_mismatch
 
 pytestmark = pytest.mark.fvkit_gate("M1")

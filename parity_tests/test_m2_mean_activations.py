@@ -10,7 +10,7 @@ the worst index (layer, head, slot, dim).
 
 import pytest
 
-from fvkit.parity.gate import Gate
+from fvkit.parity.gate_runner import Gate
 
 pytestmark = pytest.mark.fvkit_gate("M2")
 

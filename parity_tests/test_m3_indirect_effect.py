@@ -11,7 +11,7 @@ when ``--ie-mode`` leaves it out.
 
 import pytest
 
-from fvkit.parity.gate import Gate
+from fvkit.parity.gate_runner import Gate
 
 pytestmark = pytest.mark.fvkit_gate("M3")
 

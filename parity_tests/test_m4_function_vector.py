@@ -21,7 +21,7 @@ computes them with whole prompts.
 import pytest
 
 from fvkit.parity.compare import SWEEP_KEY, sweep_comparable
-from fvkit.parity.gate import Gate
+from fvkit.parity.gate_runner import Gate
 from fvkit.parity.rank_ties import EvalLogits, resolve_rank_ties, resolve_sweep_ties
 from fvkit.parity.tolerances import MIN_INJECTION_LOGIT_CHANGE
 

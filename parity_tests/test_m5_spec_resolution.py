@@ -13,11 +13,11 @@ finish and write every stage file.
 
 import pytest
 
-from fvkit import zoo
+from fvkit.models import zoo
 from fvkit.errors import FvkitError
-from fvkit.parity.smoke import forward_hook_smoke, resolve_spec_paths
-from fvkit.parity.gate import Recorder
-from fvkit.run import RUN_FILES, run_pipeline, write_run_outputs
+from fvkit.parity.spec_smoke import forward_hook_smoke, resolve_spec_paths
+from fvkit.parity.gate_runner import Recorder
+from fvkit.pipeline import RUN_FILES, run_pipeline, write_run_outputs
 
 pytestmark = pytest.mark.fvkit_gate("M5")
 

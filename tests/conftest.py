@@ -24,8 +24,8 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def zoo_model():
-    """Factory returning a session-shared :class:`fvkit.hf_loader.LoadedModel` per alias."""
-    from fvkit.hf_loader import load_model
+    """Factory returning a session-shared :class:`fvkit.models.loader.LoadedModel` per alias."""
+    from fvkit.models.loader import load_model
 
     cache = {}
 
@@ -40,7 +40,7 @@ def zoo_model():
 @pytest.fixture
 def smollm2_available():
     from fvkit.errors import FvkitError
-    from fvkit.zoo import smollm2_gguf_dir
+    from fvkit.models.zoo import smollm2_gguf_dir
 
     try:
         smollm2_gguf_dir()
@@ -50,24 +50,24 @@ def smollm2_available():
 
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
-    from fvkit.tokenizers import GPT2_BPE, build_tokenizer
+    from fvkit.models.tokenizers import GPT2_BPE, build_tokenizer
     return build_tokenizer(GPT2_BPE)
 
 
 @pytest.fixture(scope="session")
 def sp_tokenizer():
-    from fvkit.tokenizers import LLAMA_SP, build_tokenizer
+    from fvkit.models.tokenizers import LLAMA_SP, build_tokenizer
     return build_tokenizer(LLAMA_SP)
 
 
 @pytest.fixture(scope="session")
 def antonym():
-    from fvkit.data import load_task_dataset
+    from fvkit.method.data import load_task_dataset
     return load_task_dataset("antonym")
 
 
 @pytest.fixture(scope="session")
 def antonym_trials(antonym):
-    from fvkit.cli_pipeline import DEFAULT_TRIALS_DIR
-    from fvkit.fixed_trials import FixedTrials
+    from fvkit.cli.pipeline import DEFAULT_TRIALS_DIR
+    from fvkit.method.fixed_trials import FixedTrials
     return FixedTrials.load(DEFAULT_TRIALS_DIR / "fixed_trials_antonym_t10_s10_seed0.json", antonym)

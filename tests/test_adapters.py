@@ -5,11 +5,11 @@ import dataclasses
 import pytest
 import torch
 
-from fvkit import adapters
+from fvkit.models import adapters
 from fvkit.errors import SpecError
-from fvkit.model_spec import all_specs, get_spec
-from fvkit.tracer import TraceDict
-from fvkit.zoo import DEFAULT_PARITY_MODELS, ZOO
+from fvkit.models.spec import all_specs, get_spec
+from fvkit.models.tracer import TraceDict
+from fvkit.models.zoo import DEFAULT_PARITY_MODELS, ZOO
 
 TINY = list(DEFAULT_PARITY_MODELS) + ["tiny-gemma-hd"]
 #: Every registered spec is exercised on some zoo model.

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from fvkit import cli
-from fvkit.cli_models import check_bos_policy, check_hooks
+from fvkit.cli.models import check_bos_policy, check_hooks
 from fvkit.errors import SpecError
-from fvkit.hf_loader import load_model
-from fvkit.model_spec import all_specs, get_spec
-from fvkit.zoo import DEFAULT_PARITY_MODELS, EXPECTED_WEIGHTS_SHA256
+from fvkit.models.loader import load_model
+from fvkit.models.spec import all_specs, get_spec
+from fvkit.models.zoo import DEFAULT_PARITY_MODELS, EXPECTED_WEIGHTS_SHA256
 
 TINY = list(DEFAULT_PARITY_MODELS) + ["tiny-gemma-hd"]
 
@@ -114,10 +114,10 @@ def test_export_model(capsys, tmp_path):
 @pytest.mark.slow
 def test_command_line_entry_point(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    ok = subprocess.run([sys.executable, "-m", "fvkit.cli", "resolve", "--model", "tiny-neox"],
+    ok = subprocess.run([sys.executable, "-m", "fvkit.cli.main", "resolve", "--model", "tiny-neox"],
                         capture_output=True, text=True, env=env)
     assert ok.returncode == 0 and "OK: 3 blocks" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "fvkit.cli", "resolve", "--model", "tiny-neox",
+    bad = subprocess.run([sys.executable, "-m", "fvkit.cli.main", "resolve", "--model", "tiny-neox",
                           "--model-spec", "llama"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "blocks_path='model.layers'" in bad.stderr

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from fvkit.data import load_task_dataset, split_indices
+from fvkit.method.data import load_task_dataset, split_indices
 from fvkit.errors import DataError
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fvkit.errors import FvkitError
-from fvkit.figures import cie_heatmap, layer_sweep_plot
+from fvkit.report.figures import cie_heatmap, layer_sweep_plot
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

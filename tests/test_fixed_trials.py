@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from fvkit.cli import main
-from fvkit.data import load_task_dataset, split_indices
+from fvkit.cli.main import main
+from fvkit.method.data import load_task_dataset, split_indices
 from fvkit.errors import DataError
-from fvkit.fixed_trials import STAGES, FixedTrials
+from fvkit.method.fixed_trials import STAGES, FixedTrials
 
 
 def test_shipped_file_is_what_make_draws(antonym, antonym_trials):

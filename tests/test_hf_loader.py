@@ -9,11 +9,11 @@ import shutil
 import pytest
 import torch
 
-from fvkit import hf_loader, model_spec, zoo
+from fvkit.models import loader as hf_loader, spec as model_spec, zoo
 from fvkit.errors import FvkitError, ParityModeError, SpecError
-from fvkit.hf_loader import load_model
-from fvkit.model_spec import get_spec, register
-from fvkit.zoo import DEFAULT_PARITY_MODELS, EXPECTED_WEIGHTS_SHA256, ZOO
+from fvkit.models.loader import load_model
+from fvkit.models.spec import get_spec, register
+from fvkit.models.zoo import DEFAULT_PARITY_MODELS, EXPECTED_WEIGHTS_SHA256, ZOO
 
 TINY = list(DEFAULT_PARITY_MODELS) + ["tiny-gemma-hd"]
 
@@ -81,7 +81,7 @@ def test_plain_directory_gets_spec_from_architectures(tmp_path):
 
 def test_directory_name_selects_spec_before_architectures(tmp_path):
     # A LLaMA-architecture SmolLM2 is told apart from LLaMA by its id, before architectures.
-    from fvkit.cli_models import check_bos_policy
+    from fvkit.cli.models import check_bos_policy
 
     target = zoo.export_model("tiny-llama", str(tmp_path / "my-smollm2-copy"))
     os.remove(os.path.join(target, zoo.METADATA_FILE))

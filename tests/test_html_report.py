@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from fvkit.errors import DataError
-from fvkit.figures import cie_heatmap, layer_sweep_plot
-from fvkit.html_report import HTML_NAME, drift_rows, render_html, write_html_report
+from fvkit.report.figures import cie_heatmap, layer_sweep_plot
+from fvkit.report.page import HTML_NAME, drift_rows, render_html, write_html_report
 from fvkit.parity.report import REPORT_NAME, GateOutcome, ReportState
 from fvkit.parity.tolerances import IE_REL_TOL, MEAN_ACT_REL_TOL, GateCheck, tensor_drift
 
@@ -165,7 +165,7 @@ def test_page_renders_in_headless_chromium(tmp_path, page):
 
 
 def test_packed_entry_survives_a_json_round_trip(figures):
-    from fvkit.html_report import pack_entry, unpack_entry
+    from fvkit.report.page import pack_entry, unpack_entry
 
     packed = json.loads(json.dumps(pack_entry(figures["tiny-llama"])))
     back = unpack_entry(packed)
@@ -175,7 +175,7 @@ def test_packed_entry_survives_a_json_round_trip(figures):
 
 
 def test_report_state_writes_the_page_beside_the_json_with_each_models_figures(tmp_path, figures):
-    from fvkit.html_report import pack_entry
+    from fvkit.report.page import pack_entry
 
     state = ReportState(tmp_path, environment={"torch": torch.__version__})
     state.bind("antonym", "fixed_trials_antonym_t10_s10_seed0", {})

@@ -6,18 +6,18 @@ import warnings
 import pytest
 import torch
 
-import fvkit.indirect_effect_fast as fast
-import fvkit.kv_cache as kv_cache
-import fvkit.kv_replay as kv_replay
-from fvkit.activations import mean_head_activations
+import fvkit.fast.indirect_effect as fast
+import fvkit.fast.cache as kv_cache
+import fvkit.fast.replay as kv_replay
+from fvkit.method.activations import mean_head_activations
 from fvkit.errors import FvkitError
-from fvkit.function_vector import select_top_heads
-from fvkit.indirect_effect import TrialSetup, _exact_trial, indirect_effects
-from fvkit.indirect_effect_fast import FAST_VS_EXACT_REL_TOL, batch_rows, fast_trial, relative_drift
-from fvkit.kv_replay import ReplayUnsupported
-from fvkit.prompts import DEFAULT_TEMPLATE
-from fvkit.token_labels import dummy_token_labels
-from fvkit.zoo import ZOO
+from fvkit.method.function_vector import select_top_heads
+from fvkit.method.indirect_effect import TrialSetup, _exact_trial, indirect_effects
+from fvkit.fast.indirect_effect import FAST_VS_EXACT_REL_TOL, batch_rows, fast_trial, relative_drift
+from fvkit.fast.replay import ReplayUnsupported
+from fvkit.method.prompts import DEFAULT_TEMPLATE
+from fvkit.method.token_labels import dummy_token_labels
+from fvkit.models.zoo import ZOO
 
 #: Every tiny zoo model: one per architecture, plus Gemma with n_heads*head_dim != hidden.
 #: Grouped-query attention: tiny-llama, tiny-mistral, tiny-qwen2, tiny-gemma(-hd);

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import fvkit.kv_cache as kv_cache
+import fvkit.fast.cache as kv_cache
 from fvkit.errors import FvkitError
-from fvkit.kv_cache import PrefixCache, UnsupportedCache, cache_length, drop_last, is_cache_object, repeat_rows
+from fvkit.fast.cache import PrefixCache, UnsupportedCache, cache_length, drop_last, is_cache_object, repeat_rows
 
 
 def legacy(n_tokens, layers=2):

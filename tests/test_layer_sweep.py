@@ -5,12 +5,12 @@ import functools
 import pytest
 import torch
 
-import fvkit.layer_sweep as ls
+import fvkit.fast.sweep as ls
 from fvkit.errors import FvkitError
-from fvkit.intervene import EVAL_STAGES, evaluate
-from fvkit.kv_cache import UnsupportedCache
-from fvkit.layer_sweep import layer_result, layer_sweep
-from fvkit.zoo import DEFAULT_PARITY_MODELS
+from fvkit.method.intervene import EVAL_STAGES, evaluate
+from fvkit.fast.cache import UnsupportedCache
+from fvkit.fast.sweep import layer_result, layer_sweep
+from fvkit.models.zoo import DEFAULT_PARITY_MODELS
 
 #: Items per stage: enough for ranks to move, few enough to keep the test quick.
 N_ITEMS = 2

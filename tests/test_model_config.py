@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 
 from fvkit.errors import SpecError
-from fvkit.model_config import ModelDims, dims_from_config
-from fvkit.model_spec import get_spec
-from fvkit.zoo import DEFAULT_PARITY_MODELS
+from fvkit.models.config import ModelDims, dims_from_config
+from fvkit.models.spec import get_spec
+from fvkit.models.zoo import DEFAULT_PARITY_MODELS
 
 
 def test_gemma_head_dim_is_read_not_derived(zoo_model):

@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 
-from fvkit import model_spec
+from fvkit.models import spec as model_spec
 from fvkit.errors import SpecError
-from fvkit.model_spec import (ALTERNATIVE_FIELDS, PATH_FIELDS, ModelSpec, all_specs, find_spec,
+from fvkit.models.spec import (ALTERNATIVE_FIELDS, PATH_FIELDS, ModelSpec, all_specs, find_spec,
                               get_spec, register, spec_names)
 
 #: Architectures every release of fvkit must serve.

@@ -1,4 +1,4 @@
-"""``fvkit parity`` (fvkit.parity.cli_parity): the old script's flags become one pytest session."""
+"""``fvkit parity`` (fvkit.cli.parity): the old script's flags become one pytest session."""
 
 import json
 import os
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fvkit import zoo
-from fvkit.cli import build_parser
+from fvkit.models import zoo
+from fvkit.cli.main import build_parser
 from fvkit.errors import FvkitError
-from fvkit.parity.cli_parity import REPO_ROOT, pytest_arguments
+from fvkit.cli.parity import REPO_ROOT, pytest_arguments
 
 TRIALS_ID = "fixed_trials_antonym_t10_s10_seed0"
 
@@ -56,7 +56,7 @@ def test_trials_id_and_path_must_agree(tmp_path):
 
 def test_fvkit_parity_runs_the_pytest_session_and_returns_its_status(tmp_path):
     env = dict(os.environ, FVKIT_CACHE=zoo.cache_root(), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "fvkit.cli", "parity", "--model_name", "tiny-gpt2",
+    proc = subprocess.run([sys.executable, "-m", "fvkit.cli.main", "parity", "--model_name", "tiny-gpt2",
                            "--edit_layer", "9", "--", "-p", "no:cacheprovider", "--rootdir", str(REPO_ROOT)],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert proc.returncode == int(pytest.ExitCode.INTERRUPTED), proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from fvkit import zoo
-from fvkit.model_spec import all_specs
-from fvkit.html_report import HTML_NAME
+from fvkit.models import zoo
+from fvkit.models.spec import all_specs
+from fvkit.report.page import HTML_NAME
 from fvkit.parity.report import LOG_NAME, REPORT_NAME, STAGES_NAME
 
 REPO = Path(__file__).resolve().parents[1]
@@ -328,6 +328,6 @@ def test_each_model_is_loaded_once_per_session(suite):
     for model in ("tiny-llama", "tiny-gpt2"):
         settings = report["models"][model]["settings"]
         assert settings["model_loads_this_process"] == 1, (model, settings)
-        # Loader calls counted inside fvkit.hf_loader equal the session's distinct models.
+        # Loader calls counted inside fvkit.models.loader equal the session's distinct models.
         assert settings["loader_calls_this_process"] == settings["models_loaded_by_session"], (model, settings)
     assert len(report["summary"]["tiny-llama"]) == 5 and len(report["summary"]) >= 9

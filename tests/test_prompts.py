@@ -1,4 +1,4 @@
-from fvkit.prompts import DEFAULT_TEMPLATE, Template, build_prompt_data, prompt_parts, prompt_string
+from fvkit.method.prompts import DEFAULT_TEMPLATE, Template, build_prompt_data, prompt_parts, prompt_string
 
 
 def test_default_template_with_bos_text():

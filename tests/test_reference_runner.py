@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # parity_tests/ is a folder of the repository, not of the package
     sys.path.insert(0, str(REPO))
 
-from fvkit.data import load_task_dataset  # noqa: E402
+from fvkit.method.data import load_task_dataset  # noqa: E402
 from fvkit.errors import FvkitError  # noqa: E402
-from fvkit.fixed_trials import FixedTrials  # noqa: E402
+from fvkit.method.fixed_trials import FixedTrials  # noqa: E402
 from parity_tests import reference as rr  # noqa: E402
 
 REFERENCE_SRC = os.environ.get("FVKIT_REFERENCE_SRC", "/tmp/ref/function_vectors")
@@ -234,7 +234,7 @@ def test_supported_zoo_layouts_pick_the_reference_branch(zoo_model):
 def test_biased_llama_out_projection_is_unsupported_for_indirect_effect():
     config = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                                       hidden_size=8, intermediate_size=8, vocab_size=32, attention_bias=True)
-    from fvkit.model_spec import get_spec
+    from fvkit.models.spec import get_spec
     lm = types.SimpleNamespace(model=transformers.LlamaForCausalLM(config), spec=get_spec("llama"), name="biased",
                                dims=types.SimpleNamespace(n_layers=2, n_heads=2, head_dim=4, hidden_size=8))
     cfg = rr.reference_model_config(lm)

@@ -6,8 +6,8 @@ import types
 import pytest
 import torch
 
-from fvkit.cli import main
-from fvkit.run import RUN_FILES, write_run_outputs
+from fvkit.cli.main import main
+from fvkit.pipeline import RUN_FILES, write_run_outputs
 
 TRIALS = "datasets/fixed_trials/fixed_trials_antonym_t10_s10_seed0.json"
 

@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from fvkit.cli import main
-from fvkit.cli_pipeline import parse_edit_layer, sweeps_all_layers
+from fvkit.cli.main import main
+from fvkit.cli.pipeline import parse_edit_layer, sweeps_all_layers
 from fvkit.errors import FvkitError
-from fvkit.run_artifacts import ARTIFACT_FILES, SWEEP_FILES
+from fvkit.report.run_files import ARTIFACT_FILES, SWEEP_FILES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 WORDS = ("apple bread chair dance eagle flame grape house island juice kettle lemon music night ocean "
@@ -81,8 +81,8 @@ def test_report_entry_for_the_parity_page_needs_no_model():
 
     import torch
 
-    from fvkit.html_report import render_html
-    from fvkit.run_artifacts import report_entry
+    from fvkit.report.page import render_html
+    from fvkit.report.run_files import report_entry
 
     topk = lambda a: [[1, a], [2, a], [3, a]]
     result = types.SimpleNamespace(

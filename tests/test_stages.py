@@ -5,14 +5,14 @@ import types
 import pytest
 import torch
 
-from fvkit import adapters
-from fvkit.activations import head_inputs, mean_head_activations, to_slots
+from fvkit.models import adapters
+from fvkit.method.activations import head_inputs, mean_head_activations, to_slots
 from fvkit.errors import FvkitError, SpecError
-from fvkit.function_vector import compute_function_vector, select_top_heads
-from fvkit.indirect_effect import indirect_effects
-from fvkit.intervene import evaluate, inject, token_rank, topk_accuracy
-from fvkit.stage_inputs import trial_prompt
-from fvkit.token_labels import dummy_token_labels, slot_index_map, token_meta_labels
+from fvkit.method.function_vector import compute_function_vector, select_top_heads
+from fvkit.method.indirect_effect import indirect_effects
+from fvkit.method.intervene import evaluate, inject, token_rank, topk_accuracy
+from fvkit.method.stage_inputs import trial_prompt
+from fvkit.method.token_labels import dummy_token_labels, slot_index_map, token_meta_labels
 
 
 @pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-llama", "tiny-gemma-hd"])
@@ -101,7 +101,7 @@ class Toy(torch.nn.Module):
 
 
 def toy_lm(as_tuple):
-    from fvkit.model_spec import ModelSpec
+    from fvkit.models.spec import ModelSpec
     spec = ModelSpec(name="toy", blocks_path="blocks", attn_path_in_block="lin", out_proj_path_in_attn="weight_holder",
                      prepend_bos=True, final_norm_path="blocks", lm_head_path="blocks").validate()
     model = Toy(as_tuple)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from fvkit.prompts import DEFAULT_TEMPLATE, Template, build_prompt_data
-from fvkit.token_labels import dummy_token_labels, full_index_map, slot_index_map, token_meta_labels
+from fvkit.method.prompts import DEFAULT_TEMPLATE, Template, build_prompt_data
+from fvkit.method.token_labels import dummy_token_labels, full_index_map, slot_index_map, token_meta_labels
 
 BOS = "<|endoftext|>"
 #: Output separator "\n" followed by an input prefix "\n": the two merge into one

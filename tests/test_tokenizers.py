@@ -12,11 +12,11 @@ import random
 
 import pytest
 
-from fvkit import tokenizers
+from fvkit.models import tokenizers
 from fvkit.errors import FvkitError
-from fvkit.tokenizers import (GPT2_BPE, LLAMA_SP, QWEN2_BPE, adds_bos, build_tokenizer,
+from fvkit.models.tokenizers import (GPT2_BPE, LLAMA_SP, QWEN2_BPE, adds_bos, build_tokenizer,
                               check_saved_bos, save_tokenizer, source_files)
-from fvkit.zoo import DEFAULT_PARITY_MODELS, ZOO, ensure_built
+from fvkit.models.zoo import DEFAULT_PARITY_MODELS, ZOO, ensure_built
 
 PROMPTS = [
     "<|endoftext|>Q: hot\nA: cold\n\nQ: up\nA:",

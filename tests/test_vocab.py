@@ -5,11 +5,11 @@ import dataclasses
 import pytest
 import torch
 
-from fvkit import adapters
+from fvkit.models import adapters
 from fvkit.errors import FvkitError, SpecError
-from fvkit.tracer import Trace, first_tensor
-from fvkit.vocab import decode_vector, vector_logits
-from fvkit.zoo import DEFAULT_PARITY_MODELS
+from fvkit.models.tracer import Trace, first_tensor
+from fvkit.report.vocab import decode_vector, vector_logits
+from fvkit.models.zoo import DEFAULT_PARITY_MODELS
 
 #: One hidden state through norm and unembedding, against the same rows inside the
 #: model's batched forward pass: float32 matmul ordering noise (~4e-6 seen), no more.

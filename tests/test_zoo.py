@@ -9,10 +9,10 @@ import textwrap
 import pytest
 import torch
 
-from fvkit import zoo
+from fvkit.models import zoo
 from fvkit.errors import FvkitError
-from fvkit.model_spec import get_spec
-from fvkit.zoo import DEFAULT_PARITY_MODELS, EXPECTED_WEIGHTS_SHA256, ZOO
+from fvkit.models.spec import get_spec
+from fvkit.models.zoo import DEFAULT_PARITY_MODELS, EXPECTED_WEIGHTS_SHA256, ZOO
 
 TINY = [a for a, e in ZOO.items() if e.source == "random"]
 #: Antonym-style word pairs for the non-degeneracy checks (the last one is the query).
@@ -107,7 +107,7 @@ def test_weights_hash_is_reproducible(alias):
 def test_weights_hash_in_a_fresh_process():
     code = textwrap.dedent("""
         import json
-        from fvkit import zoo
+        from fvkit.models import zoo
         print(json.dumps({a: zoo.weights_sha256(zoo.build_random_model(a))
                           for a, e in zoo.ZOO.items() if e.source == "random"}))
     """)

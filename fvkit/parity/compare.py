@@ -1,6 +1,6 @@
 """What each parity gate compares, and how.
 
-    ours = result.comparable()                     # fvkit.run.PipelineResult
+    ours = result.comparable()                     # fvkit.pipeline.PipelineResult
     check = compare_gate("M2", gate_part("M2", ours), gate_part("M2", ref), source="snapshot")
     assert check.ok, "\\n".join(check.failures())
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .gates import GATE_TITLES, GATES  # noqa: F401  (re-exported: gates compare by these names)
-from .tolerances import (
+from fvkit.parity.registry import GATE_TITLES, GATES  # noqa: F401  (re-exported: gates compare by these names)
+from fvkit.parity.tolerances import (
     FV_REL_TOL,
     IE_REL_TOL,
     MEAN_ACT_REL_TOL,
@@ -67,8 +67,8 @@ def gate_part(gate: str, comparable: dict, keys: Optional[tuple] = None) -> dict
 
 
 def sweep_comparable(sweep: dict) -> dict:
-    """fvkit's layer sweep (:func:`fvkit.layer_sweep.layer_sweep`) in the reference's layout."""
-    from ..layer_sweep import layer_result
+    """fvkit's layer sweep (:func:`fvkit.fast.sweep.layer_sweep`) in the reference's layout."""
+    from fvkit.fast.sweep import layer_result
 
     return {SWEEP_KEY: {stage: [_eval_part(stage, layer_result(sweep, stage, layer))
                                 for layer in range(sweep["n_layers"])]

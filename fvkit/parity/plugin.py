@@ -20,9 +20,9 @@ from typing import Optional
 
 import pytest
 
-from .gates import GATE_TITLES, GATES
-from .options import ParityOptions, add_options
-from .report import IDENTITY_PROP, RESULT_PROP, GateOutcome, ReportState, environment
+from fvkit.parity.registry import GATE_TITLES, GATES
+from fvkit.parity.options import ParityOptions, add_options
+from fvkit.parity.report import IDENTITY_PROP, RESULT_PROP, GateOutcome, ReportState, environment
 
 OPTIONS_KEY = pytest.StashKey[ParityOptions]()
 REPORT_KEY = pytest.StashKey[ReportState]()
@@ -53,7 +53,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """(xdist controller) under plain ``-n`` (dist "load"), keep each model's gates on
     one worker: the model is loaded once there and --fail-fast sees its earlier gates."""
     if config.getoption("dist", "no") == "load":
-        from .xdist_scheduling import make_scheduler
+        from fvkit.parity.xdist_scheduling import make_scheduler
         return make_scheduler(config, log)
     return None
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..intervene import inject, token_rank, topk_accuracy
-from ..stage_inputs import answer_ids, trial_prompt
-from .compare import EVAL_KEYS, SWEEP_KEY
-from .tolerances import RANK_TIE_REL_TOL
+from fvkit.method.intervene import inject, token_rank, topk_accuracy
+from fvkit.method.stage_inputs import answer_ids, trial_prompt
+from fvkit.parity.compare import EVAL_KEYS, SWEEP_KEY
+from fvkit.parity.tolerances import RANK_TIE_REL_TOL
 
 #: Rank lists and the logits they are read from.
 RANK_LISTS = {"clean_rank_list": "clean", "intervention_rank_list": "intervention"}
@@ -33,7 +33,7 @@ TOPK_OF = {"clean_rank_list": "clean_topk", "intervention_rank_list": "intervent
 
 @dataclass
 class EvalLogits:
-    """fvkit's logits of one evaluation item, computed the way ``fvkit.intervene`` does.
+    """fvkit's logits of one evaluation item, computed the way ``fvkit.method.intervene`` does.
 
         logits, target = EvalLogits(lm, dataset, trials, fv, edit_layer)("shuffled", "intervention", 3)
     """

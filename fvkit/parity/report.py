@@ -15,7 +15,7 @@ Files go to ``results_fv/<dataset>/<fixed_trials_id>/``:
 * ``parity_suite.log``: one line per test outcome, as it happens;
 * ``parity_suite_report.html``: the same report as one self-contained page,
   with each model's indirect-effect heatmap, layer sweep (``--edit-layer all``)
-  and decoded function vector (:mod:`fvkit.html_report`).
+  and decoded function vector (:mod:`fvkit.report.page`).
 
 Only the process that owns the session writes (the xdist controller, never a
 worker); workers ship their data in each test report's ``user_properties``.
@@ -203,7 +203,7 @@ class ReportState:
         return worst_status(t.status for t in tests) if tests else None
 
     def as_dict(self) -> dict:
-        from .tolerances import TOLERANCES
+        from fvkit.parity.tolerances import TOLERANCES
 
         models = {}
         for name in self.model_order():
@@ -255,8 +255,8 @@ class ReportState:
         if not self.writer or not self.out_dir or not self.models:
             return
         # Imported here, not at start-up: the plugin module is loaded by every pytest run.
-        from ..data import atomic_write_text
-        from ..html_report import HTML_NAME, render_html, unpack_entry
+        from fvkit.method.data import atomic_write_text
+        from fvkit.report.page import HTML_NAME, render_html, unpack_entry
 
         out = self.out_dir
         report = self.as_dict()
@@ -274,7 +274,7 @@ class ReportState:
 
     # --- terminal ------------------------------------------------------------------------
     def table_lines(self) -> list:
-        from .gates import GATES
+        from fvkit.parity.registry import GATES
 
         if not self.models:
             return []

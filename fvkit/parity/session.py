@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..errors import FvkitError
-from .options import DEFAULT_N_TOP_HEADS, GENERATE_TRIALS, ParityOptions
-from .snapshots import settings_key
+from fvkit.errors import FvkitError
+from fvkit.parity.options import DEFAULT_N_TOP_HEADS, GENERATE_TRIALS, ParityOptions
+from fvkit.parity.snapshots import settings_key
 
 #: The shipped trials every default run uses (10 trials of 10 shots, seed 0).
 DEFAULT_TRIALS = (10, 10, 0)
@@ -103,8 +103,8 @@ class ParitySession:
     # --- construction ------------------------------------------------------------------
     @classmethod
     def create(cls, options: ParityOptions, rootdir: Path, reference_runner=None) -> "ParitySession":
-        from ..data import load_task_dataset
-        from ..fixed_trials import FixedTrials, trials_id
+        from fvkit.method.data import load_task_dataset
+        from fvkit.method.fixed_trials import FixedTrials, trials_id
 
         dataset = load_task_dataset(options.dataset, str(options.data_dir) if options.data_dir else None)
         notes = []
@@ -136,7 +136,7 @@ class ParitySession:
     def model_names(self) -> list:
         if self.options.models:
             return list(dict.fromkeys(self.options.models))
-        from .. import zoo
+        from fvkit.models import zoo
         return list(zoo.DEFAULT_PARITY_MODELS)
 
     # --- models ------------------------------------------------------------------------
@@ -147,7 +147,7 @@ class ParitySession:
         return self._infos[name]
 
     def _read_info(self, name: str) -> ModelInfo:
-        from .. import hf_loader
+        from fvkit.models import loader as hf_loader
 
         if name in self._models:
             lm = self._models[name]
@@ -160,7 +160,7 @@ class ParitySession:
         if name in self._errors:
             raise self._errors[name]
         if name not in self._models:
-            from ..hf_loader import load_model
+            from fvkit.models.loader import load_model
             self.loads[name] = self.loads.get(name, 0) + 1
             try:
                 self._models[name] = load_model(name, model_spec=self.options.model_spec, device="cpu",
@@ -207,7 +207,7 @@ class ParitySession:
     def pipeline(self, name: str):
         """fvkit's result for every stage, once per model (see ``pipeline_ie_mode``)."""
         if name not in self._pipelines:
-            from ..run import run_pipeline
+            from fvkit.pipeline import run_pipeline
             s = self.settings_for(name)
             self._pipelines[name] = run_pipeline(
                 self.model(name), self.dataset, self.trials, n_top_heads=s.n_top_heads, edit_layer=s.edit_layer,
@@ -217,7 +217,7 @@ class ParitySession:
     def layer_sweep(self, name: str) -> dict:
         """fvkit's layer sweep of the pipeline's function vector, once per model."""
         if name not in self._sweeps:
-            from ..layer_sweep import layer_sweep
+            from fvkit.fast.sweep import layer_sweep
             result = self.pipeline(name)
             sweep = layer_sweep(self.model(name), self.dataset, self.trials, result.function_vector,
                                 show_progress=False)
@@ -234,8 +234,8 @@ class ParitySession:
         shown = name in self._sweeps   # the sweep figure, once there is one
         if self._paged.get(name) == shown:
             return None
-        from ..html_report import pack_entry
-        from ..run_artifacts import report_entry
+        from fvkit.report.page import pack_entry
+        from fvkit.report.run_files import report_entry
 
         entry = report_entry(self.pipeline(name), self.dataset.name, self.model(name), self._sweeps.get(name))
         self._paged[name] = shown
@@ -259,7 +259,7 @@ class ParitySession:
             result = self.pipeline(name)
             return result.indirect_effect, result.timings.get("indirect_effect", 0.0)
         if (name, mode) not in self._ie:
-            from ..indirect_effect import indirect_effects
+            from fvkit.method.indirect_effect import indirect_effects
             result = self.pipeline(name)
             start = time.perf_counter()
             ie = indirect_effects(self.model(name), self.dataset, self.trials, result.mean_activations,

@@ -22,7 +22,7 @@ from typing import Optional
 
 from syrupy.extensions.json import JSONSnapshotExtension
 
-from .compare import compare_gate
+from fvkit.parity.compare import compare_gate
 
 FORMAT = "fvkit-parity-snapshot/1"
 

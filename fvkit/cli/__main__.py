@@ -1,0 +1,5 @@
+import sys
+
+from fvkit.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,141 @@
+"""``fvkit specs``, ``fvkit resolve`` and ``fvkit export-model``.
+
+    fvkit specs
+    fvkit resolve --model tiny-llama
+    fvkit resolve --model ./my-checkpoint --model-spec llama
+    fvkit export-model tiny-gptj /tmp/tiny-gpt-j
+
+``resolve`` is the check to run before pointing fvkit at a new model: it loads
+the model, resolves every layer's block, attention and out-projection, runs one
+forward pass with a hook on each of them, and fails unless every hook fired,
+every out-projection read ``n_heads * head_dim`` features and the tokenizer
+follows the spec's BOS policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from fvkit.models import zoo
+from fvkit.errors import SpecError
+from fvkit.models.loader import DTYPES, QUANTS, LoadedModel, load_model
+from fvkit.models.spec import all_specs
+from fvkit.models.tracer import TraceDict
+
+#: The prompt ``resolve`` runs; short, and in the Q:/A: format the pipeline uses.
+RESOLVE_PROMPT = "Q: hot\nA: cold\n\nQ: up\nA:"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("specs", help="list the registered model specs")
+    p.set_defaults(func=cmd_specs)
+
+    p = subparsers.add_parser(
+        "resolve", help="load a model and check that its spec resolves and hooks fire on every layer")
+    p.add_argument("--model", required=True, help="zoo alias, local checkpoint directory or hub id")
+    p.add_argument("--model-spec", default=None, help="spec name (default: chosen from the model)")
+    add_device_args(p)
+    p.set_defaults(func=cmd_resolve)
+
+    p = subparsers.add_parser("export-model", help="write a zoo model to a directory any program can load")
+    p.add_argument("name", help=f"zoo alias: {', '.join(zoo.aliases())}")
+    p.add_argument("directory", help="new or empty directory to write")
+    p.set_defaults(func=cmd_export)
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    """``--device/--dtype/--quant/--no-parity``, shared by commands that load models."""
+    parser.add_argument("--device", default="cpu", help="torch device (parity mode: cpu)")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weights dtype (parity mode: fp32)")
+    parser.add_argument("--quant", default="none", choices=list(QUANTS), help="quantization (parity mode: none)")
+    parser.add_argument("--no-parity", dest="parity", action="store_false",
+                        help="allow settings under which results differ from the reference")
+
+
+def specs_table() -> str:
+    rows = [("name", "blocks", "attention", "out-proj", "final norm", "lm head", "BOS", "architectures")]
+    for spec in all_specs():
+        bos = "tokenizer adds" if spec.prepend_bos else f"text {spec.bos_text!r}"
+        rows.append((spec.name, spec.blocks_path, spec.attn_path_in_block, spec.out_proj_path_in_attn,
+                     spec.final_norm_path, spec.lm_head_path, bos,
+                     ", ".join(spec.architectures) or "(by model id)"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_specs(args) -> int:
+    print(specs_table())
+    return 0
+
+
+def check_hooks(lm: LoadedModel, prompt: str = RESOLVE_PROMPT) -> dict:
+    """One forward pass with a hook on every block and out-projection; fail on any gap.
+
+    Returns ``{"tokens": n, "hooks": n}`` for the report.
+    """
+    out_names = lm.out_proj_names()
+    block_names = lm.block_names()
+    text = prompt if lm.spec.prepend_bos else lm.spec.bos_text + prompt
+    inputs = lm.tokenizer(text, return_tensors="pt").to(lm.device)
+    with TraceDict(lm.model, out_names + block_names, retain_input=True, retain_output=False) as td:
+        with torch.no_grad():
+            lm.model(**inputs)
+    if td.not_fired:
+        raise SpecError(
+            f"ModelSpec '{lm.spec.name}': hooks on {', '.join(td.not_fired)} never fired during a "
+            f"forward pass; those modules are not on the model's computation path, so the spec "
+            f"points at the wrong modules"
+        )
+    for name in out_names:
+        width = td[name].input.shape[-1]
+        if width != lm.dims.attn_width:
+            raise SpecError(
+                f"ModelSpec '{lm.spec.name}': {name} received inputs of width {width}, not "
+                f"n_heads*head_dim = {lm.dims.attn_width}; it is not the attention out-projection"
+            )
+    return {"tokens": int(inputs["input_ids"].shape[1]), "hooks": len(td)}
+
+
+def check_bos_policy(lm: LoadedModel) -> None:
+    """The tokenizer must add BOS exactly when the spec says it does, and ``bos_text``
+    must be one token, so that prompts start with exactly one BOS either way."""
+    adds = lm.tokenizer_adds_bos()
+    if adds != lm.spec.prepend_bos:
+        raise SpecError(
+            f"ModelSpec '{lm.spec.name}' says prepend_bos={lm.spec.prepend_bos}, but this "
+            f"tokenizer {'adds' if adds else 'does not add'} a BOS token by itself; prompts would "
+            f"{'start with two BOS tokens' if adds else 'have no BOS token'}. Use a spec whose "
+            f"prepend_bos={adds}, or fix add_bos_token in the tokenizer_config.json"
+        )
+    if not lm.spec.prepend_bos:
+        ids = lm.tokenizer(lm.spec.bos_text, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise SpecError(
+                f"ModelSpec '{lm.spec.name}': bos_text={lm.spec.bos_text!r} is {len(ids)} tokens "
+                f"for this tokenizer, not one special token; set bos_text to its BOS/EOS token"
+            )
+
+
+def cmd_resolve(args) -> int:
+    lm = load_model(args.model, model_spec=args.model_spec, device=args.device,
+                    dtype=args.dtype, quant=args.quant, parity=args.parity)
+    check_bos_policy(lm)
+    fired = check_hooks(lm)
+    print(lm.diagnostics_table())
+    print()
+    print(f"OK: {lm.dims.n_layers} blocks, attention modules and out-projections resolved; "
+          f"{fired['hooks']} hooks fired on a {fired['tokens']}-token prompt; out-projections read "
+          f"{lm.dims.n_heads}x{lm.dims.head_dim} = {lm.dims.attn_width} features")
+    return 0
+
+
+def cmd_export(args) -> int:
+    path = zoo.export_model(args.name, args.directory)
+    print(f"exported {args.name} to {path} (load it with AutoModelForCausalLM/AutoTokenizer"
+          f".from_pretrained)")
+    return 0
+

@@ -1,0 +1,118 @@
+"""``fvkit trials`` and ``fvkit run``.
+
+    fvkit trials --dataset datasets/antonym.json --n-trials 10 --n-shots 10 --seed 0 --out FILE
+    fvkit run --model tiny-gpt2 --dataset antonym --fixed-trials FILE --n-top-heads 10 --edit-layer 1 --out DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from fvkit.method.data import DEFAULT_DATA_DIR, load_task_dataset
+from fvkit.errors import FvkitError
+from fvkit.method.fixed_trials import FixedTrials, trials_id
+
+DEFAULT_TRIALS_DIR = DEFAULT_DATA_DIR / "fixed_trials"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("trials", help="write a fixed-trials file (every random draw of every stage)")
+    p.add_argument("--dataset", required=True, help="task dataset: a JSON file or a name in --data-dir")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--n-trials", type=int, default=10)
+    p.add_argument("--n-shots", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-size", type=float, default=0.3)
+    p.add_argument("--out", default=None, help="output file (default: datasets/fixed_trials/<id>.json)")
+    p.set_defaults(func=cmd_trials)
+
+    p = subparsers.add_parser("run", help="run every stage on one model and write the stage files")
+    p.add_argument("--model", required=True, help="zoo alias, hub id or local path")
+    p.add_argument("--model-spec", default=None, help="registered ModelSpec name (default: chosen from the model)")
+    p.add_argument("--dataset", default="antonym")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--fixed-trials", default=None,
+                   help="fixed-trials file (default: datasets/fixed_trials/fixed_trials_<dataset>_t10_s10_seed<seed>.json, "
+                        "generated into --out when absent)")
+    p.add_argument("--seed", type=int, default=0, help="seed for trials generated on the fly")
+    p.add_argument("--max-trials", type=int, default=None)
+    p.add_argument("--n-top-heads", type=int, default=10)
+    p.add_argument("--edit-layer", default=None,
+                   help="layer to inject at (default: n_layers // 2); 'all' also sweeps every layer "
+                        "(layer_sweep.json, layer_sweep.png) while the stage files use the default layer")
+    p.add_argument("--ie-mode", choices=("fast", "exact"), default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32")
+    p.add_argument("--quant", default="none")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_trials(args) -> int:
+    ds = load_task_dataset(args.dataset, args.data_dir)
+    trials = FixedTrials.make(ds, args.n_trials, args.n_shots, args.seed, args.test_size)
+    out = Path(args.out) if args.out else DEFAULT_TRIALS_DIR / f"{trials.id}.json"
+    trials.save(out)
+    print(f"wrote {out} ({trials.id}: split {len(trials.split['train'])}/{len(trials.split['valid'])}/"
+          f"{len(trials.split['test'])} train/valid/test rows)")
+    return 0
+
+
+def resolve_trials(dataset, path, seed: int, fallback_dir: Path) -> FixedTrials:
+    """An explicit file, else the shipped default for the dataset, else new trials saved beside the run."""
+    if path:
+        return FixedTrials.load(path, dataset)
+    default = DEFAULT_TRIALS_DIR / f"{trials_id(dataset.name, 10, 10, seed)}.json"
+    if default.is_file():
+        return FixedTrials.load(default, dataset)
+    trials = FixedTrials.make(dataset, 10, 10, seed)
+    trials.save(fallback_dir / f"{trials.id}.json")
+    return trials
+
+
+def parse_edit_layer(value):
+    if value is None or sweeps_all_layers(value):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise FvkitError(f"--edit-layer must be a layer number or 'all', got {value!r}") from None
+
+
+def sweeps_all_layers(value) -> bool:
+    return value is not None and str(value).strip().lower() == "all"
+
+
+def cmd_run(args) -> int:
+    from fvkit.models.loader import load_model
+    from fvkit.pipeline import run_pipeline, write_run_outputs
+
+    ds = load_task_dataset(args.dataset, args.data_dir)
+    trials = resolve_trials(ds, args.fixed_trials, args.seed, Path(args.out).parent)
+    lm = load_model(args.model, model_spec=args.model_spec, device=args.device, dtype=args.dtype,
+                    quant=args.quant, parity=True)
+    print(lm.diagnostics_table(), file=sys.stderr)
+    kwargs = {} if args.ie_mode is None else {"ie_mode": args.ie_mode}
+    result = run_pipeline(lm, ds, trials, n_top_heads=args.n_top_heads, edit_layer=parse_edit_layer(args.edit_layer),
+                          max_trials=args.max_trials, **kwargs)
+    # Imported only now: matplotlib's ~20 MB need not be resident during the model's passes.
+    from fvkit.report.run_files import run_artifacts
+
+    files = run_artifacts(lm, ds, trials, result, sweep=sweeps_all_layers(args.edit_layer))
+    out = write_run_outputs(result, args.out, extra_args=vars(args) | {"func": None}, extra_files=files)
+    zs, sh = result.zero_shot, result.shuffled
+    print(f"top heads: {result.top_heads}")
+    print(f"zero-shot top-1: {zs['clean_topk'][0][1]:.3f} -> {zs['intervention_topk'][0][1]:.3f}; "
+          f"shuffled top-1: {sh['clean_topk'][0][1]:.3f} -> {sh['intervention_topk'][0][1]:.3f}; "
+          f"clean {trials.n_shots}-shot top-1: {result.baseline['clean_topk'][0][1]:.3f}")
+    if "layer_sweep.json" in files:
+        sweep = json.loads(files["layer_sweep.json"])
+        for stage in ("zero_shot", "shuffled"):
+            best = sweep["best_layer"][stage]
+            st = sweep["stages"][stage]
+            print(f"layer sweep {stage}: best layer {best}, top-1 {st['clean_topk'][0][1]:.3f} -> "
+                  f"{st['intervention_topk'][best][0][1]:.3f} ({sweep['seconds']:.1f}s for {sweep['n_layers']} layers)")
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,263 @@
+"""Indirect effect of every head, recomputing only the last position.
+
+    effect = fast_trial(lm, setup, mean_acts)      # (n_layers, n_heads), as the exact path computes
+    drift = relative_drift(fast_ie, exact_ie)      # agreement: drift <= FAST_VS_EXACT_REL_TOL
+
+The patch changes one head's out-projection input at the last token only.
+Attention is causal, so every earlier position computes, at every layer,
+exactly what it computed in the clean run. Their keys and values are therefore
+taken once from the clean run (:mod:`fvkit.fast.replay`) and only the last token
+is computed again, for all heads of a layer at once: batch row ``h`` patches
+head ``h``, and the row after the last head stays unpatched.
+
+Two strategies compute the same numbers:
+
+* ``blocks``: the decoder blocks are called one by one, as the model called
+  them for the last token, followed by the spec's final norm and output head.
+  A layer's rows join the batch at that layer's block, so nothing below a
+  patched layer is recomputed, each block runs once for all layers above it,
+  and the output head runs once for all rows.
+* ``model``: the last token goes through the model's own ``forward`` once per
+  layer, on the cached prefix. Slower, but it assumes nothing beyond the cache.
+
+``auto`` uses ``blocks`` unless a model's forward does more than its blocks,
+final norm and head (it is then refused on the first trial and ``model`` is
+used for that model from then on).
+
+The unpatched row does two jobs. Its probabilities are the baseline each
+effect is measured against, so rounding that the single-token path adds is
+common to both sides of the difference. And its logits are compared with the
+clean full-prompt run's, so a cache, position or mask that the model did not
+take as intended stops the run instead of producing plausible wrong effects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+
+import torch
+
+from fvkit.fast.cache_names import cache_kwargs
+from fvkit.models import adapters
+from fvkit.errors import FvkitError
+from fvkit.method.indirect_effect import check_patch_fired
+from fvkit.fast.cache import drop_last, is_cache_object
+from fvkit.fast.replay import ReplayUnsupported, capture_last_token, clean_prefix, last_token_inputs
+from fvkit.models.tracer import EditInput, first_tensor
+
+#: Fast and exact effects agree when no entry differs by more than this fraction
+#: of the largest absolute exact effect. Both compute the same quantity in
+#: float32 (in float64 they agree to 1e-12); they differ only in how attention's
+#: products are shaped (a full prompt against one cached token), which moves
+#: logits by a few float32 ulps. That is the float32 noise floor of the quantity
+#: itself: the exact path (and the reference, bit for bit) is 1-9e-6 of the
+#: largest effect away from a float64 computation on the zoo models, GPT-2-small
+#: and SmolLM2-135M, and fast-vs-exact drift measures 1-8.5e-6 there. A patch at
+#: the wrong head, row or position moves effects by their own size (drift ~1).
+FAST_VS_EXACT_REL_TOL = 1e-5
+
+#: The unpatched row must reproduce the clean run's last-token logits to within
+#: this fraction of their largest magnitude. Rounding gives ~1e-6; a wrong
+#: position, mask or cache, or a forward pass that does more than its blocks,
+#: is off by O(1).
+CLEAN_ROW_REL_TOL = 1e-4
+
+#: Every batched matrix product gets a multiple of this many rows. BLAS kernels
+#: process rows in blocks of four; rows of a partial block take another code
+#: path that rounds differently, so without padding a row's result would depend
+#: on the head count and the number of threads, and the linear layers would not
+#: reproduce the full prompt's last row bit for bit. Padded rows are unpatched
+#: copies whose results are dropped.
+BATCH_ROW_MULTIPLE = 4
+
+#: Rows of the run that records how the model calls its blocks. Any number
+#: above one tells batch-sized tensors apart from the rest; a whole block of rows
+#: keeps the recorded states on the kernels the other steps use.
+CAPTURE_ROWS = BATCH_ROW_MULTIPLE
+
+#: Rows per output-head call in the ``blocks`` strategy: large enough for an
+#: efficient matrix product, small enough that the logits of one call (and their
+#: softmax) stay near ten megabytes for a 50k-token vocabulary.
+LM_HEAD_ROWS = 64
+
+#: Rows of the ``blocks`` strategy in flight at once are limited so that attention's
+#: keys and values over the prompt for all of them take at most this fraction of
+#: the model's weight memory (but at least PASS_MEMORY_FLOOR_BYTES); layers beyond
+#: the limit go into further passes. More rows per pass means fewer passes over
+#: the weights and larger, more efficient matrix products.
+PASS_MEMORY_FRACTION = 1 / 8
+PASS_MEMORY_FLOOR_BYTES = 32 * 2**20
+#: ... and to at most this many rows: beyond a few hundred rows matrix products
+#: gain nothing more, while a large model's attention memory keeps growing.
+PASS_MAX_ROWS = 256
+
+STRATEGIES = ("auto", "blocks", "model")
+
+#: model -> why the ``blocks`` strategy does not fit it (``auto`` then uses ``model``).
+_BLOCKS_REFUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def batch_rows(n_heads: int) -> int:
+    """Rows per layer: one per head, one unpatched, padded (see BATCH_ROW_MULTIPLE)."""
+    return -(-(n_heads + 1) // BATCH_ROW_MULTIPLE) * BATCH_ROW_MULTIPLE
+
+
+def head_patch(layer: int, slots: list, mean_acts: torch.Tensor, n_heads: int, head_dim: int, first_row: int = 0):
+    """Edit for a batched step: row ``first_row + h`` gets head ``h``'s mean activation at the last token."""
+    heads = torch.arange(n_heads)
+    rows = heads + first_row
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        view = x.view(*x.shape[:-1], n_heads, head_dim)
+        # Same order as the exact path: with several slots, the last one wins.
+        for slot in slots:
+            view[rows, -1, heads] = mean_acts[layer, :, slot].to(x.dtype)
+        return x
+
+    return fn
+
+
+def relative_drift(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest absolute difference as a fraction of the largest absolute reference entry."""
+    scale = float(ref.abs().max())
+    diff = float((ours - ref).abs().max())
+    if scale == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return diff / scale
+
+
+def check_clean_row(logits: torch.Tensor, clean_logits: torch.Tensor, layer: int, strategy: str) -> None:
+    scale = float(clean_logits.abs().max().clamp_min(1.0))
+    drift = float((logits - clean_logits).abs().max()) / scale
+    if not drift <= CLEAN_ROW_REL_TOL:
+        raise ReplayUnsupported(
+            f"fast indirect effect ({strategy}): at layer {layer} the unpatched row's logits differ from the "
+            f"clean run's by {drift:.2e} of their scale (allowed {CLEAN_ROW_REL_TOL:.0e}); this model's "
+            f"last-token recomputation does not reproduce its forward pass"
+        )
+
+
+def _target_probs(logits: torch.Tensor, target_id: int) -> torch.Tensor:
+    return torch.softmax(logits, dim=-1)[:, target_id]
+
+
+def layers_per_pass(lm, n_tokens: int, rows: int) -> int:
+    """How many layers' rows one pass of the ``blocks`` strategy carries (see PASS_MEMORY_FRACTION)."""
+    dims = lm.dims
+    param_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    budget = max(PASS_MEMORY_FLOOR_BYTES, int(param_bytes * PASS_MEMORY_FRACTION))
+    item = next(lm.model.parameters()).element_size()
+    # Per row, attention holds keys and values over the prompt for every head, and their concatenation.
+    row_bytes = 4 * n_tokens * dims.n_heads * dims.head_dim * item
+    return max(1, min(dims.n_layers, budget // (row_bytes * rows), PASS_MAX_ROWS // rows))
+
+
+def _whole_blocks(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with copies of its first row appended up to a multiple of BATCH_ROW_MULTIPLE rows."""
+    pad = -x.shape[0] % BATCH_ROW_MULTIPLE
+    return torch.cat([x, x[:1].expand(pad, *x.shape[1:])]) if pad else x
+
+
+def _run_pass(lm, calls, blocks, setup, mean_acts, first: int, last: int, group: int) -> torch.Tensor:
+    """Final hidden states (before the norm) of the rows of layers ``first..last-1``.
+
+    Layer ``L``'s rows join the batch at block ``L``, so nothing below a patched layer
+    is computed and every block above runs once for all of them.
+    """
+    dims, model, spec = lm.dims, lm.model, lm.spec
+    hidden = None
+    for layer in range(first, dims.n_layers):
+        edit = contextlib.nullcontext()
+        if layer < last:
+            clean = calls.hidden(layer)[:1]
+            clean = clean.expand(group, *clean.shape[1:])
+            hidden = clean if hidden is None else torch.cat([hidden, clean])
+            patch = head_patch(layer, setup.last_slots, mean_acts, dims.n_heads, dims.head_dim,
+                               first_row=(layer - first) * group)
+            edit = EditInput(adapters.resolve_out_proj(model, spec, layer), patch)
+        n_rows = hidden.shape[0]
+        with edit:
+            hidden = first_tensor(calls.call_block(blocks, layer, _whole_blocks(hidden)))[:n_rows]
+        if layer < last:
+            check_patch_fired(edit, lm, layer)
+    return hidden
+
+
+def blocks_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
+    """``blocks`` strategy (see module docstring)."""
+    dims, model, spec = lm.dims, lm.model, lm.spec
+    n_layers, n_heads = dims.n_layers, dims.n_heads
+    group = n_heads + 1  # one row per head, then the unpatched row
+    blocks = adapters.resolve_blocks(model, spec)
+    norm, head = adapters.resolve_final_norm(model, spec), adapters.resolve_lm_head(model, spec)
+    clean_logits, cache = clean_prefix(model, setup.inputs, CAPTURE_ROWS, lm_head=head)
+    step = layers_per_pass(lm, setup.inputs["input_ids"].shape[1], group)
+    try:
+        calls = capture_last_token(model, blocks, setup.inputs, cache, CAPTURE_ROWS, lm_head=head)
+        del cache  # the recorded calls keep what the replay needs
+        with calls.replaying():
+            finals = [norm(_run_pass(lm, calls, blocks, setup, mean_acts, first, min(first + step, n_layers), group))
+                      for first in range(0, n_layers, step)]
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as err:
+        # A block that cannot be called on its own with its recorded arguments (other shapes,
+        # state kept outside the cache): this model needs the whole-model strategy.
+        raise ReplayUnsupported(f"replaying the decoder blocks one by one failed ({type(err).__name__}: {err})") from err
+    states = torch.cat(finals)[:, -1, :]
+    probs = []
+    for lo in range(0, states.shape[0], LM_HEAD_ROWS):
+        chunk = states[lo:lo + LM_HEAD_ROWS]
+        logits = head(_whole_blocks(chunk))[:chunk.shape[0]]
+        for i in range(lo, lo + chunk.shape[0]):
+            if i % group == n_heads:  # the unpatched row of layer i // group
+                check_clean_row(logits[i - lo], clean_logits, i // group, "blocks")
+        probs.append(_target_probs(logits, setup.target_id))
+    probs = torch.cat(probs).view(n_layers, group)
+    return (probs[:, :n_heads] - probs[:, n_heads:]).to(torch.float32)  # stored as the exact path stores it
+
+
+def model_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
+    """``model`` strategy (see module docstring)."""
+    dims, model, spec = lm.dims, lm.model, lm.spec
+    n_heads, rows = dims.n_heads, batch_rows(dims.n_heads)
+    head = adapters.resolve_lm_head(model, spec)
+    clean_logits, cache = clean_prefix(model, setup.inputs, rows, lm_head=head)
+    step_inputs = last_token_inputs(setup.inputs, rows)
+    effect = torch.zeros(dims.n_layers, n_heads)
+    for layer in range(dims.n_layers):
+        o_proj = adapters.resolve_out_proj(model, spec, layer)
+        with EditInput(o_proj, head_patch(layer, setup.last_slots, mean_acts, n_heads, dims.head_dim)) as edit:
+            logits = model(**step_inputs, **cache_kwargs(model, cache), use_cache=True).logits[:, -1, :]
+        check_patch_fired(edit, lm, layer)
+        # The step appended the last token to every layer of a cache object (a legacy
+        # tuple is never modified in place); the next layer needs the clean prefix again.
+        if is_cache_object(cache):
+            drop_last(cache, 1)
+        try:
+            check_clean_row(logits[n_heads], clean_logits, layer, "model")
+        except ReplayUnsupported as err:
+            raise FvkitError(f"{err}; run with --ie-mode exact") from None
+        probs = _target_probs(logits, setup.target_id)
+        effect[layer] = probs[:n_heads] - probs[n_heads]
+    return effect
+
+
+def fast_trial(lm, setup, mean_acts: torch.Tensor, strategy: str = "auto") -> torch.Tensor:
+    """(n_layers, n_heads) effects of one trial, with the exact path's semantics."""
+    if strategy not in STRATEGIES:
+        raise FvkitError(f"unknown fast indirect-effect strategy '{strategy}'; use one of {', '.join(STRATEGIES)}")
+    if not setup.last_slots:
+        return torch.zeros(lm.dims.n_layers, lm.dims.n_heads)  # nothing is patched, nothing changes
+    with torch.no_grad():
+        if strategy == "model" or (strategy == "auto" and lm.model in _BLOCKS_REFUSED):
+            return model_trial(lm, setup, mean_acts)
+        try:
+            return blocks_trial(lm, setup, mean_acts)
+        except ReplayUnsupported as err:
+            if strategy == "blocks":
+                raise
+            _BLOCKS_REFUSED[lm.model] = str(err)
+            warnings.warn(f"{err}; recomputing the last token through the whole model instead", stacklevel=2)
+            return model_trial(lm, setup, mean_acts)

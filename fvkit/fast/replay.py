@@ -1,0 +1,190 @@
+"""Re-running only the last token of a prompt on top of its clean keys and values.
+
+    logits, cache = clean_prefix(model, inputs, n_rows=16, lm_head=head)
+    calls = capture_last_token(model, blocks, inputs, cache, n_rows=16)
+    with calls.replaying():
+        out = calls.call_block(blocks, 3, torch.cat([calls.hidden(3)] * 2))   # twice the rows
+
+:func:`clean_prefix` runs the whole prompt once and keeps the key/value cache
+of every position but the last, repeated over ``n_rows`` batch rows.
+:func:`capture_last_token` runs the last token on that cache and records how
+the model called each decoder block (hidden input, attention mask, position
+data, cache object), so that any block can later be called again on its own,
+with edited hidden states and any number of rows. While
+:meth:`BlockCalls.replaying` is active the cache answers every block from the
+clean prefix without growing, so blocks can be re-run in any order and any
+number of times.
+
+The prefix is cut and copied by :mod:`fvkit.fast.cache`, which refuses any
+cache it does not understand. Replay assumes one thing more, shared by every
+transformers release fvkit supports: attention layers read and extend a cache
+object through its ``update(keys, values, layer_idx, ...)``, and a legacy
+cache is never modified in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+from fvkit.fast.cache_names import cache_kwargs, output_cache
+from fvkit.errors import FvkitError
+from fvkit.fast.cache import PrefixCache, UnsupportedCache, last_token_inputs
+
+
+class ReplayUnsupported(FvkitError):
+    """This model's forward pass cannot be re-run block by block (use the whole-model path)."""
+
+
+@contextlib.contextmanager
+def last_position_only(lm_head: Optional[torch.nn.Module], first_row_only: bool = False):
+    """Let the output head read only the last position (and, optionally, only the first
+    batch row): the logits the caller does not use are never computed."""
+    if lm_head is None:
+        yield
+        return
+    rows = slice(0, 1) if first_row_only else slice(None)
+
+    def trim(module, args):
+        x = args[0]
+        return (x[rows, -1:, :], *args[1:]) if x.dim() == 3 else None
+
+    handle = lm_head.register_forward_pre_hook(trim)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def clean_prefix(model, inputs, n_rows: int, lm_head: Optional[torch.nn.Module] = None):
+    """(clean last-token logits, cache of all positions but the last, ``n_rows`` rows)."""
+    with last_position_only(lm_head):
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=True)
+    try:
+        prefix = PrefixCache.from_output(output_cache(out), inputs["input_ids"].shape[1])
+    except UnsupportedCache as err:
+        # Unlike the layer sweep, the fast path has no whole-prompt fallback of its own.
+        raise UnsupportedCache(f"the fast indirect effect cannot reuse this model's key/value cache ({err}); "
+                               f"run with --ie-mode exact") from None
+    return out.logits[0, -1, :], prefix.take(n_rows, reuse=True)
+
+
+def _is_update_owner(value) -> bool:
+    return callable(getattr(value, "update", None)) and hasattr(value, "get_seq_length")
+
+
+def _widen(value, capture_rows: int, n_rows: int):
+    """``value`` with every batch-sized tensor (leading dim ``capture_rows``) widened to ``n_rows`` rows.
+
+    All captured rows are identical (the capture ran one token on identical rows),
+    so a broadcast view of the first row serves any number of rows without copying.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.dim() >= 1 and value.shape[0] == capture_rows and n_rows != capture_rows:
+            return value[:1].expand(n_rows, *value.shape[1:])
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_widen(v, capture_rows, n_rows) for v in value)
+    return value
+
+
+class BlockCalls:
+    """How the model called each decoder block for the last token, replayable on any number of rows.
+
+        calls = capture_last_token(model, blocks, inputs, cache, n_rows)
+        with calls.replaying():
+            h = calls.call_block(blocks, 2, torch.cat([calls.hidden(2)] * 3))
+
+    The capture ran ``capture_rows`` identical rows; a block can be called again
+    with any number of rows, each seeing the clean prefix.
+    """
+
+    def __init__(self, n_layers: int, capture_rows: int):
+        self.calls: list = [None] * n_layers
+        self.capture_rows = capture_rows
+        self.owners: list = []      # cache objects the blocks were handed
+        self.prefix: dict = {}      # layer_idx -> (keys, values) of one row, before the last token
+
+    def hidden(self, layer: int) -> torch.Tensor:
+        args, kwargs = self.calls[layer]
+        return args[0] if args else kwargs["hidden_states"]
+
+    def call_block(self, blocks, layer: int, hidden: torch.Tensor):
+        args, kwargs = self.calls[layer]
+        n_rows = hidden.shape[0]
+        args = _widen(tuple(args[1:]), self.capture_rows, n_rows)
+        kwargs = {k: _widen(v, self.capture_rows, n_rows) for k, v in kwargs.items()}
+        if self.calls[layer][0]:
+            return blocks[layer](hidden, *args, **kwargs)
+        return blocks[layer](**{**kwargs, "hidden_states": hidden})
+
+    def _record(self, owner):
+        original = owner.update
+
+        def update(key_states, value_states, layer_idx, *args, **kwargs):
+            keys, values = original(key_states, value_states, layer_idx, *args, **kwargs)
+            n_new = key_states.shape[-2]
+            self.prefix[layer_idx] = (keys[:1, ..., :-n_new, :], values[:1, ..., :-n_new, :])
+            return keys, values
+
+        return update
+
+    def _replay(self, owner):
+        def update(key_states, value_states, layer_idx, *args, **kwargs):
+            if layer_idx not in self.prefix:
+                raise ReplayUnsupported(f"no clean keys/values were recorded for attention layer {layer_idx}")
+            keys, values = self.prefix[layer_idx]
+            n_rows = key_states.shape[0]
+            return (torch.cat([keys.expand(n_rows, *keys.shape[1:]), key_states], dim=-2),
+                    torch.cat([values.expand(n_rows, *values.shape[1:]), value_states], dim=-2))
+
+        return update
+
+    @contextlib.contextmanager
+    def _patched_updates(self, make):
+        for owner in self.owners:
+            owner.update = make(owner)  # an instance attribute shadows the class's method
+        try:
+            yield
+        finally:
+            for owner in self.owners:
+                with contextlib.suppress(AttributeError):
+                    del owner.update
+
+    def replaying(self):
+        """Context in which every attention layer sees the clean prefix plus its new token, and nothing is stored."""
+        return self._patched_updates(self._replay)
+
+
+def capture_last_token(model, blocks, inputs, cache, n_rows: int, lm_head: Optional[torch.nn.Module] = None) -> BlockCalls:
+    """Run the last token on ``cache`` and record every block's call and every layer's clean prefix."""
+    rec = BlockCalls(len(blocks), n_rows)
+
+    def pre_hook(layer):
+        def hook(module, args, kwargs):
+            if not args and "hidden_states" not in kwargs:
+                raise ReplayUnsupported(f"block {layer} was called without a hidden-state argument")
+            rec.calls[layer] = (args, dict(kwargs))
+            for value in (*args[1:], *kwargs.values()):
+                if _is_update_owner(value) and all(value is not o for o in rec.owners):
+                    rec.owners.append(value)
+                    value.update = rec._record(value)
+        return hook
+
+    handles = [block.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    try:
+        # Its logits are not used: the blocks' recorded calls are what this run is for.
+        with last_position_only(lm_head, first_row_only=True):
+            model(**last_token_inputs(inputs, n_rows), **cache_kwargs(model, cache), use_cache=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for owner in rec.owners:
+            with contextlib.suppress(AttributeError):
+                del owner.update
+    missing = [i for i, call in enumerate(rec.calls) if call is None]
+    if missing:
+        raise ReplayUnsupported(f"blocks {missing} did not run for the last token")
+    return rec

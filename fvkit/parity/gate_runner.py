@@ -1,0 +1,241 @@
+"""Running one gate against every reference source it has: live and snapshot.
+
+    gate = Gate("M2", ctx)                          # ctx: GateContext from the conftest fixtures
+    gate.prepare()                                  # no reference numbers: skipped here, nothing computed
+    gate.check(ours=result.comparable())            # compares, records, then fails or passes
+
+Sources, in order: the live reference run (``--reference-src``) unless it
+declares the gate's stages unsupported or invalid, and the stored snapshot for
+the model and settings key. Under ``--snapshot-update`` the live reference's
+numbers are written (never fvkit's) and fvkit is compared live only. With no
+source at all the test is *skipped* with the reason — it never passes silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pytest
+
+from fvkit.parity.compare import GATE_KEYS, GATE_TITLES, M1_KEYS, SWEEP_KEY, SWEEP_STAGES, compare_gate, gate_part
+from fvkit.parity.report import RESULT_PROP
+from fvkit.parity.snapshots import SnapshotBook
+
+#: Stages compared exactly (one CSV row each) per result key, as compare_gate names them;
+#: the tensor keys (mean activations, indirect effect, function vector) have drift rows instead.
+EXACT_STAGES = {
+    "m1": tuple(f"m1.{k}" for k in M1_KEYS),
+    "top_heads": ("top_heads",),
+    "zero_shot": ("zero_shot",),
+    "shuffled": ("shuffled",),
+    "baseline": ("baseline",),
+    SWEEP_KEY: tuple(f"{SWEEP_KEY}.{stage}" for stage in SWEEP_STAGES),
+}
+#: What a reference environment record keeps from the runner's meta.
+ENV_KEYS = ("transformers", "torch", "versions", "reference_commit", "reference_src_matches_commit",
+            "baukit_commit", "reference_branch", "normalizations", "warnings", "invalid", "unsupported")
+
+
+class Recorder:
+    """Findings of one gate test, shipped to the report through ``user_properties``.
+
+        rec = Recorder(request.node)
+        rec.add(metrics={"M2": {...}}, stage_rows=[{...}], notes=["..."])
+    """
+
+    def __init__(self, item):
+        self.item = item
+
+    def add(self, **data) -> None:
+        self.item.user_properties.append((RESULT_PROP, {k: v for k, v in data.items() if v}))
+
+
+@dataclass
+class GateContext:
+    """Everything a gate needs besides fvkit's numbers.
+
+        GateContext(model="tiny-llama", settings=ps.settings_for(name), live=..., snapshot=snapshot,
+                    update=False, recorder=Recorder(item))
+    """
+
+    model: str
+    settings: object           # fvkit.parity.session.ModelSettings
+    live: Optional[dict]
+    snapshot: object           # syrupy's ``snapshot`` fixture
+    update: bool
+    recorder: Recorder
+    bos_ids: tuple = ()
+    snapshot_hint: str = ""
+
+
+def reference_environment(meta: dict) -> dict:
+    return {k: meta.get(k) for k in ENV_KEYS if k in meta}
+
+
+def live_problem(gate: str, live: dict) -> Optional[str]:
+    """Why the live reference cannot be compared for ``gate`` (None when it can)."""
+    meta = live.get("meta") or {}
+    if gate == "M4":
+        invalid = (meta.get("invalid") or {}).get("m4")
+        if invalid:
+            return f"reference invalid: {invalid}"
+    unsupported = meta.get("unsupported") or {}
+    if isinstance(unsupported, str):
+        return f"reference unsupported: {unsupported}"
+    # The reference's meta["unsupported"] names the same result keys the gates read.
+    missing = [k for k in GATE_KEYS[gate] if k in unsupported]
+    if missing and len(missing) == len(GATE_KEYS[gate]):
+        return "reference unsupported: " + "; ".join(f"{k}: {unsupported[k]}" for k in missing)
+    return None
+
+
+def reference_part(gate: str, live: dict, keys: Optional[tuple] = None) -> dict:
+    """The gate's part of a reference dict, without stages the reference left out (None)."""
+    part = gate_part(gate, live, keys)
+    return {k: v for k, v in part.items() if v is not None}
+
+
+@dataclass
+class Source:
+    """Reference numbers of one origin: the live run, or a stored snapshot (with its book)."""
+
+    name: str
+    part: dict
+    book: Optional[SnapshotBook] = None
+
+
+@dataclass
+class Gate:
+    """One gate test's comparison against its reference sources (see module docstring).
+
+        gate = Gate("M3", ctx, label="fast")
+        gate.prepare()                   # finds sources; skips at once when there are none
+        gate.check(ours)                 # compares, records, fails with every finding
+        Gate("M4", ctx, label="layer sweep", keys=("layer_sweep",))   # only part of the gate's keys
+    """
+
+    gate: str
+    ctx: GateContext
+    label: str = ""
+    keys: Optional[tuple] = None
+    checks: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    found: Optional[list] = None
+    missing: list = field(default_factory=list)
+
+    @property
+    def result_keys(self) -> tuple:
+        """The keys of the comparable result dict this gate test compares."""
+        return self.keys or GATE_KEYS[self.gate]
+
+    @property
+    def title(self) -> str:
+        return f"{self.gate} {GATE_TITLES[self.gate]}" + (f" [{self.label}]" if self.label else "")
+
+    @property
+    def head(self) -> str:
+        return f"{self.title} for {self.ctx.model} ({self.ctx.settings.key})"
+
+    def prepare(self, skip_if_none: bool = True) -> list:
+        """Resolve the sources (writing snapshots under --snapshot-update). With none, skip
+        now — before fvkit computes anything — unless the caller still has checks to run."""
+        if self.found is None:
+            self.found, self.missing = self._sources()
+        if not self.found and skip_if_none:
+            self.record()
+            pytest.skip(self.skip_reason())
+        return self.found
+
+    def skip_reason(self) -> str:
+        return f"{self.head}: no reference numbers: " + "; ".join(self.missing)
+
+    def _sources(self) -> tuple:
+        ctx, gate = self.ctx, self.gate
+        found, missing = [], []
+        usable_live = None
+        if ctx.live is not None:
+            problem = live_problem(gate, ctx.live)
+            if problem:
+                missing.append(f"live {problem}")
+                self.notes.append(f"live {problem}")
+            else:
+                part = reference_part(gate, ctx.live, self.result_keys)
+                if part:
+                    usable_live = part
+                    found.append(Source("live reference", part))
+                else:
+                    missing.append(f"the live reference computed none of {', '.join(self.result_keys)}")
+        book = SnapshotBook(ctx.snapshot, gate, ctx.settings.key)
+        if ctx.update:
+            if usable_live is not None:
+                env = reference_environment(ctx.live.get("meta") or {})
+                existed = book.exists()
+                book.write(usable_live, env, ctx.model, ctx.settings.as_dict())
+                self.notes.append(f"snapshot {'checked/updated' if existed else 'written'} from the live reference: "
+                                  f"{book.path.name}")
+            else:
+                self.notes.append(f"snapshot not written: {missing[-1] if missing else 'no live reference'}")
+        elif book.exists():
+            stored = book.load()
+            if stored is None:
+                missing.append(f"snapshot {book.path} is not a fvkit parity snapshot; regenerate it")
+            else:
+                env = stored.get("environment") or {}
+                self.notes.append(f"snapshot {book.path.name}: reference {str(env.get('reference_commit'))[:12]}, "
+                                  f"transformers {env.get('transformers')}")
+                found.append(Source("snapshot", stored.get("value") or {}, book))
+        else:
+            missing.append(f"no snapshot {book.path.relative_to(book.path.parents[2])} for these settings"
+                           + (f" ({ctx.snapshot_hint})" if ctx.snapshot_hint else ""))
+        return found, missing
+
+    def record(self, metrics=None, rows=None) -> None:
+        key = self.gate + (f"[{self.label}]" if self.label else "")
+        self.ctx.recorder.add(metrics={key: metrics} if metrics else None, stage_rows=rows, notes=self.notes,
+                              settings=self.ctx.settings.as_dict())
+
+    def check(self, ours: dict, guard_failures=(), adjust=None) -> None:
+        """Compare ``ours`` (a comparable dict) with every source; record; fail or skip.
+
+        ``adjust(ours_part, ref_part) -> (ours_part, records)`` may reconcile
+        differences fvkit can prove to be float ties (see fvkit.parity.rank_ties)."""
+        found = self.prepare(skip_if_none=False)
+        ours_part = gate_part(self.gate, ours, self.result_keys)
+        failures = list(guard_failures)
+        metrics, rows = {}, []
+        for source in found:
+            mine, ties = adjust(ours_part, source.part) if adjust else (ours_part, [])
+            check = compare_gate(self.gate, mine, source.part, source.name, self.ctx.bos_ids)
+            if ties:
+                check.notes.append(f"{len(ties)} rank(s) differ only by a float tie within RANK_TIE_REL_TOL: "
+                                   + "; ".join(f"{t['stage']}.{t['list']}[{t['item']}] fvkit {t['fvkit_rank']} vs "
+                                               f"{t['reference_rank']} (gap {t['relative_logit_gap']:.1e})"
+                                               for t in ties[:5]))
+            if source.book is not None:  # the snapshot: the same verdict through syrupy's comparison
+                syrupy_ok = source.book.matches(mine)
+                if syrupy_ok != check.ok:
+                    check.notes.append(f"syrupy's tolerant match says {syrupy_ok}, the gate says {check.ok}")
+            self.checks.append(check)
+            self.notes.extend(f"{source.name}: {note}" for note in check.notes)
+            metrics[source.name] = check.metrics()
+            rows.extend(self.stage_rows(check))
+            failures.extend(check.failures())
+        self.record(metrics, rows)
+        if failures:
+            pytest.fail(f"{self.head} FAILED:\n  " + "\n  ".join(failures), pytrace=False)
+        if not found:
+            pytest.skip(self.skip_reason())
+
+    def stage_rows(self, check) -> list:
+        """One CSV row per stage: drifts for tensors, exact-match verdicts for the rest."""
+        suffix = f" [{self.label}]" if self.label else ""
+        rows = [{"stage": d.stage + suffix, "source": check.source, "status": "PASS" if d.ok else "FAIL",
+                 "max_abs_drift": d.max_abs_drift, "rel_drift": d.rel_drift, "tolerance": d.tol,
+                 "tolerance_name": d.tol_name, "worst_index": list(d.worst_index) if d.worst_index is not None else "",
+                 "detail": d.problem} for d in check.drifts]
+        for stage in (s for key in self.result_keys for s in EXACT_STAGES.get(key, ())):
+            found = next(((m, c) for s, m, c in check.mismatches if s == stage), None)
+            detail = "exact match" if found is None else found[0].message() + (f" [cause: {found[1]}]" if found[1] else "")
+            rows.append({"stage": stage, "source": check.source, "status": "FAIL" if found else "PASS", "detail": detail})
+        return rows
