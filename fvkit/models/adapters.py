@@ -109,11 +109,16 @@ def out_proj_name(spec: ModelSpec, layer: int) -> str:
     return f"{attn_name(spec, layer)}.{spec.out_proj_path_in_attn}"
 
 
+def is_conv1d(module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 family): its weight is stored (in, out), nn.Linear's (out, in)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
 def out_proj_in_features(module: torch.nn.Module) -> int:
     """Input width of an out-projection: nn.Linear stores (out, in), GPT-2's Conv1D (in, out)."""
     if isinstance(module, torch.nn.Linear):
         return module.in_features
-    if hasattr(module, "nf") and hasattr(module, "weight"):  # transformers' Conv1D
+    if is_conv1d(module):
         return module.weight.shape[0]
     if hasattr(module, "in_features"):
         return int(module.in_features)

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from fvkit.errors import FvkitError
+from fvkit.models.adapters import is_conv1d
 from fvkit.models.tokenizers import (GPT2_BPE, LLAMA_SP, QWEN2_BPE, TOKENIZER_SCHEME, check_saved_bos,
                          package_dir, save_tokenizer)
 
@@ -323,8 +324,7 @@ def _norm_neutral(module: torch.nn.Module, width: int) -> float:
 
 
 def _fan_in(module: torch.nn.Module, weight: torch.Tensor) -> int:
-    # transformers' Conv1D stores (in, out); nn.Linear stores (out, in).
-    return weight.shape[0] if hasattr(module, "nf") else weight.shape[1]
+    return weight.shape[0] if is_conv1d(module) else weight.shape[1]
 
 
 def initialise(model: torch.nn.Module, alias: str, embed_scale: float = 1.0) -> None:
