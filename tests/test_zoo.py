@@ -228,7 +228,7 @@ def test_build_refuses_a_hash_that_differs_from_the_committed_one(fresh_cache, m
 @pytest.mark.slow
 def test_concurrent_builds_share_one_directory(fresh_cache):
     # pytest-xdist workers may ask for the same model at once: one builds, the other waits.
-    code = "from fvkit import zoo; print(zoo.ensure_built('tiny-qwen2'))"
+    code = "from fvkit.models import zoo; print(zoo.ensure_built('tiny-qwen2'))"
     env = dict(os.environ, FVKIT_CACHE=str(fresh_cache))
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
