@@ -20,3 +20,7 @@ class DataError(FvkitError):
 
 class ParityModeError(FvkitError):
     """A setting that parity work does not allow (device, dtype, quantization)."""
+
+
+class DataWarning(UserWarning):
+    """Data that is usable but probably not what was meant (duplicate rows, for one)."""

@@ -9,11 +9,9 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import platform
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,7 @@ from fvkit import __version__
 
 from fvkit.models import adapters
 from fvkit.method.activations import mean_head_activations
-from fvkit.errors import FvkitError
+from fvkit.errors import DataError, FvkitError
 from fvkit.method.function_vector import compute_function_vector, select_top_heads
 from fvkit.method.indirect_effect import indirect_effects
 from fvkit.method.intervene import evaluate, evaluate_baseline
@@ -33,14 +31,23 @@ from fvkit.method.prompts import DEFAULT_TEMPLATE, Template
 from fvkit.method.stage_inputs import n_used, trial_prompt
 from fvkit.method.token_labels import dummy_token_labels, slot_index_map, token_meta_labels
 from fvkit.method.fixed_trials import STAGES
+from fvkit.method.prompt_length import check_prompt_lengths
+from fvkit import run_dir
 
-#: Files a complete run directory holds; a run is written to a temporary
-#: directory and moved into place whole, so a crash never leaves a partial set.
+#: Files a complete run directory holds; a run is written to a staging folder
+#: and swapped into place whole (:mod:`fvkit.run_dir`), so a crash never leaves a partial set.
 RUN_FILES = (
     "mean_activations.pt", "indirect_effect.pt", "function_vector.pt", "top_heads.json",
     "eval_zero_shot.json", "eval_shuffled.json", "eval_baseline.json", "token_labels.json",
     "timings.json", "run.json",
 )
+#: Files a run adds next to its stage files (:mod:`fvkit.report.run_files`); the
+#: sweep ones only with ``--edit-layer all``.
+ARTIFACT_FILES = ("cie_heatmap.png", "decoded_tokens.json", "report.html")
+SWEEP_FILES = ("layer_sweep.json", "layer_sweep.png")
+#: Every name a run directory may hold: anything else is the user's, and a
+#: directory holding it is never replaced.
+KNOWN_RUN_FILES = RUN_FILES + ARTIFACT_FILES + SWEEP_FILES
 
 
 def default_edit_layer(lm) -> int:
@@ -99,15 +106,28 @@ def stage_prompts(lm, dataset, trials, max_trials, template: Template) -> dict:
     return out
 
 
+def check_max_trials(trials, max_trials: Optional[int]) -> None:
+    """``--max-trials`` must select trials the file has: capping silently would run fewer than asked."""
+    if max_trials is None:
+        return
+    if max_trials < 1:
+        raise DataError(f"--max-trials must be at least 1, got {max_trials}")
+    if max_trials > trials.n_trials:
+        raise DataError(f"--max-trials {max_trials} is more than the {trials.n_trials} trials of {trials.id}; "
+                        f"pass --max-trials {trials.n_trials} or fewer, or a trials file with more trials")
+
+
 def run_pipeline(lm, dataset, trials, *, n_top_heads: int = 10, edit_layer: Optional[int] = None,
                  max_trials: Optional[int] = None, ie_mode: str = "fast",
                  template: Template = DEFAULT_TEMPLATE, show_progress: bool = True) -> PipelineResult:
     trials.check_dataset(dataset)
+    check_max_trials(trials, max_trials)
     edit_layer = default_edit_layer(lm) if edit_layer is None else edit_layer
     adapters.check_layer(lm.model, lm.spec, edit_layer)
     total_heads = lm.dims.n_layers * lm.dims.n_heads
     if not 1 <= n_top_heads <= total_heads:
         raise FvkitError(f"--n-top-heads {n_top_heads} is outside 1..{total_heads} (this model has {total_heads} heads)")
+    check_prompt_lengths(lm, dataset, trials, max_trials, template)
     timings = {}
 
     def timed(name, fn, *args, **kwargs):
@@ -159,41 +179,55 @@ def json_text(obj) -> str:
     return json.dumps(obj, indent=1, default=str) + "\n"
 
 
-def write_run_outputs(result: PipelineResult, out_dir, extra_args: Optional[dict] = None,
-                      extra_files: Optional[dict] = None) -> Path:
-    """Write every stage file; the directory appears complete or not at all.
+def _tensor_bytes(tensor) -> bytes:
+    buf = io.BytesIO()
+    torch.save(tensor, buf)
+    return buf.getvalue()
 
-    ``extra_files`` maps further file names to their bytes (figures, the HTML page,
-    the layer sweep: see :mod:`fvkit.report.run_files`); they are part of the same move.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "run.json").exists():
-        raise FvkitError(f"output directory {out_dir} exists and is not an fvkit run directory; pass a new --out")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        torch.save(result.mean_activations, tmp / "mean_activations.pt")
-        torch.save(result.indirect_effect, tmp / "indirect_effect.pt")
-        torch.save(result.function_vector, tmp / "function_vector.pt")
-        dump = lambda name, obj: (tmp / name).write_text(json_text(obj))
-        dump("top_heads.json", result.top_heads)
-        dump("eval_zero_shot.json", result.zero_shot)
-        dump("eval_shuffled.json", result.shuffled)
-        dump("eval_baseline.json", result.baseline)
-        dump("token_labels.json", {"prompt": result.prompts["mean_activations"][0],
+
+def run_files(result: PipelineResult, extra_args: Optional[dict] = None) -> dict:
+    """File name -> bytes of the stage files of a run (``run.json`` among them)."""
+    text = lambda obj: json_text(obj).encode("utf-8")
+    return {
+        "mean_activations.pt": _tensor_bytes(result.mean_activations),
+        "indirect_effect.pt": _tensor_bytes(result.indirect_effect),
+        "function_vector.pt": _tensor_bytes(result.function_vector),
+        "top_heads.json": text(result.top_heads),
+        "eval_zero_shot.json": text(result.zero_shot),
+        "eval_shuffled.json": text(result.shuffled),
+        "eval_baseline.json": text(result.baseline),
+        "token_labels.json": text({"prompt": result.prompts["mean_activations"][0],
                                    "token_ids": result.token_ids,
                                    "token_labels": [list(x) for x in result.token_labels],
-                                   "dummy_labels": [list(x) for x in result.dummy_labels]})
-        dump("timings.json", result.timings)
-        dump("run.json", {"arguments": extra_args or {}, "model": result.model, "spec": result.spec,
+                                   "dummy_labels": [list(x) for x in result.dummy_labels]}),
+        "timings.json": text(result.timings),
+        "run.json": text({"arguments": extra_args or {}, "model": result.model, "spec": result.spec,
                           "trials_id": result.trials_id, "settings": result.settings,
-                          "diagnostics": result.diagnostics, "versions": package_versions()})
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+                          "diagnostics": result.diagnostics, "versions": package_versions()}),
+    }
+
+
+def check_run_dir(out_dir) -> None:
+    """Before any work: ``out_dir`` can be written and holds nothing but an earlier run."""
+    from fvkit.output_location import check_output_dir
+
+    check_output_dir(out_dir, "--out")
+    run_dir.check_replaceable(out_dir, KNOWN_RUN_FILES, "--out")
+
+
+def write_run_outputs(result: PipelineResult, out_dir, extra_args: Optional[dict] = None,
+                      extra_files: Optional[dict] = None) -> Path:
+    """Write every stage file; the directory is the old complete run or the new one, never a mix.
+
+    ``extra_files`` maps further file names to their bytes (figures, the HTML page,
+    the layer sweep: see :mod:`fvkit.report.run_files`); they are part of the same swap.
+    A directory holding files a run did not write is refused, never replaced.
+    """
+    out_dir = Path(out_dir)
+    check_run_dir(out_dir)
+    files = run_files(result, extra_args)
+    for name, data in (extra_files or {}).items():
+        if name in files:
+            raise ValueError(f"extra file {name} would overwrite a stage file")
+        files[name] = data
+    return run_dir.publish(out_dir, files)

@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
-from fvkit.errors import FvkitError
+from fvkit.errors import DataWarning, FvkitError
+from fvkit.signals import Stopped, stop_on_signals
 
 #: Modules that contribute subcommands, in the order ``--help`` lists them.
 SUBCOMMAND_MODULES = (
@@ -28,8 +30,15 @@ SUBCOMMAND_MODULES = (
 )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line naming the option, like every other fvkit error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fvkit", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="fvkit", description=__doc__.split("\n")[0])
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         try:
@@ -49,13 +58,30 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with stop_on_signals(), warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(args.command)
+            return int(args.func(args) or 0)
     except FvkitError as err:
         print(f"fvkit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        print(f"fvkit {args.command}: interrupted by {stop}; earlier results are unchanged", file=sys.stderr)
+        return stop.exit_status
     except KeyboardInterrupt:
         print(f"fvkit {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line_warning(command: str):
+    """Data warnings as one line a researcher reads, not a file:line and a source line."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DataWarning):
+            print(f"fvkit {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+    return show
 
 
 if __name__ == "__main__":

@@ -13,8 +13,11 @@ from pathlib import Path
 from fvkit.method.data import DEFAULT_DATA_DIR, load_task_dataset
 from fvkit.errors import FvkitError
 from fvkit.method.fixed_trials import FixedTrials, trials_id
+from fvkit.output_location import check_output_file
 
 DEFAULT_TRIALS_DIR = DEFAULT_DATA_DIR / "fixed_trials"
+#: numpy.random.RandomState accepts seeds below 2**32.
+SEED_LIMIT = 2 ** 32
 
 
 def add_parser(subparsers) -> None:
@@ -50,10 +53,20 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=cmd_run)
 
 
+def check_seed(seed: int) -> None:
+    """numpy's RandomState takes seeds 0..2**32-1; say so before it raises ValueError."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise FvkitError(f"--seed must be between 0 and {SEED_LIMIT - 1}, got {seed}")
+
+
 def cmd_trials(args) -> int:
+    check_seed(args.seed)
+    if args.out:
+        check_output_file(args.out, "--out")
     ds = load_task_dataset(args.dataset, args.data_dir)
     trials = FixedTrials.make(ds, args.n_trials, args.n_shots, args.seed, args.test_size)
     out = Path(args.out) if args.out else DEFAULT_TRIALS_DIR / f"{trials.id}.json"
+    check_output_file(out, "--out")
     trials.save(out)
     print(f"wrote {out} ({trials.id}: split {len(trials.split['train'])}/{len(trials.split['valid'])}/"
           f"{len(trials.split['test'])} train/valid/test rows)")
@@ -68,6 +81,7 @@ def resolve_trials(dataset, path, seed: int, fallback_dir: Path) -> FixedTrials:
     if default.is_file():
         return FixedTrials.load(default, dataset)
     trials = FixedTrials.make(dataset, 10, 10, seed)
+    check_output_file(fallback_dir / f"{trials.id}.json", "--out (its folder, for the generated trials)")
     trials.save(fallback_dir / f"{trials.id}.json")
     return trials
 
@@ -87,10 +101,17 @@ def sweeps_all_layers(value) -> bool:
 
 def cmd_run(args) -> int:
     from fvkit.models.loader import load_model
-    from fvkit.pipeline import run_pipeline, write_run_outputs
+    from fvkit.pipeline import check_max_trials, check_run_dir, run_pipeline, write_run_outputs
 
+    # Every input and the output folder are checked before the model loads:
+    # a mistake ends in seconds, not after the whole computation.
+    check_seed(args.seed)
+    parse_edit_layer(args.edit_layer)
+    check_run_dir(args.out)
     ds = load_task_dataset(args.dataset, args.data_dir)
     trials = resolve_trials(ds, args.fixed_trials, args.seed, Path(args.out).parent)
+    trials.check_dataset(ds, args.fixed_trials or trials.id)
+    check_max_trials(trials, args.max_trials)
     lm = load_model(args.model, model_spec=args.model_spec, device=args.device, dtype=args.dtype,
                     quant=args.quant, parity=True)
     print(lm.diagnostics_table(), file=sys.stderr)

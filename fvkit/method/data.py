@@ -18,13 +18,14 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from fvkit.errors import DataError
+from fvkit.errors import DataError, DataWarning
 
 #: The repository's own datasets (used when no --data-dir is given).
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "datasets"
@@ -53,6 +54,9 @@ class TaskDataset:
 def resolve_dataset_path(name_or_path: str, data_dir: Optional[str] = None) -> Path:
     """A file path as given, or a task name looked up in ``data_dir`` the way the reference does."""
     candidate = Path(name_or_path)
+    if candidate.is_dir():
+        raise DataError(f"dataset '{name_or_path}' is a directory; pass a JSON file, or a task name "
+                        f"with --data-dir {name_or_path}")
     if candidate.suffix == ".json" or candidate.is_file():
         if not candidate.is_file():
             raise DataError(f"dataset file '{name_or_path}' does not exist; pass an existing JSON file or a task name")
@@ -90,7 +94,24 @@ def load_task_dataset(name_or_path: str, data_dir: Optional[str] = None) -> Task
         if bad:
             raise DataError(f"dataset {path}: entry {i} column {bad[0]!r} is {type(row[bad[0]]).__name__}, expected a string")
     clean = [{"input": r["input"], "output": r["output"]} for r in rows]
+    warn_duplicates(path, clean)
     return TaskDataset(name=path.stem, path=str(path), rows=clean, sha256=hashlib.sha256(raw).hexdigest())
+
+
+def warn_duplicates(path, rows: list) -> None:
+    """Repeated rows are usable but weigh their pair twice and can put it in train and test at once."""
+    seen, repeats = {}, []
+    for i, row in enumerate(rows):
+        key = (row["input"], row["output"])
+        if key in seen:
+            repeats.append((seen[key], i))
+        else:
+            seen[key] = i
+    if repeats:
+        first, again = repeats[0]
+        warnings.warn(DataWarning(
+            f"dataset {path} has {len(repeats)} duplicate row(s), e.g. entry {again} repeats entry {first}; "
+            f"a repeated pair can be both a demonstration and the query"), stacklevel=3)
 
 
 def _shuffle_split(indices: list, test_size: float, seed: int) -> tuple:

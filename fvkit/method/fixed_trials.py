@@ -37,6 +37,13 @@ STAGES = ("mean_activations", "indirect_effect", "zero_shot", "shuffled", "basel
 QUERY_SPLIT = {"mean_activations": "valid", "indirect_effect": "valid", "zero_shot": "test", "shuffled": "test", "baseline": "test"}
 #: Stages whose demonstration labels are shuffled.
 SHUFFLED_STAGES = ("indirect_effect", "shuffled")
+#: Stages holding ``n_trials`` trials (the others hold one item per test row).
+CAPPED_STAGES = ("mean_activations", "indirect_effect")
+
+
+def _is_index(value) -> bool:
+    """An int that is not a bool (JSON true would otherwise pass as row 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -154,19 +161,40 @@ class FixedTrials:
                 raise DataError(f"fixed-trials file '{path}': field '{where}{key}' must be {kind.__name__ if isinstance(kind, type) else kind}")
             return obj[key]
 
+        def fail(message):
+            raise DataError(f"fixed-trials file '{path}': {message}; regenerate it with `fvkit trials`")
+
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise DataError(f"fixed-trials file '{path}': 'format' must be '{FORMAT}'; regenerate it with `fvkit trials`")
+            fail(f"'format' must be '{FORMAT}'")
         ds = need(raw, "dataset", dict, "")
+        n_rows = need(ds, "n_rows", int, "dataset.")
         split = need(raw, "split", dict, "")
         for part in ("train", "valid", "test"):
             rows = need(split, part, list, "split.")
-            if not all(isinstance(i, int) for i in rows):
-                raise DataError(f"fixed-trials file '{path}': split.{part} must list row indices")
+            for k, i in enumerate(rows):
+                if not _is_index(i) or not 0 <= i < n_rows:
+                    fail(f"split.{part}[{k}] is {i!r}, not a row index in 0..{n_rows - 1} (dataset.n_rows)")
+            if not rows:
+                fail(f"split.{part} is empty")
+            if len(set(rows)) != len(rows):
+                fail(f"split.{part} lists a row twice")
+        for a, b in (("train", "valid"), ("train", "test"), ("valid", "test")):
+            shared = sorted(set(split[a]) & set(split[b]))
+            if shared:
+                fail(f"row {shared[0]} is in both split.{a} and split.{b}; a demonstration must never be a query")
         stages_raw = need(raw, "stages", dict, "")
         n_shots = need(raw, "n_shots", int, "")
+        n_trials = need(raw, "n_trials", int, "")
+        if n_trials < 1 or n_shots < 1:
+            fail(f"'n_trials' ({n_trials}) and 'n_shots' ({n_shots}) must be at least 1")
         stages = {}
         for stage in STAGES:
             items = need(stages_raw, stage, list, "stages.")
+            if not items:
+                fail(f"stages.{stage} is empty, so the stage would report no result")
+            if stage in CAPPED_STAGES and len(items) != n_trials:
+                fail(f"'n_trials' is {n_trials} but stages.{stage} lists {len(items)} trials")
+            shots = 0 if stage == "zero_shot" else n_shots
             parsed = []
             for k, item in enumerate(items):
                 where = f"stages.{stage}[{k}]."
@@ -174,18 +202,28 @@ class FixedTrials:
                 query = need(item, "query", int, where)
                 order = item.get("label_order")
                 n_demo = len(demos)
-                if not all(isinstance(d, int) and 0 <= d < len(split["train"]) for d in demos):
-                    raise DataError(f"fixed-trials file '{path}': {where}demos must be train-split indices")
+                for d in demos:
+                    if not _is_index(d) or not 0 <= d < len(split["train"]):
+                        fail(f"{where}demos must be train-split indices ({d!r} not in 0..{len(split['train']) - 1})")
+                if n_demo != shots:
+                    fail(f"{where}demos lists {n_demo} demonstrations but this stage uses {shots} "
+                         f"({'none for zero-shot' if stage == 'zero_shot' else 'field n_shots'})")
                 if not 0 <= query < len(split[QUERY_SPLIT[stage]]):
-                    raise DataError(f"fixed-trials file '{path}': {where}query is outside the {QUERY_SPLIT[stage]} split")
-                if order is not None and sorted(order) != list(range(n_demo)):
-                    raise DataError(f"fixed-trials file '{path}': {where}label_order must be a permutation of 0..{n_demo - 1}")
+                    fail(f"{where}query is outside the {QUERY_SPLIT[stage]} split "
+                         f"({query} not in 0..{len(split[QUERY_SPLIT[stage]]) - 1})")
+                if stage in SHUFFLED_STAGES and order is None:
+                    fail(f"{where}label_order is null, but stage {stage} shuffles its labels")
+                if stage not in SHUFFLED_STAGES and order is not None:
+                    fail(f"{where}label_order must be null: stage {stage} keeps its labels in order")
+                if order is not None and (not isinstance(order, list) or not all(_is_index(o) for o in order)
+                                          or sorted(order) != list(range(n_demo))):
+                    fail(f"{where}label_order must be a permutation of 0..{n_demo - 1}")
                 parsed.append(Trial(list(demos), query, None if order is None else list(order)))
             stages[stage] = parsed
         return cls(
             dataset_name=need(ds, "name", str, "dataset."), dataset_sha256=need(ds, "sha256", str, "dataset."),
-            n_rows=need(ds, "n_rows", int, "dataset."), seed=need(raw, "seed", int, ""),
-            n_trials=need(raw, "n_trials", int, ""), n_shots=n_shots,
+            n_rows=n_rows, seed=need(raw, "seed", int, ""),
+            n_trials=n_trials, n_shots=n_shots,
             test_size=float(need(raw, "test_size", (int, float), "")), split=split, stages=stages,
             id=need(raw, "id", str, ""),
         )
@@ -197,6 +235,9 @@ class FixedTrials:
                 f"but {dataset.path} has sha256 {dataset.sha256[:12]}…; use the matching dataset or regenerate "
                 f"the trials with `fvkit trials --dataset {dataset.path}`"
             )
+        if self.n_rows != len(dataset):
+            raise DataError(f"fixed trials '{path}': dataset.n_rows is {self.n_rows} but {dataset.path} has "
+                            f"{len(dataset)} rows; regenerate the trials with `fvkit trials --dataset {dataset.path}`")
 
     # --- use -----------------------------------------------------------------------------
     def n_items(self, stage: str) -> int:

@@ -14,14 +14,13 @@ from fvkit.report.figures import cie_heatmap, layer_sweep_plot
 from fvkit.report.page import render_html
 from fvkit.fast.sweep import layer_sweep
 from fvkit.method.prompts import DEFAULT_TEMPLATE, Template
-from fvkit.pipeline import json_text, package_versions
+from fvkit.pipeline import ARTIFACT_FILES, SWEEP_FILES, json_text, package_versions
 from fvkit.report.vocab import decode_vector
 
 #: Tokens of the decoded function vector that are written and shown.
 DECODE_TOP_K = 10
-#: File names a run adds next to its stage files (the sweep ones only with --edit-layer all).
-ARTIFACT_FILES = ("cie_heatmap.png", "decoded_tokens.json", "report.html")
-SWEEP_FILES = ("layer_sweep.json", "layer_sweep.png")
+#: File names a run adds next to its stage files (ARTIFACT_FILES; SWEEP_FILES only with
+#: --edit-layer all) are listed in fvkit.pipeline, which checks a run directory before any work.
 
 
 def run_caption(result, dataset_name: str) -> str:
