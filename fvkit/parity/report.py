@@ -127,6 +127,7 @@ class ReportState:
         self.exit_status: Optional[int] = None
         self._log_lines: list = []
         self.paths_written: list = []
+        self._folder = None          # fvkit.parity.report_folder.ReportFolder, made on the first write
 
     @property
     def environment(self) -> dict:
@@ -170,16 +171,9 @@ class ReportState:
         self.write()
 
     def log(self, line: str) -> None:
+        # Kept in memory and written with the other files by write(): a session that
+        # records nothing (one stopped by a bad option) never rewrites an earlier log.
         self._log_lines.append(line)
-        if self.writer and self.out_dir:
-            path = self.out_dir / LOG_NAME
-            path.parent.mkdir(parents=True, exist_ok=True)
-            mode = "a" if path in self.paths_written else "w"
-            with open(path, mode, encoding="utf-8") as fh:
-                # Lines logged before the directory was known are flushed on first write.
-                fh.write("\n".join(self._log_lines if mode == "w" else [line]) + "\n")
-            if path not in self.paths_written:
-                self.paths_written.append(path)
 
     def finish(self, exit_status: int, interrupted: bool) -> None:
         self.exit_status = int(exit_status)
@@ -255,22 +249,30 @@ class ReportState:
         if not self.writer or not self.out_dir or not self.models:
             return
         # Imported here, not at start-up: the plugin module is loaded by every pytest run.
-        from fvkit.method.data import atomic_write_text
+        from fvkit.parity.report_folder import ReportFolder, session_id
         from fvkit.report.page import HTML_NAME, render_html, unpack_entry
 
-        out = self.out_dir
-        report = self.as_dict()
-        atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=1, default=str) + "\n")
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=STAGE_COLUMNS, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        for row in self.stage_rows():
-            writer.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in row.items()})
-        atomic_write_text(out / STAGES_NAME, buf.getvalue())
-        atomic_write_text(out / HTML_NAME, render_html(report, {m: unpack_entry(p) for m, p in self.pages.items()}))
-        for name in (REPORT_NAME, STAGES_NAME, HTML_NAME):
-            if out / name not in self.paths_written:
-                self.paths_written.append(out / name)
+        if self._folder is None or self._folder.out_dir != self.out_dir:
+            self._folder = ReportFolder(self.out_dir, session_id())
+        with self._folder.locked() as folder:
+            # Concurrent sessions on the same folder: each stages its own data and the
+            # shared files are the union (fvkit.parity.report_folder).
+            folder.stage(self.as_dict(), self.stage_rows(), self.pages, self._log_lines)
+            merged = folder.merged()
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=STAGE_COLUMNS, extrasaction="ignore", lineterminator="\n")
+            writer.writeheader()
+            for row in merged.rows:
+                writer.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in row.items()})
+            written = folder.replace({
+                REPORT_NAME: json.dumps(merged.report, indent=1, default=str) + "\n",
+                STAGES_NAME: buf.getvalue(),
+                HTML_NAME: render_html(merged.report, {m: unpack_entry(p) for m, p in merged.pages.items()}),
+                LOG_NAME: "\n".join(merged.log) + "\n",
+            })
+        for path in written:
+            if path not in self.paths_written:
+                self.paths_written.append(path)
 
     # --- terminal ------------------------------------------------------------------------
     def table_lines(self) -> list:
