@@ -117,9 +117,9 @@ def check_max_trials(trials, max_trials: Optional[int]) -> None:
                         f"pass --max-trials {trials.n_trials} or fewer, or a trials file with more trials")
 
 
-def run_pipeline(lm, dataset, trials, *, n_top_heads: int = 10, edit_layer: Optional[int] = None,
-                 max_trials: Optional[int] = None, ie_mode: str = "fast",
-                 template: Template = DEFAULT_TEMPLATE, show_progress: bool = True) -> PipelineResult:
+def check_run_settings(lm, dataset, trials, *, n_top_heads: int, edit_layer: Optional[int],
+                       max_trials: Optional[int], template: Template = DEFAULT_TEMPLATE) -> int:
+    """Every setting against the loaded model, before any forward pass; returns the edit layer."""
     trials.check_dataset(dataset)
     check_max_trials(trials, max_trials)
     edit_layer = default_edit_layer(lm) if edit_layer is None else edit_layer
@@ -128,6 +128,14 @@ def run_pipeline(lm, dataset, trials, *, n_top_heads: int = 10, edit_layer: Opti
     if not 1 <= n_top_heads <= total_heads:
         raise FvkitError(f"--n-top-heads {n_top_heads} is outside 1..{total_heads} (this model has {total_heads} heads)")
     check_prompt_lengths(lm, dataset, trials, max_trials, template)
+    return edit_layer
+
+
+def run_pipeline(lm, dataset, trials, *, n_top_heads: int = 10, edit_layer: Optional[int] = None,
+                 max_trials: Optional[int] = None, ie_mode: str = "fast",
+                 template: Template = DEFAULT_TEMPLATE, show_progress: bool = True) -> PipelineResult:
+    edit_layer = check_run_settings(lm, dataset, trials, n_top_heads=n_top_heads, edit_layer=edit_layer,
+                                    max_trials=max_trials, template=template)
     timings = {}
 
     def timed(name, fn, *args, **kwargs):

@@ -101,7 +101,7 @@ def sweeps_all_layers(value) -> bool:
 
 def cmd_run(args) -> int:
     from fvkit.models.loader import load_model
-    from fvkit.pipeline import check_max_trials, check_run_dir, run_pipeline, write_run_outputs
+    from fvkit.pipeline import check_max_trials, check_run_dir, check_run_settings, run_pipeline, write_run_outputs
 
     # Every input and the output folder are checked before the model loads:
     # a mistake ends in seconds, not after the whole computation.
@@ -114,10 +114,12 @@ def cmd_run(args) -> int:
     check_max_trials(trials, args.max_trials)
     lm = load_model(args.model, model_spec=args.model_spec, device=args.device, dtype=args.dtype,
                     quant=args.quant, parity=True)
+    settings = dict(n_top_heads=args.n_top_heads, edit_layer=parse_edit_layer(args.edit_layer),
+                    max_trials=args.max_trials)
+    check_run_settings(lm, ds, trials, **settings)
     print(lm.diagnostics_table(), file=sys.stderr)
     kwargs = {} if args.ie_mode is None else {"ie_mode": args.ie_mode}
-    result = run_pipeline(lm, ds, trials, n_top_heads=args.n_top_heads, edit_layer=parse_edit_layer(args.edit_layer),
-                          max_trials=args.max_trials, **kwargs)
+    result = run_pipeline(lm, ds, trials, **settings, **kwargs)
     # Imported only now: matplotlib's ~20 MB need not be resident during the model's passes.
     from fvkit.report.run_files import run_artifacts
 

@@ -130,6 +130,10 @@ class ParitySession:
         if options.max_trials is not None and options.max_trials > trials.n_trials:
             raise FvkitError(f"--max-trials {options.max_trials} exceeds the {trials.n_trials} trials of {trials.id}; "
                              f"pass 1..{trials.n_trials}")
+        from fvkit.output_location import check_output_dir
+
+        # The report folder is checked now, not when the first gate has finished.
+        check_output_dir(Path(rootdir) / "results_fv" / dataset.name / trials.id, "report folder")
         return cls(options, rootdir, dataset, trials, source, notes, reference_runner)
 
     @property
