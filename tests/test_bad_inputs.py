@@ -19,9 +19,12 @@ from pathlib import Path
 import pytest
 
 from fvkit.cli.main import main
+from fvkit.models import zoo
 
 REPO = Path(__file__).resolve().parents[1]
 TRIALS = REPO / "datasets/fixed_trials/fixed_trials_antonym_t10_s10_seed0.json"
+#: The zoo cache as seen before pytester points HOME at a temporary directory.
+REAL_CACHE = zoo.cache_root()
 QUICK = ["--model", "tiny-gpt2", "--max-trials", "1", "--n-top-heads", "4", "--edit-layer", "1"]
 
 
@@ -249,3 +252,50 @@ def test_run_directory_follows_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o755
+
+
+# --- the parity suite's pytest options -------------------------------------------------
+REPORT_DIR = "results_fv/antonym/fixed_trials_antonym_t10_s10_seed0"
+PYTEST_CASES = [
+    ("max-trials-above-file", ["--max-trials", "11"], "--max-trials 11 exceeds the 10 trials"),
+    ("seed-negative", ["--seed", "-1"], "--seed must be at least 0, got -1"),
+    ("dataset-is-a-directory", ["--dataset", "DIR"], "is a directory; pass a JSON file"),
+    ("trials-negative-split-index", ["--fixed-trials", "NEGATIVE"], "split.train[0] is -1, not a row index"),
+    ("trials-missing", ["--fixed-trials", "missing.json"], "does not exist; create one with `fvkit trials`"),
+    ("report-folder-is-a-file", ["REPORT_IS_FILE"], "report folder"),
+]
+
+
+@pytest.fixture
+def suite_copy(pytester, monkeypatch):
+    monkeypatch.setenv("FVKIT_CACHE", str(REAL_CACHE))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    shutil.copytree(REPO / "parity_tests", pytester.path / "parity_tests", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pytest.ini", pytester.path / "pytest.ini")
+    return pytester
+
+
+@pytest.mark.slow  # one pytest process per case, each importing torch: about 6 s a case
+@pytest.mark.parametrize("case, args, fragment", PYTEST_CASES, ids=[c[0] for c in PYTEST_CASES])
+def test_bad_parity_option_is_one_line_and_changes_nothing(suite_copy, case, args, fragment):
+    root = suite_copy.path
+    report = root / REPORT_DIR
+    if args == ["REPORT_IS_FILE"]:
+        report.parent.mkdir(parents=True)
+        report.write_text("mine\n")
+        args = []
+    else:
+        report.mkdir(parents=True)
+        (report / "parity_suite_report.json").write_text('{"complete": true}\n')
+    data = json.loads(TRIALS.read_text())
+    data["split"]["train"][0] = -1
+    (root / "negative.json").write_text(json.dumps(data))
+    values = {"DIR": str(root), "NEGATIVE": str(root / "negative.json")}
+    args = [values.get(a, a) for a in args]
+    before = snapshot(root / "results_fv")
+    result = suite_copy.runpytest_subprocess("parity_tests", "--model", "tiny-gpt2", "--data-dir",
+                                             str(REPO / "datasets"), "-p", "no:cacheprovider", *args, timeout=300)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    err = [line for line in result.stderr.lines if line.strip()]
+    assert len(err) == 1 and fragment in err[0] and "Traceback" not in result.stderr.str(), err
+    assert snapshot(root / "results_fv") == before
