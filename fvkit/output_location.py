@@ -51,8 +51,10 @@ def check_output_dir(path, flag: str = "--out") -> Path:
         raise OutputLocationError(f"{flag} {path} is an existing file; pass a directory path")
     parent = _existing_ancestor(path, flag)
     _probe_writable(parent, path, flag)
-    if path.is_dir():
-        _probe_writable(path, path, flag)
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        # No probe inside: a probe stranded there by a kill would look like a user's file.
+        raise OutputLocationError(f"{flag} {path} is not writable, so an earlier run in it could not be "
+                                  f"replaced; change its permissions or pass another {flag}")
     return path
 
 
