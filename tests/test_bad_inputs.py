@@ -123,6 +123,9 @@ RUN_CASES = [
     ("trials-other-dataset", {"--dataset": "capitalize"}, "were drawn from a dataset with sha256"),
     ("prompt-longer-than-context", {"--dataset": long_dataset, "--fixed-trials": None},
      "longer than the 1024-token context of tiny-gpt2"),
+    # Rotary positions raise no error past the context: without the check the run would go on.
+    ("prompt-longer-than-context-llama", {"--model": "tiny-llama", "--dataset": long_dataset, "--fixed-trials": None},
+     "longer than the 1024-token context of tiny-llama"),
 ]
 
 
