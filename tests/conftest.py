@@ -40,10 +40,10 @@ def zoo_model():
 @pytest.fixture
 def smollm2_available():
     from fvkit.errors import FvkitError
-    from fvkit.models.zoo import smollm2_gguf_dir
+    from fvkit.models.zoo import gguf_dir
 
     try:
-        smollm2_gguf_dir()
+        gguf_dir("smollm2-135m")
     except FvkitError as err:
         pytest.skip(str(err))
 

