@@ -16,8 +16,8 @@ from fvkit.models.architectures import (SUPPORT_MODULES, _check_unique, all_arch
                                         default_parity_models, get_architecture, reference_branches,
                                         zoo_recipes)
 from fvkit.models.architectures import weights_hash
-from fvkit.models.architectures.architecture import Architecture, ReferenceBranch, ZooEntry
-from fvkit.models.architectures.reference_branches import ALL_BRANCHES, GPT_J, LLAMA
+from fvkit.models.architectures.architecture import Architecture, ReferenceBranch
+from fvkit.models.architectures.reference_branches import ALL_BRANCHES, GPT_J
 from fvkit.models.spec import find_spec, get_spec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ from fvkit.models.architectures.architecture import Architecture, ZooEntry
 from fvkit.models.architectures.reference_branches import ALL_BRANCHES
 
 #: Modules of this package that are not family files.
-SUPPORT_MODULES = ("architecture", "recipe_constants", "reference_branches", "weights_hash")
+SUPPORT_MODULES = ("architecture", "layouts", "recipe_constants", "reference_branches", "weights_hash")
 
 
 def _family_file(module_name: str) -> str:

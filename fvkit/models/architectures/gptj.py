@@ -1,6 +1,7 @@
 """GPT-J: parallel attention and MLP, partial rotary positions, bias-free out-projection."""
 
 from fvkit.models.architectures.architecture import Architecture, ModelSpec, ZooEntry
+from fvkit.models.architectures.layouts import Q_K_PROJ_SUFFIXES
 from fvkit.models.architectures.recipe_constants import GPT2_IDS, GPT2_VOCAB, MAX_POSITIONS, NO_DROPOUT_GPT
 from fvkit.models.architectures.reference_branches import GPT_J
 from fvkit.models.tokenizers import GPT2_BPE
@@ -16,7 +17,7 @@ ARCHITECTURE = Architecture(
     ),
     lookup_priority=80,
     zoo_order=30,
-    qk_weight_suffixes=("q_proj.weight", "k_proj.weight"),
+    qk_weight_suffixes=Q_K_PROJ_SUFFIXES,
     zoo=(
         ZooEntry("tiny-gptj", "gptj", "gptj", dict(
             n_layer=2, n_head=4, n_embd=48, n_inner=67, rotary_dim=8, n_positions=MAX_POSITIONS,

@@ -1,6 +1,7 @@
 """LLaMA 1, 2 and 3: RMSNorm, rotary positions, grouped-query attention."""
 
 from fvkit.models.architectures.architecture import Architecture, ModelSpec, ZooEntry
+from fvkit.models.architectures.layouts import LLAMA_STYLE_PATHS, Q_K_PROJ_SUFFIXES
 from fvkit.models.architectures.recipe_constants import MAX_POSITIONS, SP_IDS, SP_VOCAB
 from fvkit.models.architectures.reference_branches import LLAMA
 from fvkit.models.tokenizers import LLAMA_SP
@@ -8,8 +9,7 @@ from fvkit.models.tokenizers import LLAMA_SP
 ARCHITECTURE = Architecture(
     spec=ModelSpec(
         name="llama",
-        blocks_path="model.layers", attn_path_in_block="self_attn", out_proj_path_in_attn="o_proj",
-        final_norm_path="model.norm", lm_head_path="lm_head",
+        **LLAMA_STYLE_PATHS,
         prepend_bos=True,
         architectures=("LlamaForCausalLM",), model_id_patterns=(r"llama",),
         description="LLaMA 1, 2 and 3 (grouped-query attention in 2-70B and 3)",
@@ -17,7 +17,7 @@ ARCHITECTURE = Architecture(
     # Below the checkpoint families built on it (smollm2) and the anchored GPT ids.
     lookup_priority=60,
     zoo_order=20,
-    qk_weight_suffixes=("q_proj.weight", "k_proj.weight"),
+    qk_weight_suffixes=Q_K_PROJ_SUFFIXES,
     zoo=(
         ZooEntry("tiny-llama", "llama", "llama", dict(
             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=40,

