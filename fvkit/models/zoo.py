@@ -280,10 +280,7 @@ def build(entry: ZooEntry, directory: str) -> dict:
     import transformers
 
     start = time.time()
-    if entry.source == "gguf":
-        model, tokenizer = _load_gguf(entry)
-    else:
-        model, tokenizer = _build_random(entry)
+    model, tokenizer = build_in_memory(entry)
     model.save_pretrained(directory, safe_serialization=True)
     save_tokenizer(tokenizer, directory, add_bos_token=entry.add_bos_token)
     check_saved_bos(directory, add_bos_token=entry.add_bos_token)
@@ -320,6 +317,13 @@ def build(entry: ZooEntry, directory: str) -> dict:
         fh.write("\n")
     os.replace(tmp, os.path.join(directory, METADATA_FILE))
     return metadata
+
+
+def build_in_memory(entry: ZooEntry):
+    """``(model, tokenizer)`` of ``entry``, built or converted, nothing written to disk."""
+    if entry.source == "gguf":
+        return _load_gguf(entry)
+    return _build_random(entry)
 
 
 def build_random_model(alias: str) -> torch.nn.Module:

@@ -19,11 +19,7 @@ from fvkit.errors import FvkitError
 def recipe_hash(alias: str) -> str:
     from fvkit.models import zoo
 
-    entry = zoo.get_entry(alias)
-    if entry.source == "random":
-        model = zoo.build_random_model(alias)
-    else:
-        model, _ = zoo._load_gguf(entry)
+    model, _ = zoo.build_in_memory(zoo.get_entry(alias))
     return zoo.weights_sha256(model)
 
 
