@@ -40,11 +40,13 @@ SNAPSHOT_HINT = (f"create them from a live reference under transformers {REFEREN
 
 
 def load_reference_runner():
-    """``run_reference`` from reference.py beside this file, imported by path so that
-    no other ``reference`` module on sys.path can stand in for it."""
+    """``run_reference`` from the reference/ package beside this file, imported by path
+    so that no other ``reference`` module on sys.path can stand in for it."""
     name = "fvkit_parity_reference_runner"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "reference.py")
+        package = HERE / "reference"
+        spec = importlib.util.spec_from_file_location(name, package / "__init__.py",
+                                                      submodule_search_locations=[str(package)])
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)

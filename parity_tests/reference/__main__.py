@@ -1,0 +1,7 @@
+"""``python -m parity_tests.reference``: see :mod:`.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,132 @@
+"""The reference's stage functions, each called as the reference's scripts call it.
+
+Every stage that draws prompts runs right after the reference's ``set_seed(seed)``
+(``compute_function_vector`` is not reseeded, like the script), with
+``filter_set=None`` and the template the scripts pass. A stage marked unsupported
+is skipped and stays ``None``; a stage that raises on a supported model ends the
+run with :class:`ReferenceStageError`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Callable, Optional
+
+from fvkit.errors import FvkitError
+
+from .keys import RESULT_STAGES
+from .loading import ReferenceModules
+from .recording import Recorder
+from .settings import RunSettings
+
+#: Decimal places of the per-stage seconds in ``meta["timings"]``.
+TIMING_DIGITS = 4
+
+
+class ReferenceStageError(FvkitError):
+    """A reference stage raised on a model the runner considered supported."""
+
+
+def eval_result(res: dict, with_intervention: bool) -> dict:
+    """An ``n_shot_eval`` result in plain values: rank lists and top-k accuracies."""
+    out = {"clean_rank_list": [int(r) for r in res["clean_rank_list"]],
+           "clean_topk": [[int(k), float(a)] for k, a in res["clean_topk"]]}
+    if with_intervention:
+        out["intervention_rank_list"] = [int(r) for r in res["intervention_rank_list"]]
+        out["intervention_topk"] = [[int(k), float(a)] for k, a in res["intervention_topk"]]
+    return out
+
+
+def script_template(refs: ReferenceModules) -> tuple:
+    """(prefixes, separators): the scripts pass their argparse template, which equals
+    the defaults of ``word_pairs_to_prompt_data``."""
+    template = inspect.signature(refs.prompt_utils.word_pairs_to_prompt_data).parameters
+    return template["prefixes"].default, template["separators"].default
+
+
+class StageRunner:
+    """Calls the reference's stages on one model and keeps their results and timings."""
+
+    def __init__(self, refs: ReferenceModules, lm, model_config: dict, settings: RunSettings,
+                 unsupported: dict, rec: Recorder):
+        self.refs, self.lm, self.model_config, self.settings = refs, lm, model_config, settings
+        self.unsupported, self.rec = unsupported, rec
+        self.prefixes, self.separators = script_template(refs)
+        self.common = dict(model=lm.model, model_config=model_config, tokenizer=lm.tokenizer)
+        self.out: dict = {key: None for key in RESULT_STAGES}
+        self.timings: dict = {}
+        self.ds = None
+        self.fv = None
+        self.set_seed = refs.model_utils.set_seed
+
+    def run(self, key: str, prompt_stage: Optional[str], fn: Callable):
+        """Run one stage (unless unsupported), recording its prompts under ``prompt_stage``."""
+        if key in self.unsupported:
+            return None
+        self.rec.begin(prompt_stage)
+        t0 = time.perf_counter()
+        try:
+            value = fn()
+        except FvkitError:
+            raise
+        except Exception as err:
+            raise ReferenceStageError(f"the reference's {key} stage failed on model '{getattr(self.lm, 'name', '?')}' "
+                                      f"({type(err).__name__}: {err}); see the chained traceback") from err
+        finally:
+            self.rec.begin(None)
+            self.timings[key] = round(time.perf_counter() - t0, TIMING_DIGITS)
+        self.out[key] = value
+        return value
+
+    def load_dataset(self, root: str, name: str):
+        self.set_seed(self.settings.seed)
+        self.ds = self.refs.prompt_utils.load_dataset(name, root_data_dir=root, test_size=self.settings.test_size,
+                                                      seed=self.settings.seed)
+        return self.ds
+
+    def mean_activations(self):
+        s = self.settings
+        self.set_seed(s.seed)
+        return self.refs.extract_utils.get_mean_head_activations(
+            self.ds, **self.common, n_icl_examples=s.n_shots, N_TRIALS=s.k,
+            prefixes=self.prefixes, separators=self.separators, filter_set=None)
+
+    def indirect_effect(self):
+        s = self.settings
+        self.set_seed(s.seed)
+        return self.refs.compute_indirect_effect.compute_indirect_effect(
+            self.ds, self.out["mean_activations"], **self.common, n_shots=s.n_shots, n_trials=s.k,
+            last_token_only=True, prefixes=self.prefixes, separators=self.separators, filter_set=None)
+
+    def top_heads(self):
+        """``compute_function_vector``: returns the top heads and keeps the vector in ``self.fv``."""
+        fv, heads = self.refs.extract_utils.compute_function_vector(
+            self.out["mean_activations"], self.out["indirect_effect"], self.lm.model,
+            model_config=self.model_config, n_top_heads=self.settings.n_top_heads)
+        self.fv = fv
+        return [[int(l), int(h), float(s)] for l, h, s in heads]
+
+    def evaluation(self, shots: int, shuffle: bool, layer: Optional[int] = None) -> Callable:
+        """``n_shot_eval`` with the function vector at ``layer`` (default: the edit layer)."""
+        layer = self.settings.edit_layer if layer is None else layer
+
+        def run():
+            self.set_seed(self.settings.seed)
+            kwargs = {"shuffle_labels": True} if shuffle else {}
+            return eval_result(self.refs.eval_utils.n_shot_eval(
+                dataset=self.ds, fv_vector=self.out["function_vector"], edit_layer=layer, n_shots=shots,
+                **self.common, filter_set=None, prefixes=self.prefixes, separators=self.separators, **kwargs), True)
+        return run
+
+    def zero_shot(self, layer: Optional[int] = None) -> Callable:
+        return self.evaluation(0, False, layer)
+
+    def shuffled(self, layer: Optional[int] = None) -> Callable:
+        return self.evaluation(self.settings.n_shots, True, layer)
+
+    def baseline(self):
+        self.set_seed(self.settings.seed)
+        return eval_result(self.refs.eval_utils.n_shot_eval_no_intervention(
+            self.ds, n_shots=self.settings.n_shots, **self.common, prefixes=self.prefixes,
+            separators=self.separators), False)
