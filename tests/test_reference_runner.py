@@ -1,4 +1,4 @@
-"""The reference runner (parity_tests/reference.py) on tiny zoo models.
+"""The reference runner (the parity_tests/reference/ package) on tiny zoo models.
 
 Needs a function_vectors checkout and baukit: $FVKIT_REFERENCE_SRC / $FVKIT_BAUKIT,
 else /tmp/ref/function_vectors and /tmp/ref/baukit (or an installed baukit).
