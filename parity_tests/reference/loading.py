@@ -166,6 +166,13 @@ def _bitsandbytes_stub(notes: list) -> Optional[types.ModuleType]:
 def _import_reference_modules(src: Path, notes: list) -> dict:
     """The reference's stage modules imported from ``src`` (with a bitsandbytes stub
     in place while they import, when the real one is missing)."""
+    try:
+        # transformers probes for bitsandbytes with find_spec when it is first imported,
+        # and that probe raises on a stub without __spec__: import it before the stub goes in.
+        importlib.import_module("transformers")
+    except ImportError as err:
+        raise FvkitError(f"importing the reference from {src} failed ({type(err).__name__}: {err}); "
+                         f"install transformers in this environment") from None
     had_bnb = "bitsandbytes" in sys.modules
     stub = _bitsandbytes_stub(notes)
     if stub is not None:
