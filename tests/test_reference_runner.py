@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -176,6 +177,20 @@ def test_injection_is_flagged_exactly_when_blocks_return_a_tensor(reference_resu
     else:
         assert meta["invalid"]["m4"] is None
         assert probe["block_output_type"] == "tuple" and probe["max_abs_logit_change"] > 0.0
+
+
+def test_loads_in_a_process_that_has_not_imported_transformers(refs):
+    """The command line loads the reference before any model; transformers' first import
+    must not meet the bitsandbytes stand-in (under 4.49 its find_spec probe raised)."""
+    code = ("import sys; from parity_tests.reference import load_reference; "
+            f"load_reference({REFERENCE_SRC!r}, {BAUKIT!r}); "
+            "import transformers.utils.import_utils as iu; "
+            "print('bitsandbytes' in sys.modules, iu.is_bitsandbytes_available())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stub_left, available = proc.stdout.split()
+    assert stub_left == "False" and available == str(importlib.util.find_spec("bitsandbytes") is not None)
 
 
 # --- refusals and unsupported models -----------------------------------------------------
