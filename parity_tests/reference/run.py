@@ -49,8 +49,8 @@ def _run_stages(sr: StageRunner, root: str, name: str, invalid: dict) -> Optiona
         probe = probe_zero_shot(sr.refs, sr.lm, sr.model_config, sr.out["function_vector"], sr.settings.edit_layer,
                                 sr.ds["test"][0], sr.prefixes, sr.separators)
         invalid[INVALID_KEY] = invalid_reason(probe)
-    sr.run("zero_shot", "zero_shot", sr.zero_shot())
-    sr.run("shuffled", "shuffled", sr.shuffled())
+    sr.run("zero_shot", "zero_shot", sr.zero_shot)
+    sr.run("shuffled", "shuffled", sr.shuffled)
     sr.run("baseline", "baseline", sr.baseline)
     if sr.settings.sweep and sr.out["function_vector"] is not None:
         sr.run(SWEEP_KEY, None, lambda: layer_sweep(sr))

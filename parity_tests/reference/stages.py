@@ -107,22 +107,19 @@ class StageRunner:
         self.fv = fv
         return [[int(l), int(h), float(s)] for l, h, s in heads]
 
-    def evaluation(self, shots: int, shuffle: bool, layer: Optional[int] = None) -> Callable:
+    def evaluation(self, shots: int, shuffle: bool, layer: Optional[int] = None) -> dict:
         """``n_shot_eval`` with the function vector at ``layer`` (default: the edit layer)."""
         layer = self.settings.edit_layer if layer is None else layer
+        self.set_seed(self.settings.seed)
+        kwargs = {"shuffle_labels": True} if shuffle else {}
+        return eval_result(self.refs.eval_utils.n_shot_eval(
+            dataset=self.ds, fv_vector=self.out["function_vector"], edit_layer=layer, n_shots=shots,
+            **self.common, filter_set=None, prefixes=self.prefixes, separators=self.separators, **kwargs), True)
 
-        def run():
-            self.set_seed(self.settings.seed)
-            kwargs = {"shuffle_labels": True} if shuffle else {}
-            return eval_result(self.refs.eval_utils.n_shot_eval(
-                dataset=self.ds, fv_vector=self.out["function_vector"], edit_layer=layer, n_shots=shots,
-                **self.common, filter_set=None, prefixes=self.prefixes, separators=self.separators, **kwargs), True)
-        return run
-
-    def zero_shot(self, layer: Optional[int] = None) -> Callable:
+    def zero_shot(self, layer: Optional[int] = None) -> dict:
         return self.evaluation(0, False, layer)
 
-    def shuffled(self, layer: Optional[int] = None) -> Callable:
+    def shuffled(self, layer: Optional[int] = None) -> dict:
         return self.evaluation(self.settings.n_shots, True, layer)
 
     def baseline(self):

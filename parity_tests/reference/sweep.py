@@ -17,5 +17,5 @@ def layer_sweep(runner: StageRunner) -> dict:
     out = {stage: [] for stage in SWEEP_STAGES}
     for layer in range(int(runner.model_config["n_layers"])):
         for stage in SWEEP_STAGES:
-            out[stage].append(evaluations[stage](layer)())
+            out[stage].append(evaluations[stage](layer))
     return out
