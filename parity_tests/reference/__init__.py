@@ -30,8 +30,9 @@ The parts:
 
 * :mod:`.loading` imports the reference and baukit; :mod:`.isolation` keeps their
   side effects (RNG state, warnings) out of the calling process;
-* :mod:`.config` builds the reference's ``MODEL_CONFIG`` (the per-layout branch
-  table :data:`REFERENCE_BRANCHES`) and says which stages it supports;
+* :mod:`.config` builds the reference's ``MODEL_CONFIG`` (its branch picked by
+  module layout from ``fvkit.models.architectures.reference_branches()``) and says
+  which stages it supports;
 * :mod:`.recording` records the prompts, token data and split the reference built;
   :mod:`.dataset` lays the dataset out for it and reads the split back;
 * :mod:`.stages` calls each stage, :mod:`.sweep` the layer sweep,
@@ -47,7 +48,6 @@ from .cli import build_parser, main
 from .config import (
     NO_BRANCH_NAME,
     REFERENCE_BOS_TEXT,
-    REFERENCE_BRANCHES,
     ReferenceConfig,
     propagate_unsupported,
     reference_model_config,
@@ -69,7 +69,7 @@ from .run import run_reference, run_reference_tensors, to_plain
 from .stages import ReferenceStageError
 
 __all__ = [
-    "NO_BRANCH_NAME", "PROMPT_STAGES", "REFERENCE_BOS_TEXT", "REFERENCE_BRANCHES", "REFERENCE_MARKER",
+    "NO_BRANCH_NAME", "PROMPT_STAGES", "REFERENCE_BOS_TEXT", "REFERENCE_MARKER",
     "REFERENCE_TOP_MODULES", "RESULT_STAGES", "STAGE_NEEDS", "ReferenceConfig", "ReferenceModules",
     "ReferenceStageError", "StubbedAttributeError", "baukit_package_dir", "build_parser", "checkout_state",
     "load_reference", "main", "probe_injection", "propagate_unsupported", "reference_model_config",

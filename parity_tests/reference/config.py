@@ -4,9 +4,13 @@ The reference derives its config inside ``load_gpt_model_and_tokenizer`` from a
 hub name; its stage functions read ``n_heads``, ``n_layers``, ``resid_dim``,
 ``attn_hook_names``, ``layer_hook_names``, ``prepend_bos`` and branch on
 substrings of ``name_or_path``. Here the config is built from the ModelSpec and
-the model's dimensions, and the branch is picked by module layout from
-:data:`REFERENCE_BRANCHES`. Every bridge is recorded as a sentence, and what the
-reference cannot compute faithfully for the model is marked unsupported.
+the model's dimensions, and the branch is picked by module layout from the
+reference branches the registered architectures name
+(:func:`fvkit.models.architectures.reference_branches`: blocks path, attention
+path, out-projection path -> branch name, Conv1D or Linear, and whether the
+branch applies the out-projection's bias after patching a head). Every bridge
+is recorded as a sentence, and what the reference cannot compute faithfully for
+the model is marked unsupported.
 """
 
 from __future__ import annotations
@@ -15,23 +19,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 from fvkit.models.adapters import block_name, is_conv1d, out_proj_name, resolve_out_proj
+from fvkit.models.architectures import reference_branches
 
 from .keys import M1_KEY, RESULT_STAGES, STAGE_NEEDS
 
 #: The BOS text the reference writes into prompts when the tokenizer adds none
 #: (hard-coded in its ``word_pairs_to_prompt_data``).
 REFERENCE_BOS_TEXT = "<|endoftext|>"
-#: Reference branches by module layout (blocks path, attention path, out-projection path).
-#: The branch name is what ``MODEL_CONFIG['name_or_path']`` must contain for the
-#: reference's ``compute_function_vector`` to find the out-projection
-#: (it uses these fixed attribute paths) and for ``replace_activation_w_avg`` to
-#: apply it the right way; ``bias`` is whether that branch applies a bias there.
-REFERENCE_BRANCHES = {
-    ("transformer.h", "attn", "c_proj"): {"name": "gpt2-xl", "conv1d": True, "bias": True},
-    ("transformer.h", "attn", "out_proj"): {"name": "gpt-j", "conv1d": False, "bias": False},
-    ("gpt_neox.layers", "attention", "dense"): {"name": "gpt-neox", "conv1d": False, "bias": True},
-    ("model.layers", "self_attn", "o_proj"): {"name": "llama", "conv1d": False, "bias": False},
-}
 #: name_or_path for a layout no reference branch serves; it contains none of the
 #: substrings the reference branches on.
 NO_BRANCH_NAME = "fvkit-unsupported-layout"
@@ -78,8 +72,8 @@ def _base_notes(spec, dims, n_layers: int, n_heads: int) -> list:
     ]
 
 
-def _no_branch(spec, name: str, notes: list, unsupported: dict) -> None:
-    known = "; ".join(f"{'.'.join(k)} -> '{v['name']}'" for k, v in REFERENCE_BRANCHES.items())
+def _no_branch(spec, name: str, branches: dict, notes: list, unsupported: dict) -> None:
+    known = "; ".join(f"{'.'.join(k)} -> '{v['name']}'" for k, v in branches.items())
     reason = (f"no reference branch has the module layout {spec.blocks_path}.{{L}}."
               f"{spec.attn_path_in_block}.{spec.out_proj_path_in_attn} (its branches: {known})")
     _mark(unsupported, ("indirect_effect", "function_vector"), reason)
@@ -129,7 +123,8 @@ def reference_model_config(lm) -> ReferenceConfig:
     n_layers, n_heads = int(dims.n_layers), int(dims.n_heads)
     unsupported: dict = {}
     layout = (spec.blocks_path, spec.attn_path_in_block, spec.out_proj_path_in_attn)
-    branch = REFERENCE_BRANCHES.get(layout)
+    branches = reference_branches()
+    branch = branches.get(layout)
     name = branch["name"] if branch else NO_BRANCH_NAME
     config = {
         "n_heads": n_heads,
@@ -146,7 +141,7 @@ def reference_model_config(lm) -> ReferenceConfig:
               f"the reference reads the layer index as the third dotted component of a hook name, but "
               f"blocks_path '{spec.blocks_path}' puts it elsewhere")
     if branch is None:
-        _no_branch(spec, name, notes, unsupported)
+        _no_branch(spec, name, branches, notes, unsupported)
     else:
         _branch_fit(model, spec, layout, branch, notes, unsupported)
     _shape_and_bos_checks(spec, dims, n_heads, unsupported)
