@@ -168,7 +168,7 @@ def worker(args) -> dict:
     from fvkit.method.data import load_task_dataset
     from fvkit.errors import FvkitError
     from fvkit.method.fixed_trials import FixedTrials
-    from fvkit.method.indirect_effect import indirect_effects
+    from fvkit.pipeline import indirect_effects
     from fvkit.method.stage_inputs import trial_prompt
 
     torch.set_num_threads(args.threads)

@@ -39,7 +39,7 @@ def make_vector(lm, ds, trials, max_trials: int):
     """A real function vector from the first ``max_trials`` trials, when none is given."""
     from fvkit.method.activations import mean_head_activations
     from fvkit.method.function_vector import compute_function_vector, select_top_heads
-    from fvkit.method.indirect_effect import indirect_effects
+    from fvkit.pipeline import indirect_effects
 
     mean = mean_head_activations(lm, ds, trials, max_trials=max_trials)
     try:

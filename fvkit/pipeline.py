@@ -25,12 +25,14 @@ from fvkit.models import adapters
 from fvkit.method.activations import mean_head_activations
 from fvkit.errors import DataError, FvkitError
 from fvkit.method.function_vector import compute_function_vector, select_top_heads
-from fvkit.method.indirect_effect import indirect_effects
+from fvkit.fast.indirect_effect import fast_trial
+from fvkit.method.indirect_effect import exact_trial, indirect_effects as effects_over_trials
 from fvkit.method.intervene import evaluate, evaluate_baseline
 from fvkit.method.prompts import DEFAULT_TEMPLATE, Template
 from fvkit.method.stage_inputs import n_used, trial_prompt
 from fvkit.method.token_labels import dummy_token_labels, slot_index_map, token_meta_labels
 from fvkit.method.fixed_trials import STAGES
+from fvkit.method.run_defaults import DEFAULT_IE_MODE, DEFAULT_N_TOP_HEADS, IE_MODES, default_edit_layer
 from fvkit.method.prompt_length import check_prompt_lengths
 from fvkit import run_dir
 
@@ -50,8 +52,19 @@ SWEEP_FILES = ("layer_sweep.json", "layer_sweep.png")
 KNOWN_RUN_FILES = RUN_FILES + ARTIFACT_FILES + SWEEP_FILES
 
 
-def default_edit_layer(lm) -> int:
-    return lm.dims.n_layers // 2
+#: ``--ie-mode`` -> the function computing one trial's (n_layers, n_heads) effects.
+#: Kept here, above both strategies, so that neither imports the other.
+IE_STRATEGIES = {"exact": exact_trial, "fast": fast_trial}
+
+
+def indirect_effects(lm, dataset, trials, mean_acts: torch.Tensor, template: Template = DEFAULT_TEMPLATE,
+                     max_trials: Optional[int] = None, mode: str = "exact", show_progress: bool = True) -> torch.Tensor:
+    """(n_trials, n_layers, n_heads) indirect effects, each trial computed by the ``mode`` strategy."""
+    if mode not in IE_STRATEGIES:
+        raise FvkitError(f"unknown indirect-effect mode '{mode}'; use one of {', '.join(IE_MODES)}")
+    return effects_over_trials(lm, dataset, trials, mean_acts, template, max_trials=max_trials,
+                               trial=IE_STRATEGIES[mode], desc=f"indirect effect ({mode})",
+                               show_progress=show_progress)
 
 
 @dataclass
@@ -122,7 +135,7 @@ def check_run_settings(lm, dataset, trials, *, n_top_heads: int, edit_layer: Opt
     """Every setting against the loaded model, before any forward pass; returns the edit layer."""
     trials.check_dataset(dataset)
     check_max_trials(trials, max_trials)
-    edit_layer = default_edit_layer(lm) if edit_layer is None else edit_layer
+    edit_layer = default_edit_layer(lm.dims.n_layers) if edit_layer is None else edit_layer
     adapters.check_layer(lm.model, lm.spec, edit_layer)
     total_heads = lm.dims.n_layers * lm.dims.n_heads
     if not 1 <= n_top_heads <= total_heads:
@@ -131,8 +144,8 @@ def check_run_settings(lm, dataset, trials, *, n_top_heads: int, edit_layer: Opt
     return edit_layer
 
 
-def run_pipeline(lm, dataset, trials, *, n_top_heads: int = 10, edit_layer: Optional[int] = None,
-                 max_trials: Optional[int] = None, ie_mode: str = "fast",
+def run_pipeline(lm, dataset, trials, *, n_top_heads: int = DEFAULT_N_TOP_HEADS,
+                 edit_layer: Optional[int] = None, max_trials: Optional[int] = None, ie_mode: str = DEFAULT_IE_MODE,
                  template: Template = DEFAULT_TEMPLATE, show_progress: bool = True) -> PipelineResult:
     edit_layer = check_run_settings(lm, dataset, trials, n_top_heads=n_top_heads, edit_layer=edit_layer,
                                     max_trials=max_trials, template=template)

@@ -12,7 +12,8 @@ import fvkit.fast.replay as kv_replay
 from fvkit.method.activations import mean_head_activations
 from fvkit.errors import FvkitError
 from fvkit.method.function_vector import select_top_heads
-from fvkit.method.indirect_effect import TrialSetup, _exact_trial, indirect_effects
+from fvkit.method.indirect_effect import TrialSetup, exact_trial
+from fvkit.pipeline import indirect_effects
 from fvkit.fast.indirect_effect import FAST_VS_EXACT_REL_TOL, batch_rows, fast_trial, relative_drift
 from fvkit.fast.replay import ReplayUnsupported
 from fvkit.method.prompts import DEFAULT_TEMPLATE
@@ -84,7 +85,7 @@ def test_in_float64_fast_equals_exact(prepared, antonym, antonym_trials, alias):
     setup = first_setup(lm, antonym, antonym_trials)
     lm.model.double()
     try:
-        exact = _exact_trial(lm, setup, mean.double())
+        exact = exact_trial(lm, setup, mean.double())
         by_blocks = fast_trial(lm, setup, mean.double(), strategy="blocks")
         by_model = fast_trial(lm, setup, mean.double(), strategy="model")
     finally:
@@ -99,7 +100,7 @@ def test_patching_the_wrong_head_is_caught(prepared, antonym, antonym_trials, mo
     lm, mean, exact = prepared(alias)
     n_heads, head_dim = lm.dims.n_heads, lm.dims.head_dim
 
-    def shifted(layer, slots, mean_acts, n_heads_, head_dim_, first_row=0):
+    def shifted(mean_acts, layer, slots, n_heads_, head_dim_, heads=None, first_row=0):
         heads = torch.arange(n_heads)
         wrong = (heads + 1) % n_heads  # row h gets head h+1's value, at head h+1
 
@@ -158,7 +159,7 @@ def test_auto_falls_back_when_the_forward_does_more_than_its_blocks(prepared, an
 
     handle = lm.model.register_forward_hook(soft_cap)
     try:
-        exact = _exact_trial(lm, setup, mean)
+        exact = exact_trial(lm, setup, mean)
         with pytest.raises(ReplayUnsupported):
             fast_trial(lm, setup, mean, strategy="blocks")
         with pytest.warns(UserWarning, match="whole model"):
@@ -178,7 +179,7 @@ def test_no_last_token_slot_means_no_effect(prepared, antonym, antonym_trials):
     setup = first_setup(lm, antonym, antonym_trials)
     setup.last_slots = []
     assert torch.equal(fast_trial(lm, setup, mean), torch.zeros(lm.dims.n_layers, lm.dims.n_heads))
-    assert torch.equal(_exact_trial(lm, setup, mean), torch.zeros(lm.dims.n_layers, lm.dims.n_heads))
+    assert torch.equal(exact_trial(lm, setup, mean), torch.zeros(lm.dims.n_layers, lm.dims.n_heads))
 
 
 def test_unknown_strategy(prepared, antonym, antonym_trials):

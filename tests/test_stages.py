@@ -9,7 +9,7 @@ from fvkit.models import adapters
 from fvkit.method.activations import head_inputs, mean_head_activations, to_slots
 from fvkit.errors import FvkitError, SpecError
 from fvkit.method.function_vector import compute_function_vector, select_top_heads
-from fvkit.method.indirect_effect import indirect_effects
+from fvkit.pipeline import indirect_effects
 from fvkit.method.intervene import evaluate, inject, token_rank, topk_accuracy
 from fvkit.method.stage_inputs import trial_prompt
 from fvkit.method.token_labels import dummy_token_labels, slot_index_map, token_meta_labels

@@ -16,16 +16,11 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from fvkit.models import zoo
 from fvkit.errors import SpecError
 from fvkit.models.loader import DTYPES, QUANTS, LoadedModel, load_model
+from fvkit.models.hook_check import HOOK_CHECK_PROMPT, check_forward_hooks
 from fvkit.models.spec import all_specs
-from fvkit.models.tracer import TraceDict
-
-#: The prompt ``resolve`` runs; short, and in the Q:/A: format the pipeline uses.
-RESOLVE_PROMPT = "Q: hot\nA: cold\n\nQ: up\nA:"
 
 
 def add_parser(subparsers) -> None:
@@ -72,32 +67,10 @@ def cmd_specs(args) -> int:
     return 0
 
 
-def check_hooks(lm: LoadedModel, prompt: str = RESOLVE_PROMPT) -> dict:
-    """One forward pass with a hook on every block and out-projection; fail on any gap.
-
-    Returns ``{"tokens": n, "hooks": n}`` for the report.
-    """
-    out_names = lm.out_proj_names()
-    block_names = lm.block_names()
-    text = prompt if lm.spec.prepend_bos else lm.spec.bos_text + prompt
-    inputs = lm.tokenizer(text, return_tensors="pt").to(lm.device)
-    with TraceDict(lm.model, out_names + block_names, retain_input=True, retain_output=False) as td:
-        with torch.no_grad():
-            lm.model(**inputs)
-    if td.not_fired:
-        raise SpecError(
-            f"ModelSpec '{lm.spec.name}': hooks on {', '.join(td.not_fired)} never fired during a "
-            f"forward pass; those modules are not on the model's computation path, so the spec "
-            f"points at the wrong modules"
-        )
-    for name in out_names:
-        width = td[name].input.shape[-1]
-        if width != lm.dims.attn_width:
-            raise SpecError(
-                f"ModelSpec '{lm.spec.name}': {name} received inputs of width {width}, not "
-                f"n_heads*head_dim = {lm.dims.attn_width}; it is not the attention out-projection"
-            )
-    return {"tokens": int(inputs["input_ids"].shape[1]), "hooks": len(td)}
+def check_hooks(lm: LoadedModel, prompt: str = HOOK_CHECK_PROMPT) -> dict:
+    """The hook smoke pass (:mod:`fvkit.models.hook_check`); ``{"tokens": n, "hooks": n}`` for the report."""
+    seen = check_forward_hooks(lm, prompt)
+    return {"tokens": seen.n_tokens, "hooks": seen.n_hooks}
 
 
 def check_bos_policy(lm: LoadedModel) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 from fvkit.method.data import DEFAULT_DATA_DIR, load_task_dataset
 from fvkit.errors import FvkitError
 from fvkit.method.fixed_trials import FixedTrials, trials_id
+from fvkit.method.run_defaults import (DEFAULT_EDIT_LAYER_TEXT, DEFAULT_N_SHOTS, DEFAULT_N_TOP_HEADS, DEFAULT_N_TRIALS,
+                                       DEFAULT_SEED, IE_MODES)
 from fvkit.output_location import check_output_file
 
 DEFAULT_TRIALS_DIR = DEFAULT_DATA_DIR / "fixed_trials"
@@ -24,9 +26,9 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("trials", help="write a fixed-trials file (every random draw of every stage)")
     p.add_argument("--dataset", required=True, help="task dataset: a JSON file or a name in --data-dir")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--n-trials", type=int, default=10)
-    p.add_argument("--n-shots", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-trials", type=int, default=DEFAULT_N_TRIALS)
+    p.add_argument("--n-shots", type=int, default=DEFAULT_N_SHOTS)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--test-size", type=float, default=0.3)
     p.add_argument("--out", default=None, help="output file (default: datasets/fixed_trials/<id>.json)")
     p.set_defaults(func=cmd_trials)
@@ -37,15 +39,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dataset", default="antonym")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--fixed-trials", default=None,
-                   help="fixed-trials file (default: datasets/fixed_trials/fixed_trials_<dataset>_t10_s10_seed<seed>.json, "
-                        "generated into --out when absent)")
-    p.add_argument("--seed", type=int, default=0, help="seed for trials generated on the fly")
+                   help=f"fixed-trials file (default: datasets/fixed_trials/fixed_trials_<dataset>_t{DEFAULT_N_TRIALS}_"
+                        f"s{DEFAULT_N_SHOTS}_seed<seed>.json, generated into --out when absent)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for trials generated on the fly")
     p.add_argument("--max-trials", type=int, default=None)
-    p.add_argument("--n-top-heads", type=int, default=10)
+    p.add_argument("--n-top-heads", type=int, default=DEFAULT_N_TOP_HEADS)
     p.add_argument("--edit-layer", default=None,
-                   help="layer to inject at (default: n_layers // 2); 'all' also sweeps every layer "
+                   help=f"layer to inject at (default: {DEFAULT_EDIT_LAYER_TEXT}); 'all' also sweeps every layer "
                         "(layer_sweep.json, layer_sweep.png) while the stage files use the default layer")
-    p.add_argument("--ie-mode", choices=("fast", "exact"), default=None)
+    p.add_argument("--ie-mode", choices=IE_MODES, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--quant", default="none")
@@ -77,10 +79,10 @@ def resolve_trials(dataset, path, seed: int, fallback_dir: Path) -> FixedTrials:
     """An explicit file, else the shipped default for the dataset, else new trials saved beside the run."""
     if path:
         return FixedTrials.load(path, dataset)
-    default = DEFAULT_TRIALS_DIR / f"{trials_id(dataset.name, 10, 10, seed)}.json"
+    default = DEFAULT_TRIALS_DIR / f"{trials_id(dataset.name, DEFAULT_N_TRIALS, DEFAULT_N_SHOTS, seed)}.json"
     if default.is_file():
         return FixedTrials.load(default, dataset)
-    trials = FixedTrials.make(dataset, 10, 10, seed)
+    trials = FixedTrials.make(dataset, DEFAULT_N_TRIALS, DEFAULT_N_SHOTS, seed)
     check_output_file(fallback_dir / f"{trials.id}.json", "--out (its folder, for the generated trials)")
     trials.save(fallback_dir / f"{trials.id}.json")
     return trials

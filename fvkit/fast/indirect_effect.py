@@ -42,7 +42,7 @@ import torch
 from fvkit.fast.cache_names import cache_kwargs
 from fvkit.models import adapters
 from fvkit.errors import FvkitError
-from fvkit.method.indirect_effect import check_patch_fired
+from fvkit.method.head_effect import check_patch_fired, effect, head_patch, target_probs
 from fvkit.fast.cache import drop_last, is_cache_object
 from fvkit.fast.replay import ReplayUnsupported, capture_last_token, clean_prefix, last_token_inputs
 from fvkit.models.tracer import EditInput, first_tensor
@@ -104,22 +104,6 @@ def batch_rows(n_heads: int) -> int:
     return -(-(n_heads + 1) // BATCH_ROW_MULTIPLE) * BATCH_ROW_MULTIPLE
 
 
-def head_patch(layer: int, slots: list, mean_acts: torch.Tensor, n_heads: int, head_dim: int, first_row: int = 0):
-    """Edit for a batched step: row ``first_row + h`` gets head ``h``'s mean activation at the last token."""
-    heads = torch.arange(n_heads)
-    rows = heads + first_row
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        view = x.view(*x.shape[:-1], n_heads, head_dim)
-        # Same order as the exact path: with several slots, the last one wins.
-        for slot in slots:
-            view[rows, -1, heads] = mean_acts[layer, :, slot].to(x.dtype)
-        return x
-
-    return fn
-
-
 def relative_drift(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """Largest absolute difference as a fraction of the largest absolute reference entry."""
     scale = float(ref.abs().max())
@@ -138,10 +122,6 @@ def check_clean_row(logits: torch.Tensor, clean_logits: torch.Tensor, layer: int
             f"clean run's by {drift:.2e} of their scale (allowed {CLEAN_ROW_REL_TOL:.0e}); this model's "
             f"last-token recomputation does not reproduce its forward pass"
         )
-
-
-def _target_probs(logits: torch.Tensor, target_id: int) -> torch.Tensor:
-    return torch.softmax(logits, dim=-1)[:, target_id]
 
 
 def layers_per_pass(lm, n_tokens: int, rows: int) -> int:
@@ -175,7 +155,7 @@ def _run_pass(lm, calls, blocks, setup, mean_acts, first: int, last: int, group:
             clean = calls.hidden(layer)[:1]
             clean = clean.expand(group, *clean.shape[1:])
             hidden = clean if hidden is None else torch.cat([hidden, clean])
-            patch = head_patch(layer, setup.last_slots, mean_acts, dims.n_heads, dims.head_dim,
+            patch = head_patch(mean_acts, layer, setup.last_slots, dims.n_heads, dims.head_dim,
                                first_row=(layer - first) * group)
             edit = EditInput(adapters.resolve_out_proj(model, spec, layer), patch)
         n_rows = hidden.shape[0]
@@ -213,9 +193,9 @@ def blocks_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
         for i in range(lo, lo + chunk.shape[0]):
             if i % group == n_heads:  # the unpatched row of layer i // group
                 check_clean_row(logits[i - lo], clean_logits, i // group, "blocks")
-        probs.append(_target_probs(logits, setup.target_id))
+        probs.append(target_probs(logits, setup.target_id))
     probs = torch.cat(probs).view(n_layers, group)
-    return (probs[:, :n_heads] - probs[:, n_heads:]).to(torch.float32)  # stored as the exact path stores it
+    return effect(probs[:, :n_heads], probs[:, n_heads:]).to(torch.float32)  # stored as the exact path stores it
 
 
 def model_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
@@ -225,10 +205,10 @@ def model_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
     head = adapters.resolve_lm_head(model, spec)
     clean_logits, cache = clean_prefix(model, setup.inputs, rows, lm_head=head)
     step_inputs = last_token_inputs(setup.inputs, rows)
-    effect = torch.zeros(dims.n_layers, n_heads)
+    effects = torch.zeros(dims.n_layers, n_heads)
     for layer in range(dims.n_layers):
         o_proj = adapters.resolve_out_proj(model, spec, layer)
-        with EditInput(o_proj, head_patch(layer, setup.last_slots, mean_acts, n_heads, dims.head_dim)) as edit:
+        with EditInput(o_proj, head_patch(mean_acts, layer, setup.last_slots, n_heads, dims.head_dim)) as edit:
             logits = model(**step_inputs, **cache_kwargs(model, cache), use_cache=True).logits[:, -1, :]
         check_patch_fired(edit, lm, layer)
         # The step appended the last token to every layer of a cache object (a legacy
@@ -239,9 +219,9 @@ def model_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
             check_clean_row(logits[n_heads], clean_logits, layer, "model")
         except ReplayUnsupported as err:
             raise FvkitError(f"{err}; run with --ie-mode exact") from None
-        probs = _target_probs(logits, setup.target_id)
-        effect[layer] = probs[:n_heads] - probs[n_heads]
-    return effect
+        probs = target_probs(logits, setup.target_id)
+        effects[layer] = effect(probs[:n_heads], probs[n_heads])
+    return effects
 
 
 def fast_trial(lm, setup, mean_acts: torch.Tensor, strategy: str = "auto") -> torch.Tensor:

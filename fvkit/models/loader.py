@@ -30,12 +30,12 @@ import torch
 from fvkit.models import adapters, zoo
 from fvkit.errors import FvkitError, ParityModeError, SpecError
 from fvkit.models.config import ModelDims, dims_from_config
+from fvkit.models.parity_setting import PARITY_DEVICE, PARITY_DTYPE, PARITY_QUANT
 from fvkit.models.spec import ModelSpec, find_spec, get_spec
 from fvkit.models.tokenizers import adds_bos
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 QUANTS = ("none", "8bit", "4bit")
-PARITY_DEVICE, PARITY_DTYPE, PARITY_QUANT = "cpu", "fp32", "none"
 
 #: How many models :func:`load_model` has loaded in this process (tests use it to
 #: check that a session shares its models instead of reloading them).

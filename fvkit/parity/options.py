@@ -17,16 +17,15 @@ from typing import Optional
 
 import pytest
 
-#: Parity runs on exactly one numeric setting: the reference's own (CPU, fp32,
-#: unquantized). Any other setting changes the numbers being compared.
-PARITY_DEVICE, PARITY_DTYPE, PARITY_QUANT = "cpu", "fp32", "none"
+# Parity runs on exactly one numeric setting, the reference's own (see fvkit.models.parity_setting).
+from fvkit.method.run_defaults import DEFAULT_EDIT_LAYER_TEXT, DEFAULT_N_TOP_HEADS, DEFAULT_SEED
+from fvkit.models.parity_setting import PARITY_DEVICE, PARITY_DTYPE, PARITY_QUANT
+
 #: Spellings of the parity setting accepted on the command line.
 DTYPE_ALIASES = {"fp32": "fp32", "float32": "fp32", "torch.float32": "fp32"}
 QUANT_ALIASES = {"none": "none", "no": "none", "": "none"}
 
 DEFAULT_DATASET = "antonym"
-DEFAULT_N_TOP_HEADS = 10
-DEFAULT_SEED = 0
 #: The transformers release the reference pins (its fv_environment.yml). Snapshots
 #: are written only under it: newer releases make the reference's intervention a
 #: no-op, so its M4 numbers there are void.
@@ -51,7 +50,7 @@ OPTIONS = (
     ("max-trials", "string", "use only the first N trials of mean_activations and indirect_effect (default: all)"),
     ("n-top-heads", "string", f"heads in the function vector (default: {DEFAULT_N_TOP_HEADS}, "
                               "capped at the model's head count)"),
-    ("edit-layer", "string", f"layer the function vector is added at (default: n_layers // 2); '{SWEEP_ALL}' also "
+    ("edit-layer", "string", f"layer the function vector is added at (default: {DEFAULT_EDIT_LAYER_TEXT}); '{SWEEP_ALL}' also "
                              "checks the zero-shot and shuffled-label evaluations at every layer (the layer sweep) "
                              "while the other stages use the default layer"),
     ("ie-mode", "string", f"indirect-effect modes M3 checks: {', '.join(IE_MODES)} (default: {DEFAULT_IE_MODE}); the "

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Optional
 
 from fvkit.errors import FvkitError
-from fvkit.parity.options import DEFAULT_N_TOP_HEADS, GENERATE_TRIALS, ParityOptions
+from fvkit.method.run_defaults import (DEFAULT_N_SHOTS, DEFAULT_N_TOP_HEADS, DEFAULT_N_TRIALS, DEFAULT_SEED,
+                                       default_edit_layer)
+from fvkit.parity.options import GENERATE_TRIALS, ParityOptions
 from fvkit.parity.snapshots import settings_key
 
-#: The shipped trials every default run uses (10 trials of 10 shots, seed 0).
-DEFAULT_TRIALS = (10, 10, 0)
 
 
 @dataclass
@@ -108,7 +108,8 @@ class ParitySession:
 
         dataset = load_task_dataset(options.dataset, str(options.data_dir) if options.data_dir else None)
         notes = []
-        n_trials, n_shots, default_seed = DEFAULT_TRIALS
+        # The shipped trials file a default run uses; an explicit --seed is reconciled with it below.
+        n_trials, n_shots, default_seed = DEFAULT_N_TRIALS, DEFAULT_N_SHOTS, DEFAULT_SEED
         path = None
         if options.fixed_trials and options.fixed_trials != GENERATE_TRIALS:
             path = Path(options.fixed_trials)
@@ -190,7 +191,7 @@ class ParitySession:
                              f"({info.n_layers} layers x {info.n_heads} heads); pass 1..{total}")
         else:
             n_top = opts.n_top_heads
-        edit_layer = info.n_layers // 2 if opts.edit_layer is None else opts.edit_layer
+        edit_layer = default_edit_layer(info.n_layers) if opts.edit_layer is None else opts.edit_layer
         if not 0 <= edit_layer < info.n_layers:
             raise FvkitError(f"--edit-layer {edit_layer} is out of range for {info.id}: valid layers are "
                              f"0..{info.n_layers - 1} ({info.n_layers} layers)")
@@ -263,7 +264,7 @@ class ParitySession:
             result = self.pipeline(name)
             return result.indirect_effect, result.timings.get("indirect_effect", 0.0)
         if (name, mode) not in self._ie:
-            from fvkit.method.indirect_effect import indirect_effects
+            from fvkit.pipeline import indirect_effects
             result = self.pipeline(name)
             start = time.perf_counter()
             ie = indirect_effects(self.model(name), self.dataset, self.trials, result.mean_activations,

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from fvkit.models import adapters
+from fvkit.errors import SpecError
 from fvkit.method.intervene import inject
-from fvkit.models.tracer import TraceDict, first_tensor
-
-#: A prompt in the suite's template; any text works, this one is short and ASCII.
-SMOKE_PROMPT = "Q: hot\nA: cold\n\nQ: up\nA:"
+from fvkit.method.run_defaults import default_edit_layer
+from fvkit.models import adapters
+from fvkit.models.hook_check import HOOK_CHECK_PROMPT, check_forward_hooks
 
 
 class SmokeFailure(AssertionError):
@@ -45,34 +44,16 @@ def resolve_spec_paths(lm) -> dict:
             "hidden_size": dims.hidden_size, "layers": layers}
 
 
-def forward_hook_smoke(lm, prompt: str = SMOKE_PROMPT) -> dict:
-    """One forward pass with every out-projection and block traced, then an injection."""
+def forward_hook_smoke(lm, prompt: str = HOOK_CHECK_PROMPT) -> dict:
+    """The hook smoke pass (:mod:`fvkit.models.hook_check`), then an injection at the default edit layer."""
     model, spec, dims = lm.model, lm.spec, lm.dims
-    text = prompt if spec.prepend_bos else spec.bos_text + prompt
-    inputs = lm.tokenizer(text, return_tensors="pt")
-    n_tokens = inputs["input_ids"].shape[1]
-    out_projs = [adapters.out_proj_name(spec, layer) for layer in range(dims.n_layers)]
-    blocks = [adapters.block_name(spec, layer) for layer in range(dims.n_layers)]
-    with torch.no_grad(), TraceDict(model, out_projs + blocks, retain_input=True) as traces:
-        clean = model(**inputs).logits
-    if traces.not_fired:
-        raise SmokeFailure(f"hooks on {traces.not_fired} never ran during a forward pass: those paths are not on "
-                           f"the forward path of {type(model).__name__}")
-    for name, trace in traces.items():
-        if trace.fired != 1:
-            raise SmokeFailure(f"the hook on {name} ran {trace.fired} times in one forward pass, expected once")
-    for name in out_projs:
-        shape = tuple(traces[name].input.shape)
-        if shape[-1] != dims.attn_width or shape[-2] != n_tokens:
-            raise SmokeFailure(f"{name} input has shape {shape}, expected (..., {n_tokens}, {dims.attn_width})")
-    for name in blocks:
-        shape = tuple(first_tensor(traces[name].output).shape)
-        if shape[-1] != dims.hidden_size:
-            raise SmokeFailure(f"{name} output has shape {shape}, expected hidden size {dims.hidden_size} last")
-    if not torch.isfinite(clean).all():
-        raise SmokeFailure("the clean forward pass produced non-finite logits")
+    try:
+        seen = check_forward_hooks(lm, prompt)
+    except SpecError as err:
+        raise SmokeFailure(str(err)) from None
+    inputs, clean = seen.inputs, seen.logits
 
-    layer = dims.n_layers // 2
+    layer = default_edit_layer(dims.n_layers)
     with torch.no_grad():
         with inject(lm, layer, torch.zeros(dims.hidden_size)):
             zero = model(**inputs).logits
@@ -86,5 +67,5 @@ def forward_hook_smoke(lm, prompt: str = SMOKE_PROMPT) -> dict:
     if not change > 0:
         raise SmokeFailure(f"adding a vector at {adapters.block_name(spec, layer)} left the last logits unchanged; "
                            f"the edited output never reaches the model")
-    return {"n_tokens": int(n_tokens), "hooks": len(traces), "injection_layer": layer,
+    return {"n_tokens": seen.n_tokens, "hooks": seen.n_hooks, "injection_layer": layer,
             "injection_logit_change": change}

@@ -1,0 +1,60 @@
+"""One head's indirect effect: the patch, the probability it is measured on, the difference.
+
+    patch = head_patch(mean_acts, layer, slots, n_heads, head_dim, heads=[3])   # edit for EditInput
+    with EditInput(o_proj, patch) as edit:
+        logits = model(**inputs).logits[:, -1, :]
+    check_patch_fired(edit, lm, layer)
+    ie = effect(target_probs(logits, target_id), clean_probs)
+
+The exact strategy (:mod:`fvkit.method.indirect_effect`, one forward pass per
+head) and the fast one (:mod:`fvkit.fast.indirect_effect`, one batch row per
+head on the cached prefix) both build their patches, probabilities and
+differences here, so the two can only differ in how the logits are computed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from fvkit.errors import FvkitError
+from fvkit.models import adapters
+
+
+def head_patch(mean_acts: torch.Tensor, layer: int, slots: Sequence[int], n_heads: int, head_dim: int,
+               heads: Optional[Sequence[int]] = None, first_row: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Edit of an out-projection input: batch row ``first_row + i`` gets head ``heads[i]``'s
+    mean activation at the last token (all heads, in order, when ``heads`` is None).
+
+    The input is copied, never changed in place: the caller's clean activations stay clean.
+    """
+    heads = torch.arange(n_heads) if heads is None else torch.as_tensor(list(heads), dtype=torch.long)
+    rows = torch.arange(len(heads)) + first_row
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        view = x.view(*x.shape[:-1], n_heads, head_dim)
+        # The reference patches once per token labelled as the last one: with several
+        # such slots, the last one wins.
+        for slot in slots:
+            view[rows, -1, heads] = mean_acts[layer, heads, slot].to(x.dtype)
+        return x
+
+    return fn
+
+
+def target_probs(logits: torch.Tensor, target_id: int) -> torch.Tensor:
+    """Probability of the target answer's first token, from last-token logits (``(vocab,)`` or ``(rows, vocab)``)."""
+    return torch.softmax(logits, dim=-1)[..., target_id]
+
+
+def effect(patched: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """The indirect effect: how much the patch raised the target's probability (negative when it lowered it)."""
+    return patched - clean
+
+
+def check_patch_fired(edit, lm, layer: int) -> None:
+    """A head patch must run exactly once per forward pass, or the effect measures nothing."""
+    if edit.fired != 1:
+        raise FvkitError(f"the patch on {adapters.out_proj_name(lm.spec, layer)} ran {edit.fired} times, expected once")
