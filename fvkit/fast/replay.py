@@ -32,30 +32,20 @@ import torch
 from fvkit.fast.cache_names import cache_kwargs, output_cache
 from fvkit.errors import FvkitError
 from fvkit.fast.cache import PrefixCache, UnsupportedCache, last_token_inputs
+from fvkit.models.tracer import BeforeCall, EditInput, ReplaceMethod
 
 
 class ReplayUnsupported(FvkitError):
     """This model's forward pass cannot be re-run block by block (use the whole-model path)."""
 
 
-@contextlib.contextmanager
 def last_position_only(lm_head: Optional[torch.nn.Module], first_row_only: bool = False):
     """Let the output head read only the last position (and, optionally, only the first
     batch row): the logits the caller does not use are never computed."""
     if lm_head is None:
-        yield
-        return
+        return contextlib.nullcontext()
     rows = slice(0, 1) if first_row_only else slice(None)
-
-    def trim(module, args):
-        x = args[0]
-        return (x[rows, -1:, :], *args[1:]) if x.dim() == 3 else None
-
-    handle = lm_head.register_forward_pre_hook(trim)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return EditInput(lm_head, lambda x: x[rows, -1:, :] if x.dim() == 3 else x)
 
 
 def clean_prefix(model, inputs, n_rows: int, lm_head: Optional[torch.nn.Module] = None):
@@ -142,16 +132,11 @@ class BlockCalls:
 
         return update
 
-    @contextlib.contextmanager
-    def _patched_updates(self, make):
-        for owner in self.owners:
-            owner.update = make(owner)  # an instance attribute shadows the class's method
-        try:
-            yield
-        finally:
+    def _patched_updates(self, make) -> contextlib.ExitStack:
+        with contextlib.ExitStack() as stack:
             for owner in self.owners:
-                with contextlib.suppress(AttributeError):
-                    del owner.update
+                stack.enter_context(ReplaceMethod(owner, "update", make(owner)))
+            return stack.pop_all()  # the caller's ``with`` restores them; a failure here already has
 
     def replaying(self):
         """Context in which every attention layer sees the clean prefix plus its new token, and nothing is stored."""
@@ -161,29 +146,24 @@ class BlockCalls:
 def capture_last_token(model, blocks, inputs, cache, n_rows: int, lm_head: Optional[torch.nn.Module] = None) -> BlockCalls:
     """Run the last token on ``cache`` and record every block's call and every layer's clean prefix."""
     rec = BlockCalls(len(blocks), n_rows)
+    with contextlib.ExitStack() as hooks:
+        def on_call(layer):
+            def record(args, kwargs):
+                if not args and "hidden_states" not in kwargs:
+                    raise ReplayUnsupported(f"block {layer} was called without a hidden-state argument")
+                rec.calls[layer] = (args, dict(kwargs))
+                for value in (*args[1:], *kwargs.values()):
+                    if _is_update_owner(value) and all(value is not o for o in rec.owners):
+                        rec.owners.append(value)
+                        # Undone with the block hooks when this capture ends.
+                        hooks.enter_context(ReplaceMethod(value, "update", rec._record(value)))
+            return record
 
-    def pre_hook(layer):
-        def hook(module, args, kwargs):
-            if not args and "hidden_states" not in kwargs:
-                raise ReplayUnsupported(f"block {layer} was called without a hidden-state argument")
-            rec.calls[layer] = (args, dict(kwargs))
-            for value in (*args[1:], *kwargs.values()):
-                if _is_update_owner(value) and all(value is not o for o in rec.owners):
-                    rec.owners.append(value)
-                    value.update = rec._record(value)
-        return hook
-
-    handles = [block.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, block in enumerate(blocks)]
-    try:
+        for i, block in enumerate(blocks):
+            hooks.enter_context(BeforeCall(block, on_call=on_call(i)))
         # Its logits are not used: the blocks' recorded calls are what this run is for.
         with last_position_only(lm_head, first_row_only=True):
             model(**last_token_inputs(inputs, n_rows), **cache_kwargs(model, cache), use_cache=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for owner in rec.owners:
-            with contextlib.suppress(AttributeError):
-                del owner.update
     missing = [i for i, call in enumerate(rec.calls) if call is None]
     if missing:
         raise ReplayUnsupported(f"blocks {missing} did not run for the last token")

@@ -10,8 +10,6 @@ mean over trials.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from fvkit.models import adapters
@@ -20,7 +18,7 @@ from fvkit.progress import progress
 from fvkit.method.prompts import DEFAULT_TEMPLATE, Template
 from fvkit.method.stage_inputs import n_used, trial_prompt
 from fvkit.method.token_labels import dummy_token_labels, slot_index_map, token_meta_labels
-from fvkit.models.tracer import TraceDict
+from fvkit.models.tracer import StopBefore, TraceDict
 
 STAGE = "mean_activations"
 
@@ -35,12 +33,7 @@ def split_heads(x: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
     return x.view(*x.shape[:-1], n_heads, head_dim)
 
 
-class _OutputHeadReached(Exception):
-    """Raised in front of the output head by :func:`skip_output_head`."""
-
-
-@contextlib.contextmanager
-def skip_output_head(lm):
+def skip_output_head(lm) -> StopBefore:
     """End forward passes in front of the output head, for passes that only read activations.
 
     The logits of a whole prompt, ``(rows, tokens, vocabulary)``, are the largest
@@ -49,16 +42,7 @@ def skip_output_head(lm):
     computed exactly as before. A model whose forward never calls the spec's
     output head simply runs to the end.
     """
-    def stop(module, args):
-        raise _OutputHeadReached
-
-    handle = adapters.resolve_lm_head(lm.model, lm.spec).register_forward_pre_hook(stop)
-    try:
-        yield
-    except _OutputHeadReached:
-        pass
-    finally:
-        handle.remove()
+    return StopBefore(adapters.resolve_lm_head(lm.model, lm.spec))
 
 
 def head_inputs(lm, inputs) -> torch.Tensor:

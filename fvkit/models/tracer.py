@@ -1,15 +1,25 @@
-"""A small tracer for reading and editing module inputs and outputs.
+"""A small tracer: every hook fvkit puts on a model goes through this module.
 
     with Trace(model, "model.layers.3.self_attn.o_proj", retain_input=True) as t:
         model(**inputs)
     t.input        # first positional input of o_proj (what the out-projection reads)
     t.fired        # how many times the hook ran; 0 means the path was never executed
 
+    with EditInput(o_proj, lambda x: patched(x)):         # change an input before the module runs
+    with BeforeCall(block, on_call=record):               # see (args, kwargs) before the module runs
+    with StopBefore(lm_head):                             # end the forward pass in front of a module
+
 Hooks are registered on ``__enter__`` (not at construction) and always removed
 in ``__exit__``, even when the forward pass raises. Keyword inputs are captured
 too, and an edit function receives and may return either a tensor or a tuple,
 so the same edit works whether a decoder block returns ``hidden`` or
 ``(hidden, ...)``.
+
+The one interception that is not a module hook is :class:`ReplaceMethod`: a
+key/value cache is not a module, so nothing can hook it, yet the fast indirect
+effect (:mod:`fvkit.fast.replay`) must see and answer every attention layer's
+``cache.update(keys, values, layer_idx)``. It shadows that method on the one
+cache instance and restores it on ``__exit__``, exactly like a hook's removal.
 """
 
 from __future__ import annotations
@@ -161,7 +171,53 @@ class TraceDict(OrderedDict, contextlib.AbstractContextManager):
         return [name for name, trace in self.items() if trace.fired == 0]
 
 
-class EditInput(contextlib.AbstractContextManager):
+class BeforeCall(contextlib.AbstractContextManager):
+    """See, and optionally change, a module's inputs before it runs.
+
+        with BeforeCall(block, retain=True) as b:
+            model(**inputs)
+        b.args, b.kwargs, b.fired
+
+    ``on_call(args, kwargs)`` runs first on every call (it may raise to stop the
+    pass). ``edit_input(x)`` receives the first positional input and returns the
+    tensor to use instead, so the module's own forward (weights, bias, layout)
+    computes the output. ``retain`` keeps the latest call's inputs as passed
+    (not copied).
+    """
+
+    def __init__(self, module: torch.nn.Module, *, edit_input: Optional[Callable] = None,
+                 on_call: Optional[Callable] = None, retain: bool = False):
+        self.module = module
+        self.edit_input = edit_input
+        self.on_call = on_call
+        self.retain = retain
+        self.args = None
+        self.kwargs = None
+        self.fired = 0
+        self._handle = None
+
+    def _hook(self, module, args, kwargs):
+        self.fired += 1
+        if self.on_call is not None:
+            self.on_call(args, kwargs)
+        if self.retain:
+            self.args, self.kwargs = args, dict(kwargs)
+        if self.edit_input is not None:
+            return (self.edit_input(args[0]), *args[1:]), kwargs
+        return None
+
+    def __enter__(self):
+        self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        return False
+
+
+class EditInput(BeforeCall):
     """Replace a module's first positional input before it runs.
 
         with EditInput(o_proj, lambda x: patched(x)) as e:
@@ -173,21 +229,69 @@ class EditInput(contextlib.AbstractContextManager):
     """
 
     def __init__(self, module: torch.nn.Module, fn: Callable):
-        self.module = module
+        super().__init__(module, edit_input=fn)
         self.fn = fn
-        self.fired = 0
-        self._handle = None
 
-    def _hook(self, module, args):
-        self.fired += 1
-        return (self.fn(args[0]), *args[1:])
+
+class _Reached(Exception):
+    """Raised in front of the module a :class:`StopBefore` guards; never leaves its ``with``."""
+
+
+class StopBefore(BeforeCall):
+    """End forward passes in front of ``module``: the ``with`` block ends there, quietly.
+
+        with TraceDict(model, names, retain_input=True) as td, StopBefore(lm_head):
+            model(**inputs)            # everything up to the output head runs; td holds the inputs
+
+    For passes that only read activations, so the module and everything after it
+    need not run. A pass that never reaches the module simply runs to its end;
+    ``fired`` says whether it was reached.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__(module, on_call=self._stop)
+
+    @staticmethod
+    def _stop(args, kwargs):
+        raise _Reached
+
+    def __exit__(self, exc_type, exc, tb):
+        super().__exit__(exc_type, exc, tb)
+        return exc_type is not None and issubclass(exc_type, _Reached)
+
+
+class ReplaceMethod(contextlib.AbstractContextManager):
+    """Shadow ``obj.name`` with ``fn`` on this one instance; restored on exit.
+
+        with ReplaceMethod(cache, "update", recording_update):
+            model(...)
+
+    For objects that are not modules and so cannot be hooked (a key/value
+    cache; see the module docstring). The class's own method is untouched; an
+    instance attribute of the same name that was there before comes back.
+    """
+
+    _ABSENT = object()
+
+    def __init__(self, obj, name: str, fn: Callable):
+        self.obj = obj
+        self.name = name
+        self.fn = fn
+        self._saved = self._ABSENT
+        self._active = False
 
     def __enter__(self):
-        self._handle = self.module.register_forward_pre_hook(self._hook)
+        self._saved = getattr(self.obj, "__dict__", {}).get(self.name, self._ABSENT)
+        setattr(self.obj, self.name, self.fn)
+        self._active = True
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        if self._active:
+            self._active = False
+            if self._saved is self._ABSENT:
+                with contextlib.suppress(AttributeError):
+                    delattr(self.obj, self.name)
+            else:
+                setattr(self.obj, self.name, self._saved)
         return False
