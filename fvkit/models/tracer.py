@@ -211,10 +211,13 @@ class BeforeCall(contextlib.AbstractContextManager):
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        self.close()
+        return False
+
+    def close(self):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        return False
 
 
 class EditInput(BeforeCall):

@@ -50,7 +50,8 @@ OPTIONS = (
     ("max-trials", "string", "use only the first N trials of mean_activations and indirect_effect (default: all)"),
     ("n-top-heads", "string", f"heads in the function vector (default: {DEFAULT_N_TOP_HEADS}, "
                               "capped at the model's head count)"),
-    ("edit-layer", "string", f"layer the function vector is added at (default: {DEFAULT_EDIT_LAYER_TEXT}); '{SWEEP_ALL}' also "
+    ("edit-layer", "string", f"layer the function vector is added at (default: {DEFAULT_EDIT_LAYER_TEXT}); "
+                             f"'{SWEEP_ALL}' also "
                              "checks the zero-shot and shuffled-label evaluations at every layer (the layer sweep) "
                              "while the other stages use the default layer"),
     ("ie-mode", "string", f"indirect-effect modes M3 checks: {', '.join(IE_MODES)} (default: {DEFAULT_IE_MODE}); the "

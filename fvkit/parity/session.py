@@ -27,7 +27,6 @@ from fvkit.parity.options import GENERATE_TRIALS, ParityOptions
 from fvkit.parity.snapshots import settings_key
 
 
-
 @dataclass
 class ModelInfo:
     """What collection needs to know about a model, read from its config only.
