@@ -6,10 +6,10 @@
     fvkit export-model tiny-gptj /tmp/tiny-gpt-j
 
 ``resolve`` is the check to run before pointing fvkit at a new model: it loads
-the model, resolves every layer's block, attention and out-projection, runs one
-forward pass with a hook on each of them, and fails unless every hook fired,
-every out-projection read ``n_heads * head_dim`` features and the tokenizer
-follows the spec's BOS policy.
+the model, resolves every layer's block, attention and out-projection, runs the
+hook smoke pass of :mod:`fvkit.models.hook_check` (every hook fires once, every
+out-projection reads ``n_heads * head_dim`` features; the parity gate M5 runs the
+same pass) and fails unless the tokenizer follows the spec's BOS policy.
 """
 
 from __future__ import annotations
