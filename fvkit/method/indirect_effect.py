@@ -23,7 +23,7 @@ from fvkit.progress import progress
 from fvkit.method.prompts import DEFAULT_TEMPLATE, Template
 from fvkit.method.stage_inputs import answer_ids, n_used, trial_prompt
 from fvkit.method.token_labels import dummy_token_labels, full_index_map, slot_index_map, token_meta_labels
-from fvkit.method.head_effect import check_patch_fired, effect as head_effect, head_patch, target_probs
+from fvkit.method.head_effect import check_patch_fired, effect, head_patch, target_probs
 from fvkit.models.tracer import EditInput
 
 STAGE = "indirect_effect"
@@ -60,7 +60,7 @@ class TrialSetup:
 def exact_trial(lm, setup: TrialSetup, mean_acts: torch.Tensor) -> torch.Tensor:
     """(n_layers, n_heads) effects of one trial: one full intervened forward pass per layer and head."""
     dims, model = lm.dims, lm.model
-    effect = torch.zeros(dims.n_layers, dims.n_heads)
+    effects = torch.zeros(dims.n_layers, dims.n_heads)
     clean_probs = target_probs(model(**setup.inputs).logits[:, -1, :][0], setup.target_id)
     for layer in range(dims.n_layers):
         o_proj = adapters.resolve_out_proj(model, lm.spec, layer)
@@ -69,8 +69,8 @@ def exact_trial(lm, setup: TrialSetup, mean_acts: torch.Tensor) -> torch.Tensor:
             with EditInput(o_proj, patch) as edit:
                 logits = model(**setup.inputs).logits[:, -1, :]
             check_patch_fired(edit, lm, layer)
-            effect[layer, head] = head_effect(target_probs(logits, setup.target_id), clean_probs)
-    return effect
+            effects[layer, head] = effect(target_probs(logits, setup.target_id), clean_probs)
+    return effects
 
 
 def indirect_effects(lm, dataset, trials, mean_acts: torch.Tensor, template: Template = DEFAULT_TEMPLATE,
