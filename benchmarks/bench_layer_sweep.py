@@ -28,6 +28,7 @@ from fvkit.method.fixed_trials import FixedTrials, trials_id
 from fvkit.models.loader import load_model
 from fvkit.method.intervene import EVAL_STAGES, evaluate
 from fvkit.fast.sweep import layer_result, layer_sweep
+from fvkit.method.run_defaults import DEFAULT_N_SHOTS, DEFAULT_N_TRIALS, DEFAULT_SEED, default_edit_layer
 from fvkit.pipeline import package_versions
 
 RESULTS = Path(__file__).resolve().parent / "results" / "layer_sweep.md"
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
 
     os.environ.setdefault("FVKIT_PROGRESS", "0")
     ds = load_task_dataset(args.dataset)
-    path = args.fixed_trials or DEFAULT_TRIALS_DIR / f"{trials_id(ds.name, 10, 10, 0)}.json"
+    path = args.fixed_trials or DEFAULT_TRIALS_DIR / f"{trials_id(ds.name, DEFAULT_N_TRIALS, DEFAULT_N_SHOTS, DEFAULT_SEED)}.json"
     trials = FixedTrials.load(path, ds)
     lm = load_model(args.model)
     n_layers = lm.dims.n_layers
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
         fv, fv_source = torch.load(args.fv), f"loaded from {args.fv}"
     else:
         fv, fv_source = make_vector(lm, ds, trials, args.fv_trials)
-    ref_layers = args.ref_layers or sorted({0, n_layers // 2, n_layers - 1})
+    ref_layers = args.ref_layers or sorted({0, default_edit_layer(n_layers), n_layers - 1})
     load_before = os.getloadavg()
 
     start = time.perf_counter()
