@@ -15,6 +15,7 @@ import os
 import sys
 
 from fvkit.errors import FvkitError
+from fvkit.method.run_defaults import DEFAULT_N_SHOTS, DEFAULT_N_TOP_HEADS, DEFAULT_N_TRIALS, DEFAULT_SEED
 
 from .keys import INJECTION_GATE, INVALID_KEY
 from .loading import load_reference
@@ -30,15 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="task dataset JSON file")
     p.add_argument("--fixed-trials", default=None, help="fixed-trials file; without it, trials are drawn from "
                                                         "--n-trials/--n-shots/--seed")
-    p.add_argument("--n-trials", type=int, default=10)
-    p.add_argument("--n-shots", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-trials", type=int, default=DEFAULT_N_TRIALS)
+    p.add_argument("--n-shots", type=int, default=DEFAULT_N_SHOTS)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--reference-src", default=os.environ.get("FVKIT_REFERENCE_SRC"),
                    help="function_vectors checkout (folder holding src/); default $FVKIT_REFERENCE_SRC")
     p.add_argument("--baukit", default=os.environ.get("FVKIT_BAUKIT"),
                    help="baukit checkout; default $FVKIT_BAUKIT or the installed baukit")
     p.add_argument("--max-trials", type=int, default=None)
-    p.add_argument("--n-top-heads", type=int, default=10)
+    p.add_argument("--n-top-heads", type=int, default=DEFAULT_N_TOP_HEADS)
     p.add_argument("--edit-layer", type=int, required=True)
     p.add_argument("--sweep", action="store_true", help="also evaluate with the vector at every layer "
                                                         "(the reference's --edit_layer -1)")
