@@ -35,6 +35,7 @@ from fvkit.method.fixed_trials import STAGES
 from fvkit.method.run_defaults import DEFAULT_IE_MODE, DEFAULT_N_TOP_HEADS, IE_MODES, default_edit_layer
 from fvkit.method.prompt_length import check_prompt_lengths
 from fvkit import run_dir
+from fvkit.parity.registry import PIPELINE_RESULT_KEYS
 
 #: Files a complete run directory holds; a run is written to a staging folder
 #: and swapped into place whole (:mod:`fvkit.run_dir`), so a crash never leaves a partial set.
@@ -89,9 +90,9 @@ class PipelineResult:
     diagnostics: dict = field(default_factory=dict)
 
     def comparable(self) -> dict:
-        """The layout the reference runner returns, with plain Python numbers."""
-        return {
-            "meta": {"settings": self.settings, "trials_id": self.trials_id},
+        """The layout the reference runner returns, with plain Python numbers: ``meta`` and
+        every key of the gate registry's PIPELINE_RESULT_KEYS, in that order."""
+        values = {
             "m1": {
                 "prompts": self.prompts,
                 "token_labels": [list(x) for x in self.token_labels],
@@ -107,6 +108,8 @@ class PipelineResult:
             "shuffled": self.shuffled,
             "baseline": self.baseline,
         }
+        return {"meta": {"settings": self.settings, "trials_id": self.trials_id},
+                **{key: values[key] for key in PIPELINE_RESULT_KEYS}}
 
 
 def stage_prompts(lm, dataset, trials, max_trials, template: Template) -> dict:

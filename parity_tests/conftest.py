@@ -26,6 +26,7 @@ from fvkit.errors import FvkitError
 from fvkit.parity.options import REFERENCE_TRANSFORMERS
 from fvkit.parity.gate_runner import GateContext, Recorder, reference_environment
 from fvkit.parity.plugin import keep_unused_snapshots, options, report_state
+from fvkit.parity.registry import param_id
 from fvkit.parity.session import ParitySession, model_id
 
 # Progress bars only clutter captured output.
@@ -143,13 +144,14 @@ def _valid_models(metafunc) -> list:
 
 def pytest_generate_tests(metafunc) -> None:
     if "parity_model" in metafunc.fixturenames:
-        params = [pytest.param(name, id=model_id(name), marks=pytest.mark.fvkit_model(model_id(name)))
+        params = [pytest.param(name, id=param_id(model_id(name)), marks=pytest.mark.fvkit_model(model_id(name)))
                   for name in _valid_models(metafunc)]
         metafunc.parametrize("parity_model", params, indirect=True, scope="session")
     if "spec_case" in metafunc.fixturenames:
         # Ids name spec and model ("llama:tiny-llama"): -k selects either, and xdist
         # scheduling keeps the test with its model's other gates.
-        params = [pytest.param(case, id=f"{case.spec}:{case.model_key}", marks=pytest.mark.fvkit_model(case.model_key))
+        params = [pytest.param(case, id=param_id(case.model_key, spec=case.spec),
+                               marks=pytest.mark.fvkit_model(case.model_key))
                   for case in spec_cases(parity_session(metafunc.config))]
         metafunc.parametrize("spec_case", params)
 

@@ -15,7 +15,7 @@ import pytest
 
 from fvkit.method.fixed_trials import FixedTrials
 from fvkit.parity.gate_runner import Gate
-from fvkit.parity.tolerances import first_mismatch
+from fvkit.parity.drift import first_mismatch
 
 pytestmark = pytest.mark.fvkit_gate("M1")
 

@@ -17,6 +17,7 @@ from fvkit.models import zoo
 from fvkit.errors import FvkitError
 from fvkit.parity.spec_smoke import forward_hook_smoke, resolve_spec_paths
 from fvkit.parity.gate_runner import Recorder
+from fvkit.parity.records import StageRow
 from fvkit.pipeline import RUN_FILES, run_pipeline, write_run_outputs
 
 pytestmark = pytest.mark.fvkit_gate("M5")
@@ -53,14 +54,15 @@ def test_spec_resolution(spec_case, parity, request):
     paths = resolve_spec_paths(lm)
     smoke = forward_hook_smoke(lm)
     metrics = {"spec": paths, "smoke": smoke}
-    rows = [{"stage": "spec_resolution", "status": "PASS", "detail": f"{paths['n_layers']} layers resolved"},
-            {"stage": "forward_hook_smoke", "status": "PASS",
-             "detail": f"{smoke['hooks']} hooks fired once; injection moved logits by {smoke['injection_logit_change']:.3g}"}]
+    rows = [StageRow(stage="spec_resolution", status="PASS", detail=f"{paths['n_layers']} layers resolved"),
+            StageRow(stage="forward_hook_smoke", status="PASS",
+                     detail=f"{smoke['hooks']} hooks fired once; injection moved logits by "
+                            f"{smoke['injection_logit_change']:.3g}")]
     if spec_case.selected:
         result, out = reduced_run(parity, spec_case.model, parity.run_dir(spec_case.model))
         missing = [f for f in RUN_FILES if not (out / f).is_file()]
         assert not missing, f"the reduced run on {spec_case.model} did not write {missing} in {out}"
         metrics["reduced_run"] = {"out_dir": str(out), "timings": result.timings}
-        rows.append({"stage": "reduced_run", "status": "PASS", "seconds": sum(result.timings.values()),
-                     "detail": f"{len(RUN_FILES)} stage files in {out}"})
+        rows.append(StageRow(stage="reduced_run", status="PASS", seconds=sum(result.timings.values()),
+                             detail=f"{len(RUN_FILES)} stage files in {out}"))
     recorder.add(metrics=metrics, stage_rows=rows)

@@ -15,16 +15,18 @@ from fvkit.errors import DataError
 from fvkit.report.figures import cie_heatmap, layer_sweep_plot
 from fvkit.report.page import HTML_NAME, drift_rows, render_html, write_html_report
 from fvkit.parity.report import REPORT_NAME, GateOutcome, ReportState
-from fvkit.parity.tolerances import IE_REL_TOL, MEAN_ACT_REL_TOL, GateCheck, tensor_drift
+from fvkit.parity.drift import tensor_drift
+from fvkit.parity.records import Comparison, Findings
+from fvkit.parity.tolerances import IE_REL_TOL, MEAN_ACT_REL_TOL
 
 #: Seconds a headless browser may take to render one page.
 BROWSER_TIMEOUT_S = 120
 
 
-def gate_metrics(gate, stage, ours, ref, tol, tol_name):
-    check = GateCheck(gate, "reference")
+def gate_comparisons(gate, stage, ours, ref, tol, tol_name):
+    check = Comparison(gate, "reference")
     check.drifts.append(tensor_drift(stage, ours, ref, tol, tol_name))
-    return {gate: {"reference": check.metrics()}}
+    return {gate: {"reference": check}}
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +39,12 @@ def parity_report():
     for model, bad in (("tiny-llama", False), ("tiny-<gpt2>", True)):
         state.record(GateOutcome(f"{model}::m1", model, "M1", "test_prompts", "PASS"))
         state.record(GateOutcome(f"{model}::m2", model, "M2", "test_mean_activations", "PASS",
-                                 metrics=gate_metrics("M2", "mean_activations", ref + 1e-7, ref,
+                                 comparisons=gate_comparisons("M2", "mean_activations", ref + 1e-7, ref,
                                                       MEAN_ACT_REL_TOL, "MEAN_ACT_REL_TOL")))
         state.record(GateOutcome(
             f"{model}::m3", model, "M3", "test_indirect_effect", "FAIL" if bad else "PASS",
             cause="indirect_effect vs reference: drift exceeds <IE_REL_TOL>" if bad else "",
-            metrics=gate_metrics("M3", "indirect_effect", ref + (1e-3 if bad else 1e-7), ref, IE_REL_TOL, "IE_REL_TOL")))
+            comparisons=gate_comparisons("M3", "indirect_effect", ref + (1e-3 if bad else 1e-7), ref, IE_REL_TOL, "IE_REL_TOL")))
         state.record(GateOutcome(f"{model}::m5", model, "M5", "test_spec", "SKIP"))
     state.finish(1, interrupted=False)
     return state.as_dict()
@@ -79,8 +81,8 @@ def test_gate_table_has_every_model_and_gate_status(page):
 def test_drifts_are_listed_against_their_tolerance(parity_report, page):
     rows = drift_rows(parity_report)
     assert len(rows) == 4
-    failing = [d for model, gate, _, d in rows if not d["ok"]]
-    assert len(failing) == 1 and failing[0]["tolerance_name"] == "IE_REL_TOL"
+    failing = [d for model, gate, _, d in rows if not d.ok]
+    assert len(failing) == 1 and failing[0].tol_name == "IE_REL_TOL"
     assert page.count("IE_REL_TOL = ") == 2 and page.count("MEAN_ACT_REL_TOL = ") == 2
     assert page.count('class="bar over"') == 1 and page.count('<span class="badge bad">no</span>') == 1
 
@@ -180,7 +182,7 @@ def test_report_state_writes_the_page_beside_the_json_with_each_models_figures(t
     state = ReportState(tmp_path, environment={"torch": torch.__version__})
     state.bind("antonym", "fixed_trials_antonym_t10_s10_seed0", {})
     state.record(GateOutcome("a::m1", "tiny-llama", "M1", "test_prompts", "PASS"),
-                 {"page": pack_entry(figures["tiny-llama"])})
+                 Findings(page=pack_entry(figures["tiny-llama"])))
     state.record(GateOutcome("b::m1", "tiny-gpt2", "M1", "test_prompts", "PASS"))
     out = tmp_path / "results_fv" / "antonym" / "fixed_trials_antonym_t10_s10_seed0"
     html_page = (out / HTML_NAME).read_text()
@@ -198,8 +200,8 @@ def test_exact_comparisons_show_identical_and_the_first_mismatches():
     ev = {"clean_rank_list": [0, 3], "intervention_rank_list": [0, 1], "clean_topk": [[1, 0.5]],
           "intervention_topk": [[1, 0.5]]}
     sweep = lambda r: {"layer_sweep": {"zero_shot": [ev, {**ev, "intervention_rank_list": [r, 1]}]}}
-    same = compare_gate("M4", sweep(0), sweep(0), "live reference").metrics()
-    differs = compare_gate("M4", sweep(7), sweep(0), "snapshot").metrics()
+    same = compare_gate("M4", sweep(0), sweep(0), "live reference").as_dict()
+    differs = compare_gate("M4", sweep(7), sweep(0), "snapshot").as_dict()
     report = {"models": {"smollm2-135m": {"gates": {"M4": {"status": "FAIL", "tests": [
         {"test": "test_layer_sweep", "metrics": {"M4[layer sweep]": {"live reference": same, "snapshot": differs}}}]}}}}}
     page = render_html(report)

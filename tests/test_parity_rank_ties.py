@@ -59,4 +59,4 @@ def test_sweep_ties_are_resolved_with_each_layers_own_logits():
     assert asked == [1, 2]  # only layers that differ are recomputed
     assert [t["stage"] for t in ties] == ["layer_sweep.zero_shot[layer 1]"]
     check = compare_gate("M4", adjusted, ref, "snapshot")
-    assert [m[1].path for m in check.mismatches] == ["layer_sweep.zero_shot[layer 2].intervention_rank_list[0]"]
+    assert [m.path for m in check.mismatches] == ["layer_sweep.zero_shot[layer 2].intervention_rank_list[0]"]

@@ -1,4 +1,4 @@
-"""What each parity gate compares, and how.
+"""How each parity gate compares fvkit's numbers with the reference's.
 
     ours = result.comparable()                     # fvkit.pipeline.PipelineResult
     check = compare_gate("M2", gate_part("M2", ours), gate_part("M2", ref), source="snapshot")
@@ -6,44 +6,35 @@
 
 Both the gate tests and the snapshot extension (:mod:`fvkit.parity.snapshots`)
 call :func:`compare_gate`, so a snapshot matches exactly when the gate passes.
+Which function compares a gate, which keys it reads and which tolerance each
+tensor gets come from the gate's definition (:mod:`fvkit.parity.registry`).
 Inputs are the plain-Python parts of the comparable result dict that the
-reference runner and ``PipelineResult.comparable()`` share.
+reference runner and ``PipelineResult.comparable()`` share; the result is a
+:class:`fvkit.parity.records.Comparison`.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-from fvkit.parity.registry import GATE_TITLES, GATES  # noqa: F401  (re-exported: gates compare by these names)
-from fvkit.parity.tolerances import (
-    FV_REL_TOL,
-    IE_REL_TOL,
-    MEAN_ACT_REL_TOL,
-    TOP_HEAD_SCORE_ABS_TOL,
-    GateCheck,
-    Mismatch,
-    first_mismatch,
-    tensor_drift,
+from fvkit.parity import tolerances
+from fvkit.parity.drift import first_mismatch, tensor_drift
+from fvkit.parity.records import Comparison, MismatchRecord
+from fvkit.parity.registry import (  # noqa: F401  (re-exported: the result layout the gates compare)
+    EVAL_KEYS,
+    GATE_DEFS,
+    GATE_TITLES,
+    GATES,
+    M1_KEYS,
+    SWEEP_KEY,
+    SWEEP_STAGES,
+    GateDef,
+    gate_def,
 )
+from fvkit.parity.tolerances import TOP_HEAD_SCORE_ABS_TOL
 
-#: ``split`` is the train/valid/test split the reference's loader drew (fvkit's
-#: side: the fixed-trials file's), so the trials are checked to replay its sampling.
-M1_KEYS = ("prompts", "token_ids", "token_labels", "dummy_labels", "idx_map", "split")
-EVAL_KEYS = {
-    "zero_shot": ("clean_rank_list", "intervention_rank_list", "clean_topk", "intervention_topk"),
-    "shuffled": ("clean_rank_list", "intervention_rank_list", "clean_topk", "intervention_topk"),
-    "baseline": ("clean_rank_list", "clean_topk"),
-}
-#: The layer sweep: per stage, one evaluation dict per layer (``layer_sweep[stage][layer]``).
-SWEEP_KEY = "layer_sweep"
-SWEEP_STAGES = ("zero_shot", "shuffled")
-#: Keys of the comparable result dict each gate reads (``m1`` is a sub-dict).
-GATE_KEYS = {
-    "M1": ("m1",),
-    "M2": ("mean_activations",),
-    "M3": ("indirect_effect",),
-    "M4": ("top_heads", "function_vector", "zero_shot", "shuffled", "baseline"),
-}
+#: Keys of the comparable result dict each comparing gate reads (``m1`` is a sub-dict).
+GATE_KEYS = {g.name: g.result_keys for g in GATE_DEFS if g.compares}
 
 
 def _eval_part(stage: str, value: dict) -> dict:
@@ -53,7 +44,7 @@ def _eval_part(stage: str, value: dict) -> dict:
 def gate_part(gate: str, comparable: dict, keys: Optional[tuple] = None) -> dict:
     """The keys of a comparable result dict that ``gate`` compares (or just ``keys``)."""
     part = {}
-    for key in keys or GATE_KEYS[gate]:
+    for key in keys or gate_def(gate).result_keys:
         if key not in comparable:
             continue
         value = comparable[key]
@@ -101,8 +92,9 @@ def _token_repr(m1: dict, index: int) -> str:
     return f"{tok!r} (id {tid})" if tok is not None else f"id {tid}"
 
 
-def compare_m1(ours: dict, ref: dict, source: str, bos_ids=()) -> GateCheck:
-    check = GateCheck("M1", source)
+def compare_m1(gate: GateDef, ours: dict, ref: dict, source: str, bos_ids=()) -> Comparison:
+    """Prompts, token ids and labels exactly; a token mismatch names its position and likely cause."""
+    check = Comparison(gate.name, source)
     ours, ref = ours.get("m1", {}), ref.get("m1", {})
     for key in M1_KEYS:
         if ref.get(key) is None:
@@ -116,47 +108,51 @@ def compare_m1(ours: dict, ref: dict, source: str, bos_ids=()) -> GateCheck:
             a, b = ours.get("token_ids") or [], ref.get("token_ids") or []
             index = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             cause = token_cause(ours, ref, index, bos_ids)
-            mm = Mismatch(f"token_ids: first differing token at position {index}",
-                          _token_repr(ours, index), _token_repr(ref, index))
+            mm = MismatchRecord.of(f"token_ids: first differing token at position {index}",
+                                   _token_repr(ours, index), _token_repr(ref, index))
         elif key == "prompts":
             cause = "prompt text (template, BOS text or fixed trials)"
-        check.mismatches.append((f"m1.{key}", mm, cause))
+        check.mismatches.append(mm.at(f"m1.{key}", cause))
     return check
 
 
 # --- M2 / M3 ----------------------------------------------------------------------------
-def compare_tensor_gate(gate: str, ours: dict, ref: dict, source: str) -> GateCheck:
-    key, tol, name = {
-        "M2": ("mean_activations", MEAN_ACT_REL_TOL, "MEAN_ACT_REL_TOL"),
-        "M3": ("indirect_effect", IE_REL_TOL, "IE_REL_TOL"),
-    }[gate]
-    check = GateCheck(gate, source)
-    check.drifts.append(tensor_drift(key, ours.get(key), ref.get(key), tol, name, source=source))
+def tensor_drifts(gate: GateDef, ours: dict, ref: dict, source: str, only_present: bool = True) -> list:
+    """A drift per tensor stage of the gate, with the gate's tolerance; with ``only_present``
+    just the stages the reference holds (M4: a reference may void its vector)."""
+    return [tensor_drift(key, ours.get(key), ref.get(key), tolerances.TOLERANCES[name], name, source=source)
+            for key, name in gate.drift_stages.items() if key in ref or not only_present]
+
+
+def compare_tensors(gate: GateDef, ours: dict, ref: dict, source: str, bos_ids=()) -> Comparison:
+    """Gates that only compare tensors (M2, M3): every drift stage must be there."""
+    check = Comparison(gate.name, source)
+    check.drifts.extend(tensor_drifts(gate, ours, ref, source, only_present=False))
     return check
 
 
 # --- M4 ------------------------------------------------------------------------------
-def compare_top_heads(ours: list, ref: list) -> Optional[Mismatch]:
+def compare_top_heads(ours: list, ref: list) -> Optional[MismatchRecord]:
     """Same heads in the same order; scores equal up to one unit of their 4th decimal."""
     if len(ours) != len(ref):
-        return Mismatch("top_heads length", len(ours), len(ref))
+        return MismatchRecord.of("top_heads length", len(ours), len(ref))
     for i, (a, b) in enumerate(zip(ours, ref)):
         if [int(a[0]), int(a[1])] != [int(b[0]), int(b[1])]:
-            return Mismatch(f"top_heads[{i}] (layer, head)", a, b)
+            return MismatchRecord.of(f"top_heads[{i}] (layer, head)", a, b)
         if abs(float(a[2]) - float(b[2])) > TOP_HEAD_SCORE_ABS_TOL:
-            return Mismatch(f"top_heads[{i}] score (tolerance TOP_HEAD_SCORE_ABS_TOL={TOP_HEAD_SCORE_ABS_TOL:.0e})", a, b)
+            return MismatchRecord.of(f"top_heads[{i}] score (tolerance TOP_HEAD_SCORE_ABS_TOL={TOP_HEAD_SCORE_ABS_TOL:.0e})", a, b)
     return None
 
 
-def compare_m4(ours: dict, ref: dict, source: str) -> GateCheck:
-    check = GateCheck("M4", source)
+def compare_m4(gate: GateDef, ours: dict, ref: dict, source: str, bos_ids=()) -> Comparison:
+    """Top heads, then the vector's drift, then every rank list and top-k exactly (the layer
+    sweep too); only the parts the reference holds are compared."""
+    check = Comparison(gate.name, source)
     if "top_heads" in ref:
         mm = compare_top_heads(ours.get("top_heads") or [], ref["top_heads"])
         if mm:
-            check.mismatches.append(("top_heads", mm, ""))
-    if "function_vector" in ref:
-        check.drifts.append(tensor_drift("function_vector", ours.get("function_vector"), ref["function_vector"],
-                                         FV_REL_TOL, "FV_REL_TOL", source=source))
+            check.mismatches.append(mm.at("top_heads"))
+    check.drifts.extend(tensor_drifts(gate, ours, ref, source))
     for stage, keys in EVAL_KEYS.items():
         if stage not in ref:
             continue
@@ -165,28 +161,23 @@ def compare_m4(ours: dict, ref: dict, source: str) -> GateCheck:
                 continue
             mm = first_mismatch((ours.get(stage) or {}).get(key), ref[stage][key], f"{stage}.{key}")
             if mm:
-                check.mismatches.append((stage, mm, ""))
+                check.mismatches.append(mm.at(stage))
     for stage, ref_layers in (ref.get(SWEEP_KEY) or {}).items():
         mine = (ours.get(SWEEP_KEY) or {}).get(stage) or []
         name = f"{SWEEP_KEY}.{stage}"
         if len(mine) != len(ref_layers):
-            check.mismatches.append((name, Mismatch(f"{name}: number of layers", len(mine), len(ref_layers)), ""))
+            check.mismatches.append(MismatchRecord.of(f"{name}: number of layers", len(mine), len(ref_layers)).at(name))
             continue
         for layer, (a, b) in enumerate(zip(mine, ref_layers)):
             mm = next((m for m in (first_mismatch(a.get(k), b[k], f"{name}[layer {layer}].{k}")
                                    for k in EVAL_KEYS[stage] if k in b) if m), None)
             if mm:
-                check.mismatches.append((name, mm, ""))
+                check.mismatches.append(mm.at(name))
                 break
     return check
 
 
-def compare_gate(gate: str, ours: dict, ref: dict, source: str = "reference", bos_ids=()) -> GateCheck:
-    """Compare the parts of two comparable result dicts that ``gate`` owns."""
-    if gate == "M1":
-        return compare_m1(ours, ref, source, bos_ids)
-    if gate in ("M2", "M3"):
-        return compare_tensor_gate(gate, ours, ref, source)
-    if gate == "M4":
-        return compare_m4(ours, ref, source)
-    raise ValueError(f"gate {gate} compares no reference numbers")
+def compare_gate(gate: str, ours: dict, ref: dict, source: str = "reference", bos_ids=()) -> Comparison:
+    """Compare the parts of two comparable result dicts that ``gate`` owns, with its registered comparison."""
+    definition = gate_def(gate)
+    return definition.comparison()(definition, ours, ref, source, bos_ids)

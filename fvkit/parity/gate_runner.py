@@ -18,20 +18,12 @@ from typing import Optional
 
 import pytest
 
-from fvkit.parity.compare import GATE_KEYS, GATE_TITLES, M1_KEYS, SWEEP_KEY, SWEEP_STAGES, compare_gate, gate_part
+from fvkit.parity.compare import compare_gate, gate_part
+from fvkit.parity.records import Findings
+from fvkit.parity.registry import GateDef, check_key, gate_def
 from fvkit.parity.report import RESULT_PROP
 from fvkit.parity.snapshots import SnapshotBook
 
-#: Stages compared exactly (one CSV row each) per result key, as compare_gate names them;
-#: the tensor keys (mean activations, indirect effect, function vector) have drift rows instead.
-EXACT_STAGES = {
-    "m1": tuple(f"m1.{k}" for k in M1_KEYS),
-    "top_heads": ("top_heads",),
-    "zero_shot": ("zero_shot",),
-    "shuffled": ("shuffled",),
-    "baseline": ("baseline",),
-    SWEEP_KEY: tuple(f"{SWEEP_KEY}.{stage}" for stage in SWEEP_STAGES),
-}
 #: What a reference environment record keeps from the runner's meta.
 ENV_KEYS = ("transformers", "torch", "versions", "reference_commit", "reference_src_matches_commit",
             "baukit_commit", "reference_branch", "normalizations", "warnings", "invalid", "unsupported")
@@ -41,14 +33,19 @@ class Recorder:
     """Findings of one gate test, shipped to the report through ``user_properties``.
 
         rec = Recorder(request.node)
-        rec.add(metrics={"M2": {...}}, stage_rows=[{...}], notes=["..."])
+        rec.add(comparisons={"M2": {"snapshot": check}}, stage_rows=[StageRow(...)], notes=["..."])
+        rec.add(metrics={"injection_max_abs_logit_change": {...}}, timings={...})
+
+    Each call ships one :class:`fvkit.parity.records.Findings` (as plain data: it may
+    cross xdist); every value given is kept, empty or not, and ``None`` means "not given".
     """
 
     def __init__(self, item):
         self.item = item
 
     def add(self, **data) -> None:
-        self.item.user_properties.append((RESULT_PROP, {k: v for k, v in data.items() if v}))
+        findings = Findings(**{k: v for k, v in data.items() if v is not None})
+        self.item.user_properties.append((RESULT_PROP, findings.as_dict()))
 
 
 @dataclass
@@ -76,16 +73,17 @@ def reference_environment(meta: dict) -> dict:
 def live_problem(gate: str, live: dict) -> Optional[str]:
     """Why the live reference cannot be compared for ``gate`` (None when it can)."""
     meta = live.get("meta") or {}
-    if gate == "M4":
-        invalid = (meta.get("invalid") or {}).get("m4")
+    definition = gate_def(gate)
+    if definition.reference_invalid_key:
+        invalid = (meta.get("invalid") or {}).get(definition.reference_invalid_key)
         if invalid:
             return f"reference invalid: {invalid}"
     unsupported = meta.get("unsupported") or {}
     if isinstance(unsupported, str):
         return f"reference unsupported: {unsupported}"
     # The reference's meta["unsupported"] names the same result keys the gates read.
-    missing = [k for k in GATE_KEYS[gate] if k in unsupported]
-    if missing and len(missing) == len(GATE_KEYS[gate]):
+    missing = [k for k in definition.result_keys if k in unsupported]
+    if missing and len(missing) == len(definition.result_keys):
         return "reference unsupported: " + "; ".join(f"{k}: {unsupported[k]}" for k in missing)
     return None
 
@@ -125,13 +123,17 @@ class Gate:
     missing: list = field(default_factory=list)
 
     @property
+    def definition(self) -> GateDef:
+        return gate_def(self.gate)
+
+    @property
     def result_keys(self) -> tuple:
         """The keys of the comparable result dict this gate test compares."""
-        return self.keys or GATE_KEYS[self.gate]
+        return self.keys or self.definition.result_keys
 
     @property
     def title(self) -> str:
-        return f"{self.gate} {GATE_TITLES[self.gate]}" + (f" [{self.label}]" if self.label else "")
+        return f"{self.gate} {self.definition.title}" + (f" [{self.label}]" if self.label else "")
 
     @property
     def head(self) -> str:
@@ -190,9 +192,11 @@ class Gate:
                            + (f" ({ctx.snapshot_hint})" if ctx.snapshot_hint else ""))
         return found, missing
 
-    def record(self, metrics=None, rows=None) -> None:
-        key = self.gate + (f"[{self.label}]" if self.label else "")
-        self.ctx.recorder.add(metrics={key: metrics} if metrics else None, stage_rows=rows, notes=self.notes,
+    def record(self, by_source: Optional[dict] = None, rows=()) -> None:
+        """Record this test's comparisons (source -> Comparison; none when no source was
+        compared), stage rows, notes and settings."""
+        comparisons = {check_key(self.gate, self.label): by_source} if by_source else {}
+        self.ctx.recorder.add(comparisons=comparisons, stage_rows=list(rows), notes=list(self.notes),
                               settings=self.ctx.settings.as_dict())
 
     def check(self, ours: dict, guard_failures=(), adjust=None) -> None:
@@ -203,7 +207,7 @@ class Gate:
         found = self.prepare(skip_if_none=False)
         ours_part = gate_part(self.gate, ours, self.result_keys)
         failures = list(guard_failures)
-        metrics, rows = {}, []
+        by_source, rows = {}, []
         for source in found:
             mine, ties = adjust(ours_part, source.part) if adjust else (ours_part, [])
             check = compare_gate(self.gate, mine, source.part, source.name, self.ctx.bos_ids)
@@ -218,10 +222,10 @@ class Gate:
                     check.notes.append(f"syrupy's tolerant match says {syrupy_ok}, the gate says {check.ok}")
             self.checks.append(check)
             self.notes.extend(f"{source.name}: {note}" for note in check.notes)
-            metrics[source.name] = check.metrics()
+            by_source[source.name] = check
             rows.extend(self.stage_rows(check))
             failures.extend(check.failures())
-        self.record(metrics, rows)
+        self.record(by_source, rows)
         if failures:
             pytest.fail(f"{self.head} FAILED:\n  " + "\n  ".join(failures), pytrace=False)
         if not found:
@@ -230,12 +234,4 @@ class Gate:
     def stage_rows(self, check) -> list:
         """One CSV row per stage: drifts for tensors, exact-match verdicts for the rest."""
         suffix = f" [{self.label}]" if self.label else ""
-        rows = [{"stage": d.stage + suffix, "source": check.source, "status": "PASS" if d.ok else "FAIL",
-                 "max_abs_drift": d.max_abs_drift, "rel_drift": d.rel_drift, "tolerance": d.tol,
-                 "tolerance_name": d.tol_name, "worst_index": list(d.worst_index) if d.worst_index is not None else "",
-                 "detail": d.problem} for d in check.drifts]
-        for stage in (s for key in self.result_keys for s in EXACT_STAGES.get(key, ())):
-            found = next(((m, c) for s, m, c in check.mismatches if s == stage), None)
-            detail = "exact match" if found is None else found[0].message() + (f" [cause: {found[1]}]" if found[1] else "")
-            rows.append({"stage": stage, "source": check.source, "status": "FAIL" if found else "PASS", "detail": detail})
-        return rows
+        return check.stage_rows(self.definition.exact_stages_of(self.result_keys), suffix)

@@ -20,9 +20,10 @@ from typing import Optional
 
 import pytest
 
-from fvkit.parity.registry import GATE_TITLES, GATES
 from fvkit.parity.options import ParityOptions, add_options
-from fvkit.parity.report import IDENTITY_PROP, RESULT_PROP, GateOutcome, ReportState, environment
+from fvkit.parity.records import Findings, GateOutcome
+from fvkit.parity.registry import GATE_TITLES, gate_index
+from fvkit.parity.report import IDENTITY_PROP, RESULT_PROP, ReportState, environment
 
 OPTIONS_KEY = pytest.StashKey[ParityOptions]()
 REPORT_KEY = pytest.StashKey[ReportState]()
@@ -83,10 +84,6 @@ def gate_identity(item: pytest.Item) -> Optional[dict]:
     return {"gate": gate_mark.args[0], "model": model, "test": getattr(item, "originalname", item.name)}
 
 
-def _gate_index(gate: str) -> int:
-    return GATES.index(gate) if gate in GATES else len(GATES)
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
     # tryfirst: ordered before -k/-m deselection and other plugins see the items.
@@ -98,7 +95,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
             continue
         item.user_properties.append((IDENTITY_PROP, ident))
         order.setdefault(ident["model"], len(order))
-        gate_items.append((order[ident["model"]], _gate_index(ident["gate"]), pos, item))
+        gate_items.append((order[ident["model"]], gate_index(ident["gate"]), pos, item))
     if gate_items:
         gate_items.sort(key=lambda t: t[:3])
         items[:] = others + [t[3] for t in gate_items]
@@ -119,7 +116,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if ident is None:
         return
     failed = item.config.stash[FAILED_KEY].get(ident["model"])
-    if failed and _gate_index(failed[0]) < _gate_index(ident["gate"]):
+    if failed and gate_index(failed[0]) < gate_index(ident["gate"]):
         gate, test = failed
         pytest.skip(f"--fail-fast: {ident['model']} failed gate {gate} ({GATE_TITLES.get(gate, gate)}, {test}); "
                     f"its later gates are skipped")
@@ -197,15 +194,12 @@ class ReportPlugin:
         elif report.when == "teardown":
             if report.failed and outcome.status != "FAIL":
                 outcome.status, outcome.cause = "ERROR", _cause(report)
-            extra = {"settings": {}, "timings": {}, "reference": {}, "page": {}}
-            for result in _props(report, RESULT_PROP):
-                outcome.metrics.update(result.get("metrics", {}))
-                outcome.stage_rows.extend(result.get("stage_rows", []))
-                outcome.notes.extend(n for n in result.get("notes", []) if n not in outcome.notes)
-                for key in extra:
-                    extra[key].update(result.get(key, {}))
+            findings = Findings()
+            for shipped in _props(report, RESULT_PROP):
+                findings.merge(Findings.from_dict(shipped))
+            outcome.absorb(findings)
             self.partial.pop(report.nodeid, None)
-            report_state(self.config).record(outcome, extra)
+            report_state(self.config).record(outcome, findings)
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus) -> None:
         state = report_state(self.config)

@@ -28,9 +28,18 @@ import datetime as _dt
 import io
 import json
 import platform
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from fvkit.parity.registry import GATES
+from fvkit.parity.records import (  # noqa: F401  (GateOutcome, worst_status: the report's records, re-exported)
+    STAGE_COLUMNS,
+    STATUS_ORDER,
+    Findings,
+    GateOutcome,
+    StageRow,
+    worst_status,
+)
 
 
 REPORT_NAME = "parity_suite_report.json"
@@ -41,10 +50,6 @@ FORMAT = "fvkit-parity-report/1"
 IDENTITY_PROP = "fvkit_gate"
 #: Key of user properties carrying a gate test's findings (set while it runs).
 RESULT_PROP = "fvkit_result"
-STATUS_ORDER = ("ERROR", "FAIL", "PASS", "SKIP")
-STAGE_COLUMNS = ("model", "gate", "stage", "test", "source", "status", "max_abs_drift", "rel_drift",
-                 "tolerance", "tolerance_name", "worst_index", "seconds", "detail")
-
 
 
 def environment() -> dict:
@@ -60,44 +65,6 @@ def environment() -> dict:
 
 def now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-@dataclass
-class GateOutcome:
-    """One gate test's final state, built from its pytest reports.
-
-        GateOutcome(nodeid, model="tiny-llama", gate="M2", test="test_mean_activations", status="PASS")
-    """
-
-    nodeid: str
-    model: str
-    gate: str
-    test: str
-    status: str = "PASS"
-    cause: str = ""
-    seconds: float = 0.0
-    metrics: dict = field(default_factory=dict)
-    stage_rows: list = field(default_factory=list)
-    notes: list = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        out = {"nodeid": self.nodeid, "test": self.test, "status": self.status, "seconds": round(self.seconds, 4)}
-        if self.cause:
-            out["cause"] = self.cause
-        if self.metrics:
-            out["metrics"] = self.metrics
-        if self.notes:
-            out["notes"] = self.notes
-        return out
-
-
-def worst_status(statuses) -> str:
-    """A gate's status from its tests': any error or failure wins; all skipped is a skip."""
-    statuses = list(statuses)
-    for status in STATUS_ORDER[:3]:
-        if status in statuses:
-            return status
-    return "SKIP"
 
 
 class ReportState:
@@ -118,7 +85,7 @@ class ReportState:
         self.trials_id: Optional[str] = None
         self.settings: dict = {}
         self.notes: list = []
-        self.models: dict = {}       # model -> {"settings", "timings", "reference", "gates": {gate: [outcome]}}
+        self.models: dict = {}       # model -> {"settings", "timings", "reference", "gates": {gate: [GateOutcome]}}
         self.pages: dict = {}        # model -> packed figures/tokens for the HTML page (latest wins)
         self.expected: set = set()   # node ids of gate tests that should report
         self.started = now()
@@ -154,16 +121,18 @@ class ReportState:
     def model_entry(self, model: str) -> dict:
         return self.models.setdefault(model, {"settings": {}, "timings": {}, "reference": {}, "gates": {}})
 
-    def record(self, outcome: GateOutcome, extra: Optional[dict] = None) -> None:
+    def record(self, outcome: GateOutcome, findings: Optional[Findings] = None) -> None:
+        """File a finished test; ``findings`` carries its model-wide settings, timings,
+        reference environment and page entry (its own measurements are in ``outcome``)."""
         entry = self.model_entry(outcome.model)
         tests = entry["gates"].setdefault(outcome.gate, [])
         tests[:] = [t for t in tests if t.nodeid != outcome.nodeid] + [outcome]
-        extra = extra or {}
-        entry["settings"].update(extra.get("settings", {}))
-        entry["timings"].update(extra.get("timings", {}))
-        entry["reference"].update(extra.get("reference", {}))
-        if extra.get("page"):
-            self.pages[outcome.model] = extra["page"]
+        findings = findings or Findings()
+        entry["settings"].update(findings.settings)
+        entry["timings"].update(findings.timings)
+        entry["reference"].update(findings.reference)
+        if findings.page is not None:
+            self.pages[outcome.model] = findings.page
         line = f"{now()} {outcome.status:<5} {outcome.model} {outcome.gate} {outcome.test} ({outcome.seconds:.2f}s)"
         if outcome.cause:
             line += " -- " + outcome.cause.splitlines()[0][:300]
@@ -232,18 +201,9 @@ class ReportState:
         }
 
     def stage_rows(self) -> list:
-        rows = []
-        for model in self.model_order():
-            entry = self.models[model]
-            for gate in sorted(entry["gates"]):
-                for t in entry["gates"][gate]:
-                    if not t.stage_rows:
-                        rows.append({"model": model, "gate": gate, "stage": "", "test": t.test, "status": t.status,
-                                     "seconds": round(t.seconds, 4), "detail": t.cause.splitlines()[0][:200] if t.cause else ""})
-                    for row in t.stage_rows:
-                        rows.append({"model": model, "gate": gate, "test": t.test, **row,
-                                     "status": row.get("status") or t.status})
-        return rows
+        """Every row of the stages CSV (StageRow), model by model, gate by gate."""
+        return [row for model in self.model_order() for gate in sorted(self.models[model]["gates"])
+                for t in self.models[model]["gates"][gate] for row in t.csv_rows()]
 
     def write(self) -> None:
         if not self.writer or not self.out_dir or not self.models:
@@ -257,13 +217,13 @@ class ReportState:
         with self._folder.locked() as folder:
             # Concurrent sessions on the same folder: each stages its own data and the
             # shared files are the union (fvkit.parity.report_folder).
-            folder.stage(self.as_dict(), self.stage_rows(), self.pages, self._log_lines)
+            folder.stage(self.as_dict(), [row.as_dict() for row in self.stage_rows()], self.pages, self._log_lines)
             merged = folder.merged()
             buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=STAGE_COLUMNS, extrasaction="ignore", lineterminator="\n")
+            writer = csv.DictWriter(buf, fieldnames=STAGE_COLUMNS, lineterminator="\n")
             writer.writeheader()
             for row in merged.rows:
-                writer.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in row.items()})
+                writer.writerow(StageRow.from_dict(row).as_csv())
             written = folder.replace({
                 REPORT_NAME: json.dumps(merged.report, indent=1, default=str) + "\n",
                 STAGES_NAME: buf.getvalue(),
@@ -276,8 +236,6 @@ class ReportState:
 
     # --- terminal ------------------------------------------------------------------------
     def table_lines(self) -> list:
-        from fvkit.parity.registry import GATES
-
         if not self.models:
             return []
         width = max(len("model"), *(len(m) for m in self.models))

@@ -4,12 +4,14 @@
 
 A model is loaded once per worker and ``--fail-fast`` needs a model's earlier
 gates to have run where its later gates run, so all tests of one model form one
-unit of work. The model is read from the test id: gate ids end with
-``[<model>]`` (M1-M4) or ``[<spec>:<model>]`` (M5). Tests without a
-parameter id are units of their own, as under ``--dist load``.
+unit of work. The model is read from the test's parameter id, whose format
+the gate registry owns (:func:`fvkit.parity.registry.param_id`). Tests without
+a parameter id are units of their own, as under ``--dist load``.
 """
 
 from __future__ import annotations
+
+from fvkit.parity.registry import model_of_param_id
 
 
 def model_scope(nodeid: str) -> str:
@@ -17,7 +19,7 @@ def model_scope(nodeid: str) -> str:
     if not nodeid.endswith("]") or "[" not in nodeid:
         return nodeid
     param = nodeid.rsplit("[", 1)[1][:-1]
-    return "model:" + param.rsplit(":", 1)[-1]
+    return "model:" + model_of_param_id(param)
 
 
 def make_scheduler(config, log):

@@ -24,10 +24,10 @@ from typing import Optional
 
 from fvkit.method.data import atomic_write_text
 from fvkit.errors import DataError
+from fvkit.parity.records import GateOutcome
+from fvkit.parity.registry import GATES
 
 HTML_NAME = "parity_suite_report.html"
-#: Gate order when the report does not list its gates.
-DEFAULT_GATES = ("M1", "M2", "M3", "M4", "M5")
 STATUS_CLASS = {"PASS": "pass", "FAIL": "fail", "ERROR": "error", "SKIP": "skip"}
 
 CSS = """
@@ -85,7 +85,7 @@ def gate_names(report: dict) -> list:
         found.update((statuses or {}).keys())
     for entry in (report.get("models") or {}).values():
         found.update(((entry or {}).get("gates") or {}).keys())
-    ordered = [g for g in DEFAULT_GATES if g in found]
+    ordered = [g for g in GATES if g in found]
     return ordered + sorted(found - set(ordered))
 
 
@@ -97,35 +97,18 @@ def gate_status(report: dict, model: str, gate: str) -> Optional[str]:
     return (gate_entry or {}).get("status") if isinstance(gate_entry, dict) else None
 
 
-def _find_drifts(value, found: list) -> None:
-    """Every dict holding a 'rel_drift' next to a 'tolerance', wherever the metrics nest it."""
-    if isinstance(value, dict):
-        if "rel_drift" in value and "tolerance" in value:
-            found.append(value)
-            return
-        for child in value.values():
-            _find_drifts(child, found)
-    elif isinstance(value, list):
-        for child in value:
-            _find_drifts(child, found)
-
-
 def _tests(report: dict):
-    """(model, gate, test dict) for every gate test in the report."""
+    """(model, gate, GateOutcome) for every gate test in the report, read back as records."""
     for model, entry in (report.get("models") or {}).items():
         for gate, gate_entry in ((entry or {}).get("gates") or {}).items():
             for test in (gate_entry or {}).get("tests") or []:
-                yield model, gate, test
+                yield model, gate, GateOutcome.from_dict(test, model, gate)
 
 
 def drift_rows(report: dict) -> list:
-    """(model, gate, test, drift dict) for every drift measured in the report."""
-    rows = []
-    for model, gate, test in _tests(report):
-        found: list = []
-        _find_drifts(test.get("metrics"), found)
-        rows.extend((model, gate, test.get("test", ""), d) for d in found)
-    return rows
+    """(model, gate, test name, DriftRecord) for every drift measured in the report."""
+    return [(model, gate, test.test, d) for model, gate, test in _tests(report)
+            for by_source in test.comparisons.values() for check in by_source.values() for d in check.drifts]
 
 
 def _gate_table(report: dict) -> str:
@@ -167,36 +150,30 @@ def _drift_table(report: dict) -> str:
            "<table><tr><th>model</th><th>gate</th><th>stage</th><th>against</th><th>relative drift</th>"
            "<th>tolerance</th><th>drift / tolerance</th><th>max abs drift</th><th>within</th></tr>"]
     for model, gate, test, d in rows:
-        rel, tol = d.get("rel_drift"), d.get("tolerance")
+        rel, tol = d.rel_drift, d.tol
         share = rel / tol if isinstance(rel, (int, float)) and isinstance(tol, (int, float)) and tol > 0 else None
-        ok = d.get("ok", share is not None and share <= 1)
         bar = ""
         if share is not None and math.isfinite(share):
             width = max(1, int(round(min(share, 1.0) * 120)))
             bar = f'<span class="bar{" over" if share > 1 else ""}" style="width:{width}px"></span> {share:.2%}'
         elif share is not None:
             bar = "inf"
-        tol_text = f"{_e(d.get('tolerance_name') or '')} = {_num(tol)}" if tol is not None else "-"
-        badge = '<span class="badge ok">yes</span>' if ok else '<span class="badge bad">no</span>'
+        tol_text = f"{_e(d.tol_name or '')} = {_num(tol)}" if tol is not None else "-"
+        badge = '<span class="badge ok">yes</span>' if d.ok else '<span class="badge bad">no</span>'
         problem = f"<br><small>{_e(test)}</small>" if test else ""
-        problem += f"<br><small>{_e(d['problem'])}</small>" if d.get("problem") else ""
-        out.append(f"<tr><td>{_e(model)}</td><td>{_e(gate)}</td><td>{_e(d.get('stage'))}{problem}</td>"
-                   f"<td>{_e(d.get('source', ''))}</td><td class='num'>{_num(rel)}</td><td>{tol_text}</td>"
-                   f"<td>{bar}</td><td class='num'>{_num(d.get('max_abs_drift'))}</td><td>{badge}</td></tr>")
+        problem += f"<br><small>{_e(d.problem)}</small>" if d.problem else ""
+        out.append(f"<tr><td>{_e(model)}</td><td>{_e(gate)}</td><td>{_e(d.stage)}{problem}</td>"
+                   f"<td>{_e(d.source)}</td><td class='num'>{_num(rel)}</td><td>{tol_text}</td>"
+                   f"<td>{bar}</td><td class='num'>{_num(d.max_abs_drift)}</td><td>{badge}</td></tr>")
     out.append("</table>")
     return "".join(out)
 
 
 def exact_rows(report: dict) -> list:
-    """(model, gate, check, source, comparison dict) for every exact-match comparison
-    (prompts, token ids, heads, rank lists, the layer sweep) recorded in the report."""
-    rows = []
-    for model, gate, test in _tests(report):
-        for check, by_source in (test.get("metrics") or {}).items():
-            for source, result in (by_source.items() if isinstance(by_source, dict) else ()):
-                if isinstance(result, dict) and "mismatches" in result and "ok" in result:
-                    rows.append((model, gate, check, source, result))
-    return rows
+    """(model, gate, check key, source, Comparison) for every comparison recorded in the report:
+    its exact-match part (prompts, token ids, heads, rank lists, the layer sweep)."""
+    return [(model, gate, key, source, check) for model, gate, test in _tests(report)
+            for key, by_source in test.comparisons.items() for source, check in by_source.items()]
 
 
 def _exact_table(report: dict) -> str:
@@ -208,17 +185,17 @@ def _exact_table(report: dict) -> str:
            "rank list (M4, the layer sweep included). Rank differences that fvkit's own logits show to be float "
            "ties are accepted and listed in the notes.</p>",
            "<table><tr><th>model</th><th>gate</th><th>check</th><th>against</th><th>result</th></tr>"]
-    for model, gate, check, source, result in rows:
-        mism = result.get("mismatches") or []
+    for model, gate, key, source, check in rows:
+        mism = check.mismatches
         if mism:
-            text = "; ".join(f"{m.get('path')}: fvkit {m.get('fvkit')} vs reference {m.get('reference')}"
+            text = "; ".join(f"{m.path}: fvkit {m.fvkit} vs reference {m.reference}"
                              for m in mism[:3]) + (f" (+{len(mism) - 3} more)" if len(mism) > 3 else "")
             cell = f"<td class='fail'>{_e(text)}</td>"
         else:
-            ties = [n for n in result.get("notes") or [] if "float tie" in n]
+            ties = [n for n in check.notes if "float tie" in n]
             cell = "<td class='pass'>identical</td>" if not ties else \
                 f"<td class='pass'>identical after float ties: {_e(ties[0][:300])}</td>"
-        out.append(f"<tr><td>{_e(model)}</td><td>{_e(gate)}</td><td>{_e(check)}</td><td>{_e(source)}</td>{cell}</tr>")
+        out.append(f"<tr><td>{_e(model)}</td><td>{_e(gate)}</td><td>{_e(key)}</td><td>{_e(source)}</td>{cell}</tr>")
     out.append("</table>")
     return "".join(out)
 
