@@ -22,7 +22,7 @@ import pytest
 
 from fvkit.parity.options import ParityOptions, add_options
 from fvkit.parity.records import Findings, GateOutcome
-from fvkit.parity.registry import GATE_TITLES, gate_index
+from fvkit.parity.registry import GATE_TITLES, GateError, gate_def, gate_index
 from fvkit.parity.report import IDENTITY_PROP, RESULT_PROP, ReportState, environment
 
 OPTIONS_KEY = pytest.StashKey[ParityOptions]()
@@ -93,6 +93,11 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         if ident is None:
             others.append(item)
             continue
+        try:
+            gate_def(ident["gate"])
+        except GateError as err:
+            raise pytest.UsageError(f"fvkit parity: {item.nodeid} is marked fvkit_gate({ident['gate']!r}): {err}") \
+                from None
         item.user_properties.append((IDENTITY_PROP, ident))
         order.setdefault(ident["model"], len(order))
         gate_items.append((order[ident["model"]], gate_index(ident["gate"]), pos, item))
