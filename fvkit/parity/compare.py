@@ -20,21 +20,8 @@ from typing import Optional
 from fvkit.parity import tolerances
 from fvkit.parity.drift import first_mismatch, tensor_drift
 from fvkit.parity.records import Comparison, MismatchRecord
-from fvkit.parity.registry import (  # noqa: F401  (re-exported: the result layout the gates compare)
-    EVAL_KEYS,
-    GATE_DEFS,
-    GATE_TITLES,
-    GATES,
-    M1_KEYS,
-    SWEEP_KEY,
-    SWEEP_STAGES,
-    GateDef,
-    gate_def,
-)
+from fvkit.parity.registry import EVAL_KEYS, M1_KEYS, SWEEP_KEY, SWEEP_STAGES, GateDef, gate_def
 from fvkit.parity.tolerances import TOP_HEAD_SCORE_ABS_TOL
-
-#: Keys of the comparable result dict each comparing gate reads (``m1`` is a sub-dict).
-GATE_KEYS = {g.name: g.result_keys for g in GATE_DEFS if g.compares}
 
 
 def _eval_part(stage: str, value: dict) -> dict:

@@ -23,7 +23,7 @@ import torch
 
 from fvkit.method.intervene import inject, token_rank, topk_accuracy
 from fvkit.method.stage_inputs import answer_ids, trial_prompt
-from fvkit.parity.compare import EVAL_KEYS, SWEEP_KEY
+from fvkit.parity.registry import EVAL_KEYS, SWEEP_KEY
 from fvkit.parity.tolerances import RANK_TIE_REL_TOL
 
 #: Rank lists and the logits they are read from.

@@ -31,7 +31,6 @@ import platform
 from pathlib import Path
 from typing import Optional
 
-from fvkit.parity.registry import GATES
 from fvkit.parity.records import (  # noqa: F401  (GateOutcome, worst_status: the report's records, re-exported)
     STAGE_COLUMNS,
     STATUS_ORDER,
@@ -40,6 +39,7 @@ from fvkit.parity.records import (  # noqa: F401  (GateOutcome, worst_status: th
     StageRow,
     worst_status,
 )
+from fvkit.parity.registry import GATES
 
 
 REPORT_NAME = "parity_suite_report.json"
