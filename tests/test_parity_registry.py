@@ -154,3 +154,31 @@ def test_new():
     err = result.stderr.str()
     assert "fvkit_gate('M9')" in err and "registered gates are M1, M2, M3, M4, M5" in err
     assert "Traceback" not in err
+
+
+def test_comparisons_filed_under_a_non_gate_key_are_refused():
+    with pytest.raises(RecordError, match="under 'drift', which names no registered gate"):
+        Findings.from_dict({"comparisons": {"drift": {"snapshot": _comparison()}}})
+
+
+def test_malformed_findings_make_the_test_an_error_not_a_crash(pytester):
+    pytester.makeconftest('''
+from fvkit.parity.plugin import report_state
+
+def pytest_configure(config):
+    report_state(config).bind("synthds", "fixed_trials_synthds_t2_s2_seed0", {})
+''')
+    pytester.makepyfile(test_gate_m2='''
+import pytest
+pytestmark = pytest.mark.fvkit_gate("M2")
+
+@pytest.mark.parametrize("model", [pytest.param("alpha", marks=pytest.mark.fvkit_model("alpha"))])
+def test_mean_activations(model, request):
+    request.node.user_properties.append(("fvkit_result", {"metrix": {}}))
+''')
+    result = pytester.runpytest()
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    report = json.loads((pytester.path / "results_fv/synthds/fixed_trials_synthds_t2_s2_seed0"
+                         / "parity_suite_report.json").read_text())
+    gate = report["models"]["alpha"]["gates"]["M2"]
+    assert gate["status"] == "ERROR" and "unknown field(s) metrix" in gate["cause"]

@@ -44,7 +44,7 @@ class Recorder:
         self.item = item
 
     def add(self, **data) -> None:
-        findings = Findings(**{k: v for k, v in data.items() if v is not None})
+        findings = Findings.from_dict({k: v for k, v in data.items() if v is not None})
         self.item.user_properties.append((RESULT_PROP, findings.as_dict()))
 
 

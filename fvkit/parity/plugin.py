@@ -21,7 +21,7 @@ from typing import Optional
 import pytest
 
 from fvkit.parity.options import ParityOptions, add_options
-from fvkit.parity.records import Findings, GateOutcome
+from fvkit.parity.records import Findings, GateOutcome, RecordError
 from fvkit.parity.registry import GATE_TITLES, GateError, gate_def, gate_index
 from fvkit.parity.report import IDENTITY_PROP, RESULT_PROP, ReportState, environment
 
@@ -200,8 +200,12 @@ class ReportPlugin:
             if report.failed and outcome.status != "FAIL":
                 outcome.status, outcome.cause = "ERROR", _cause(report)
             findings = Findings()
-            for shipped in _props(report, RESULT_PROP):
-                findings.merge(Findings.from_dict(shipped))
+            try:
+                for shipped in _props(report, RESULT_PROP):
+                    findings.merge(Findings.from_dict(shipped))
+            except RecordError as err:
+                # Reported as the test's error, not a crash of the whole session.
+                outcome.status, outcome.cause = "ERROR", f"its recorded findings cannot be read: {err}"
             outcome.absorb(findings)
             self.partial.pop(report.nodeid, None)
             report_state(self.config).record(outcome, findings)

@@ -212,15 +212,19 @@ def comparisons_as_dict(comparisons: dict) -> dict:
     return {key: {source: c.as_dict() for source, c in by_source.items()} for key, by_source in comparisons.items()}
 
 
+def by_source(key: str, value: dict) -> dict:
+    """One check key's comparisons, source -> Comparison (records or report dicts)."""
+    gate = key.partition("[")[0]
+    return {source: c if isinstance(c, Comparison) else Comparison.from_dict(gate, c) for source, c in value.items()}
+
+
 def split_metrics(metrics: dict) -> tuple:
     """(measurements, comparisons) of a report's ``metrics``: entries under a gate's check key
     (:func:`fvkit.parity.registry.is_check_key`) are comparisons by source, the rest measurements."""
     measurements, comparisons = {}, {}
     for key, value in (metrics or {}).items():
         if is_check_key(key) and isinstance(value, dict):
-            gate = key.partition("[")[0]
-            comparisons[key] = {source: c if isinstance(c, Comparison) else Comparison.from_dict(gate, c)
-                                for source, c in value.items()}
+            comparisons[key] = by_source(key, value)
         else:
             measurements[key] = value
     return measurements, comparisons
@@ -296,8 +300,12 @@ class Findings:
     def from_dict(cls, data: dict) -> "Findings":
         data = dict(_known(cls, data, "a gate test's recorded findings"))
         measurements, comparisons = split_metrics(data.get("metrics") or {})
-        _, shipped = split_metrics(data.get("comparisons") or {})
-        return cls(metrics=measurements, comparisons={**comparisons, **shipped},
+        for key, value in (data.get("comparisons") or {}).items():
+            if not is_check_key(key):
+                raise RecordError(f"recorded comparisons are filed under {key!r}, which names no registered gate; "
+                                  f"use fvkit.parity.registry.check_key(gate, label)")
+            comparisons[key] = by_source(key, value)
+        return cls(metrics=measurements, comparisons=comparisons,
                    stage_rows=list(data.get("stage_rows") or []),
                    notes=list(data.get("notes") or []), settings=dict(data.get("settings") or {}),
                    timings=dict(data.get("timings") or {}), reference=dict(data.get("reference") or {}),
