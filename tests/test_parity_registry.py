@@ -30,6 +30,8 @@ from fvkit.parity.registry import (
     is_check_key,
     model_of_param_id,
     param_id,
+    param_id_of_nodeid,
+    spec_of_param_id,
 )
 from fvkit.parity.xdist_scheduling import model_scope
 
@@ -74,6 +76,9 @@ def test_param_ids_round_trip_through_xdist_scheduling():
     for pid in (param_id("tiny-gpt2"), param_id("tiny-gpt2", spec="gpt2")):
         assert model_of_param_id(pid) == "tiny-gpt2"
         assert model_scope(f"parity_tests/test_m2.py::test_x[{pid}]") == "model:tiny-gpt2"
+    assert spec_of_param_id("gpt2:tiny-gpt2") == "gpt2" and spec_of_param_id("tiny-gpt2") is None
+    assert param_id_of_nodeid("t.py::test_x[gpt2:tiny-gpt2]") == "gpt2:tiny-gpt2"
+    assert param_id_of_nodeid("t.py::test_x") is None and model_scope("t.py::test_x") == "t.py::test_x"
 
 
 def test_check_keys_tell_comparisons_from_measurements():

@@ -175,3 +175,16 @@ def param_id(model: str, spec: Optional[str] = None) -> str:
 def model_of_param_id(param: str) -> str:
     """The model a parameter id names (see :func:`param_id`)."""
     return param.rsplit(":", 1)[-1]
+
+
+def spec_of_param_id(param: str) -> Optional[str]:
+    """The spec a spec-scoped parameter id names; None for a model-scoped one."""
+    spec, colon, _ = param.rpartition(":")
+    return spec if colon else None
+
+
+def param_id_of_nodeid(nodeid: str) -> Optional[str]:
+    """The parameter id of a test id (``...::test_x[<param>]``); None for an unparametrized test."""
+    if not nodeid.endswith("]") or "[" not in nodeid:
+        return None
+    return nodeid.rsplit("[", 1)[1][:-1]

@@ -11,15 +11,13 @@ a parameter id are units of their own, as under ``--dist load``.
 
 from __future__ import annotations
 
-from fvkit.parity.registry import model_of_param_id
+from fvkit.parity.registry import model_of_param_id, param_id_of_nodeid
 
 
 def model_scope(nodeid: str) -> str:
     """The unit of work a test id belongs to: its model, else the test itself."""
-    if not nodeid.endswith("]") or "[" not in nodeid:
-        return nodeid
-    param = nodeid.rsplit("[", 1)[1][:-1]
-    return "model:" + model_of_param_id(param)
+    param = param_id_of_nodeid(nodeid)
+    return nodeid if param is None else "model:" + model_of_param_id(param)
 
 
 def make_scheduler(config, log):
