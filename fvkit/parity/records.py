@@ -1,7 +1,7 @@
 """Typed records of the parity report, from a gate's comparison to the page.
 
     check = compare_gate("M2", ours, ref, "snapshot")     # a Comparison of DriftRecords / MismatchRecords
-    rows = check.stage_rows(gate_def("M2"), ("mean_activations",))   # StageRows, one CSV row each
+    rows = check.stage_rows(gate_def("M2").exact_stages_of(("mean_activations",)))   # StageRows
     Recorder(item).add(comparisons={"M2": {"snapshot": check}}, stage_rows=rows)   # a Findings
     outcome = GateOutcome(nodeid, "tiny-llama", "M2", "test_mean_activations")
     outcome.absorb(Findings.from_dict(shipped))            # the plugin, once per test report
