@@ -344,6 +344,9 @@ class GateOutcome:
     stage_rows: list = field(default_factory=list)    # StageRow
     notes: list = field(default_factory=list)
 
+    def __post_init__(self):
+        self.stage_rows = [r if isinstance(r, StageRow) else StageRow.from_dict(r) for r in self.stage_rows]
+
     def absorb(self, findings: Findings) -> None:
         """Take a test's recorded measurements, comparisons, rows and notes."""
         self.metrics.update(findings.metrics)
