@@ -6,17 +6,16 @@ only place that imports them) keeps both sides spelled the same.
 """
 
 from fvkit.method.fixed_trials import STAGES as PROMPT_STAGES
-from fvkit.parity.compare import GATE_KEYS, SWEEP_KEY, SWEEP_STAGES
-from fvkit.parity.registry import GATES
+from fvkit.parity.registry import GATE_DEFS, GATES, PIPELINE_RESULT_KEYS, SWEEP_KEY, SWEEP_STAGES, gate_def
 
 #: The M1 gate's key: prompts, token data and split, as one sub-dict.
-M1_KEY = GATE_KEYS["M1"][0]
+M1_KEY = gate_def("M1").result_keys[0]
 #: Result keys of the numeric stages, in pipeline order (the M2, M3 and M4 keys).
-RESULT_STAGES = tuple(key for gate in GATES for key in GATE_KEYS.get(gate, ()) if key != M1_KEY)
+RESULT_STAGES = tuple(key for key in PIPELINE_RESULT_KEYS if key != M1_KEY)
 #: The gate whose intervention numbers are void when the reference's injection does
-#: nothing; ``meta["invalid"]`` is keyed by its lower-case name.
-INJECTION_GATE = "M4"
-INVALID_KEY = INJECTION_GATE.lower()
+#: nothing; ``meta["invalid"]`` is keyed by its ``reference_invalid_key``.
+INJECTION_GATE = next(g.name for g in GATE_DEFS if g.reference_invalid_key)
+INVALID_KEY = gate_def(INJECTION_GATE).reference_invalid_key
 #: What each result key needs first; an unsupported stage makes its dependants unsupported.
 #: Listed in pipeline order, so one pass over it propagates a root cause to every dependant.
 STAGE_NEEDS = {
