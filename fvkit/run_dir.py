@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from fvkit.errors import FvkitError
+from fvkit.processes import pid_alive
 
 #: The file whose presence marks a directory as a complete fvkit run; it is
 #: written last into the staging folder, so a folder holding it is whole.
@@ -59,15 +60,7 @@ def _pid_alive(name: str) -> bool:
         pid = int(name.rsplit("-", 2)[-2])
     except (ValueError, IndexError):
         return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def recover(out_dir) -> None:

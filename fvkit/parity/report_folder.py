@@ -26,6 +26,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fvkit.processes import pid_alive
+
+
 SESSIONS_DIR = ".sessions"
 LOCK_NAME = ".lock"
 #: One staged session's files.
@@ -45,15 +48,7 @@ def _alive(sid: str) -> bool:
         pid = int(sid.split("-", 1)[0])
     except ValueError:
         return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def _atomic_text(path: Path, text: str) -> None:
