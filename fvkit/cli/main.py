@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 import warnings
 
@@ -37,9 +38,40 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
+#: reST markup the docstrings use (``code``, :role:`target`), which a terminal shows literally.
+REST_ROLE = re.compile(r":[a-z]+:`~?([^`]*)`")
+REST_LITERAL = re.compile(r"``([^`]*)``")
+
+
+def plain_text(text: str) -> str:
+    """``text`` without reST markup: ``code`` -> code, :class:`x.Y` -> x.Y."""
+    return REST_LITERAL.sub(r"\1", REST_ROLE.sub(r"\1", text or ""))
+
+
+class PlainHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` as plain text: no reST markup, and every option's default and choices
+    spelled out unless its help already says them."""
+
+    def _format_text(self, text):
+        return super()._format_text(plain_text(text))
+
+    def _get_help_string(self, action):
+        text = plain_text(action.help or "")
+        if action.choices is not None and action.option_strings and "choices" not in text \
+                and not all(str(c) in text for c in action.choices):
+            text += f" (choices: {', '.join(map(str, action.choices))})"
+        default = action.default
+        flag_only = action.nargs == 0   # store_true/false, help: the flag's presence is the value
+        if action.option_strings and "default" not in text and not flag_only \
+                and default is not None and default is not argparse.SUPPRESS:
+            text += f" (default: {default})"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="fvkit", description=__doc__.split("\n")[0])
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = OneLineParser(prog="fvkit", description=plain_text(__doc__.split("\n")[0]),
+                           formatter_class=PlainHelpFormatter)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=PlainArgumentParser)
     for name in SUBCOMMAND_MODULES:
         try:
             module = importlib.import_module(name)
@@ -48,7 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.add_parser(subparsers)
+    for choice in subparsers._choices_actions:   # a subcommand's --help opens with its one-line summary
+        sub = subparsers.choices[choice.dest]
+        if not sub.description:
+            sub.description = plain_text(choice.help)
     return parser
+
+
+class PlainArgumentParser(OneLineParser):
+    """Subcommand parsers: the plain formatter unless one asks for another."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", PlainHelpFormatter)
+        if kwargs.get("description"):
+            kwargs["description"] = plain_text(kwargs["description"])
+        super().__init__(*args, **kwargs)
 
 
 def main(argv=None) -> int:

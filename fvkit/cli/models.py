@@ -2,7 +2,7 @@
 
     fvkit specs
     fvkit resolve --model tiny-llama
-    fvkit resolve --model ./my-checkpoint --model-spec llama
+    fvkit resolve --model ./my-checkpoint --model-spec llama      # or --model_spec, the old script's spelling
     fvkit export-model tiny-gptj /tmp/tiny-gpt-j
 
 ``resolve`` is the check to run before pointing fvkit at a new model: it loads
@@ -30,7 +30,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "resolve", help="load a model and check that its spec resolves and hooks fire on every layer")
     p.add_argument("--model", required=True, help="zoo alias, local checkpoint directory or hub id")
-    p.add_argument("--model-spec", default=None, help="spec name (default: chosen from the model)")
+    p.add_argument("--model-spec", "--model_spec", dest="model_spec", default=None,
+                   help="registered spec name, as `fvkit specs` lists them (default: chosen from the model)")
     add_device_args(p)
     p.set_defaults(func=cmd_resolve)
 
@@ -42,9 +43,9 @@ def add_parser(subparsers) -> None:
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:
     """``--device/--dtype/--quant/--no-parity``, shared by commands that load models."""
-    parser.add_argument("--device", default="cpu", help="torch device (parity mode: cpu)")
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weights dtype (parity mode: fp32)")
-    parser.add_argument("--quant", default="none", choices=list(QUANTS), help="quantization (parity mode: none)")
+    parser.add_argument("--device", default="cpu", help="torch device; parity needs cpu")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weights dtype; parity needs fp32")
+    parser.add_argument("--quant", default="none", choices=list(QUANTS), help="quantization; parity needs none")
     parser.add_argument("--no-parity", dest="parity", action="store_false",
                         help="allow settings under which results differ from the reference")
 

@@ -1,7 +1,7 @@
 """``fvkit parity``: the parity suite behind the flags of the script it replaces.
 
     fvkit parity --model_name tiny-llama --dataset_name antonym --max_trials 1 --n_top_heads 5 --edit_layer 1
-    fvkit parity --fixed_trials_id fixed_trials_antonym_t10_s10_seed0 --fail_fast -- -n 2 -k mean_activations
+    fvkit parity --fixed_trials_id fixed_trials_antonym_t10_s10_seed0 --fail_fast 1 -- -n 2 -k mean_activations
 
 The old underscore flags are translated into the plugin's options and one
 pytest session runs ``parity_tests/`` (``pytest.main``); anything after ``--``
@@ -28,28 +28,51 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model_name", "--model", dest="models", action="append", default=None,
                    help="model(s) to check: zoo alias, hub id or local path; repeat or separate with commas "
                         "(default: every tiny zoo model)")
-    p.add_argument("--model_spec", "--model-spec", dest="model_spec", default=None)
-    p.add_argument("--dataset_name", "--dataset", dest="dataset", default=None, help="task dataset (default antonym)")
-    p.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None)
+    p.add_argument("--model_spec", "--model-spec", dest="model_spec", default=None,
+                   help="registered ModelSpec for the --model models (default: chosen from each model)")
+    p.add_argument("--dataset_name", "--dataset", dest="dataset", default=None,
+                   help="task dataset: a name in --data_dir or a JSON file (default: antonym)")
+    p.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None,
+                   help="directory holding the datasets (default: the checkout's datasets/)")
     p.add_argument("--fixed_trials_path", "--fixed-trials", dest="fixed_trials_path", default=None,
-                   help="fixed-trials file")
+                   help="fixed-trials file (default: <data_dir>/fixed_trials/fixed_trials_<dataset>_t10_s10_seed0.json)")
     p.add_argument("--fixed_trials_id", dest="fixed_trials_id", default=None,
                    help="fixed-trials id, looked up as <data_dir>/fixed_trials/<id>.json")
-    p.add_argument("--max_trials", "--max-trials", dest="max_trials", type=int, default=None)
-    p.add_argument("--n_top_heads", "--n-top-heads", dest="n_top_heads", type=int, default=None)
+    p.add_argument("--max_trials", "--max-trials", dest="max_trials", type=int, default=None,
+                   help="use only the first N trials for mean activations and indirect effect (default: all)")
+    p.add_argument("--n_top_heads", "--n-top-heads", dest="n_top_heads", type=int, default=None,
+                   help="heads in the function vector (default: 10, capped at the model's head count)")
     p.add_argument("--edit_layer", "--edit-layer", dest="edit_layer", type=edit_layer_value, default=None,
-                   help="layer to inject at; 'all' or -1 (the reference's spelling) also checks the layer sweep")
+                   help="layer to inject at (default: n_layers // 2); 'all' or -1 (the reference's spelling) "
+                        "also checks the layer sweep")
     p.add_argument("--ie_mode", "--ie-mode", dest="ie_mode", default=None, choices=("both", "exact", "fast"),
                    help="indirect-effect modes M3 checks (default both)")
-    p.add_argument("--seed", type=int, default=None, help="seed for trials drawn when no trials file is used")
-    p.add_argument("--fail_fast", "--fail-fast", dest="fail_fast", action="store_true")
-    p.add_argument("--reference_src", "--reference-src", dest="reference_src", default=None)
-    p.add_argument("--baukit", default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed for trials drawn when no trials file is used (default: 0)")
+    p.add_argument("--fail_fast", "--fail-fast", dest="fail_fast", type=switch_value, nargs="?", const=True,
+                   default=False, metavar="0|1",
+                   help="1: after a model's first failing gate, skip its later gates; 0: run them all "
+                        "(the old script took a value; alone, the flag means 1)")
+    p.add_argument("--reference_src", "--reference-src", dest="reference_src", default=None,
+                   help="checkout of the reference code (the folder holding src/); enables live reference runs")
+    p.add_argument("--baukit", default=None, help="checkout of baukit, needed by the live reference run")
     p.add_argument("--snapshot_update", "--snapshot-update", dest="snapshot_update", action="store_true",
                    help="write the live reference's numbers as snapshots (needs --reference_src)")
     p.add_argument("--tests", default=None, help="the parity_tests folder (default: the checkout's)")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: arguments passed to pytest as they are")
     p.set_defaults(func=cmd_parity)
+
+
+#: Spellings of a yes/no value, as the old script's ``--fail_fast 0|1`` took them.
+SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                 "off": False}
+
+
+def switch_value(text: str) -> bool:
+    """0 or 1 (also true/false, yes/no, on/off)."""
+    try:
+        return SWITCH_VALUES[str(text).strip().lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected 0 or 1, got {text!r}") from None
 
 
 def edit_layer_value(text: str) -> str:

@@ -14,7 +14,7 @@ from fvkit.method.data import DEFAULT_DATA_DIR, load_task_dataset
 from fvkit.errors import FvkitError
 from fvkit.method.fixed_trials import FixedTrials, trials_id
 from fvkit.method.run_defaults import (DEFAULT_EDIT_LAYER_TEXT, DEFAULT_N_SHOTS, DEFAULT_N_TOP_HEADS, DEFAULT_N_TRIALS,
-                                       DEFAULT_SEED, IE_MODES)
+                                       DEFAULT_IE_MODE, DEFAULT_SEED, IE_MODES)
 from fvkit.output_location import check_output_file
 
 DEFAULT_TRIALS_DIR = DEFAULT_DATA_DIR / "fixed_trials"
@@ -25,32 +25,38 @@ SEED_LIMIT = 2 ** 32
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("trials", help="write a fixed-trials file (every random draw of every stage)")
     p.add_argument("--dataset", required=True, help="task dataset: a JSON file or a name in --data-dir")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--n-trials", type=int, default=DEFAULT_N_TRIALS)
-    p.add_argument("--n-shots", type=int, default=DEFAULT_N_SHOTS)
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    p.add_argument("--test-size", type=float, default=0.3)
-    p.add_argument("--out", default=None, help="output file (default: datasets/fixed_trials/<id>.json)")
+    p.add_argument("--data-dir", default=None, help="directory holding the datasets (default: the checkout's datasets/)")
+    p.add_argument("--n-trials", type=int, default=DEFAULT_N_TRIALS, help="trials per stage")
+    p.add_argument("--n-shots", type=int, default=DEFAULT_N_SHOTS, help="demonstrations per prompt")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the split and of every draw")
+    p.add_argument("--test-size", type=float, default=0.3, help="share of the rows held out for testing")
+    p.add_argument("--out", default=None,
+                   help="output file (default: datasets/fixed_trials/<id>.json, written only when no such file "
+                        "exists or it holds the same trials; the shipped files are never replaced)")
     p.set_defaults(func=cmd_trials)
 
     p = subparsers.add_parser("run", help="run every stage on one model and write the stage files")
     p.add_argument("--model", required=True, help="zoo alias, hub id or local path")
     p.add_argument("--model-spec", default=None, help="registered ModelSpec name (default: chosen from the model)")
-    p.add_argument("--dataset", default="antonym")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--dataset", default="antonym", help="task dataset: a name in --data-dir or a JSON file")
+    p.add_argument("--data-dir", default=None, help="directory holding the datasets (default: the checkout's datasets/)")
     p.add_argument("--fixed-trials", default=None,
                    help=f"fixed-trials file (default: datasets/fixed_trials/fixed_trials_<dataset>_t{DEFAULT_N_TRIALS}_"
                         f"s{DEFAULT_N_SHOTS}_seed<seed>.json, generated into --out when absent)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for trials generated on the fly")
-    p.add_argument("--max-trials", type=int, default=None)
-    p.add_argument("--n-top-heads", type=int, default=DEFAULT_N_TOP_HEADS)
+    p.add_argument("--max-trials", type=int, default=None,
+                   help="use only the first N trials for mean activations and indirect effect (default: all)")
+    p.add_argument("--n-top-heads", type=int, default=None,
+                   help=f"heads in the function vector (default: {DEFAULT_N_TOP_HEADS}, or every head of a model "
+                        f"with fewer)")
     p.add_argument("--edit-layer", default=None,
                    help=f"layer to inject at (default: {DEFAULT_EDIT_LAYER_TEXT}); 'all' also sweeps every layer "
                         "(layer_sweep.json, layer_sweep.png) while the stage files use the default layer")
-    p.add_argument("--ie-mode", choices=IE_MODES, default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32")
-    p.add_argument("--quant", default="none")
+    p.add_argument("--ie-mode", choices=IE_MODES, default=None,
+                   help=f"indirect-effect computation (default: {DEFAULT_IE_MODE})")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--dtype", default="fp32", help="weights dtype")
+    p.add_argument("--quant", default="none", help="quantization")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_run)
 
@@ -67,12 +73,31 @@ def cmd_trials(args) -> int:
         check_output_file(args.out, "--out")
     ds = load_task_dataset(args.dataset, args.data_dir)
     trials = FixedTrials.make(ds, args.n_trials, args.n_shots, args.seed, args.test_size)
-    out = Path(args.out) if args.out else DEFAULT_TRIALS_DIR / f"{trials.id}.json"
-    check_output_file(out, "--out")
+    if args.out:
+        out = Path(args.out)
+    else:
+        out = DEFAULT_TRIALS_DIR / f"{trials.id}.json"
+        check_no_overwrite(out, trials)
+        check_output_file(out, "--out")
     trials.save(out)
     print(f"wrote {out} ({trials.id}: split {len(trials.split['train'])}/{len(trials.split['valid'])}/"
           f"{len(trials.split['test'])} train/valid/test rows)")
     return 0
+
+
+def check_no_overwrite(path: Path, trials: FixedTrials) -> None:
+    """The default trials directory holds the shipped files every snapshot was made
+    with: a different draw under the same id must go elsewhere (``--out``), or the
+    suite would compare the reference's numbers against other trials."""
+    if not path.is_file():
+        return
+    try:
+        same = json.loads(path.read_text()) == json.loads(json.dumps(trials.as_dict()))
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        raise FvkitError(f"{path} already holds other trials under the id {trials.id} (the id does not record "
+                         f"--test-size); it is left as it is: pass --out FILE to write these trials elsewhere")
 
 
 def resolve_trials(dataset, path, seed: int, fallback_dir: Path) -> FixedTrials:
@@ -101,6 +126,14 @@ def sweeps_all_layers(value) -> bool:
     return value is not None and str(value).strip().lower() == "all"
 
 
+def fitted_top_heads(requested, lm) -> int:
+    """--n-top-heads, or the default capped at the model's head count (a tiny model
+    may have fewer than ten heads in all); an explicit value is checked by the pipeline."""
+    if requested is not None:
+        return requested
+    return min(DEFAULT_N_TOP_HEADS, lm.dims.n_layers * lm.dims.n_heads)
+
+
 def cmd_run(args) -> int:
     from fvkit.models.loader import load_model
     from fvkit.pipeline import check_max_trials, check_run_dir, check_run_settings, run_pipeline, write_run_outputs
@@ -116,7 +149,8 @@ def cmd_run(args) -> int:
     check_max_trials(trials, args.max_trials)
     lm = load_model(args.model, model_spec=args.model_spec, device=args.device, dtype=args.dtype,
                     quant=args.quant, parity=True)
-    settings = dict(n_top_heads=args.n_top_heads, edit_layer=parse_edit_layer(args.edit_layer),
+    n_top_heads = fitted_top_heads(args.n_top_heads, lm)
+    settings = dict(n_top_heads=n_top_heads, edit_layer=parse_edit_layer(args.edit_layer),
                     max_trials=args.max_trials)
     check_run_settings(lm, ds, trials, **settings)
     print(lm.diagnostics_table(), file=sys.stderr)
@@ -128,8 +162,8 @@ def cmd_run(args) -> int:
     files = run_artifacts(lm, ds, trials, result, sweep=sweeps_all_layers(args.edit_layer))
     out = write_run_outputs(result, args.out, extra_args=vars(args) | {"func": None}, extra_files=files)
     zs, sh = result.zero_shot, result.shuffled
-    print(f"top heads: {result.top_heads}")
-    print(f"zero-shot top-1: {zs['clean_topk'][0][1]:.3f} -> {zs['intervention_topk'][0][1]:.3f}; "
+    print(f"top heads ({n_top_heads}): {result.top_heads}")
+    print(f"layer {result.settings['edit_layer']}: zero-shot top-1: {zs['clean_topk'][0][1]:.3f} -> {zs['intervention_topk'][0][1]:.3f}; "
           f"shuffled top-1: {sh['clean_topk'][0][1]:.3f} -> {sh['intervention_topk'][0][1]:.3f}; "
           f"clean {trials.n_shots}-shot top-1: {result.baseline['clean_topk'][0][1]:.3f}")
     if "layer_sweep.json" in files:
