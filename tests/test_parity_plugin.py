@@ -31,6 +31,8 @@ SYNTH_CONFTEST = '''
 import pytest
 from fvkit.parity.plugin import report_state
 
+pytest_plugins = ["fvkit.parity.switch"]
+
 def pytest_configure(config):
     report_state(config).bind("synthds", "fixed_trials_synthds_t2_s2_seed0", {"origin": "synthetic"})
 '''
@@ -78,7 +80,7 @@ def statuses(report: dict) -> dict:
 
 # --- options ---------------------------------------------------------------------------
 def test_options_have_their_own_group_and_ini_names(pytester):
-    result = pytester.runpytest("--help")
+    result = pytester.runpytest("-p", "fvkit.parity.switch", "--help")
     out = result.stdout.str()
     assert "fvkit parity" in out
     for flag in ("--model=NAME", "--model-spec", "--dataset", "--data-dir", "--fixed-trials", "--max-trials",
@@ -169,7 +171,7 @@ def test_interrupted_run_leaves_report_marked_incomplete(synth, monkeypatch):
 
 def test_no_report_without_gate_tests(pytester):
     pytester.makepyfile(test_plain="def test_plain():\n    pass\n")
-    pytester.runpytest().assert_outcomes(passed=1)
+    pytester.runpytest("-p", "fvkit.parity.switch").assert_outcomes(passed=1)
     assert not (pytester.path / "results_fv").exists()
 
 
@@ -225,6 +227,7 @@ def suite(pytester, monkeypatch):
     shutil.copytree(REPO / "parity_tests", pytester.path / "parity_tests",
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pytest.ini", pytester.path / "pytest.ini")
+    shutil.copy(REPO / "conftest.py", pytester.path / "conftest.py")
     return pytester
 
 
