@@ -25,7 +25,7 @@ import pytest
 from fvkit.errors import FvkitError
 from fvkit.parity.options import REFERENCE_TRANSFORMERS
 from fvkit.parity.gate_runner import GateContext, Recorder, reference_environment
-from fvkit.parity.plugin import keep_unused_snapshots, options, report_state
+from fvkit.parity.plugin import OPTIONS_KEY, keep_unused_snapshots, options, report_state
 from fvkit.parity.registry import param_id
 from fvkit.parity.session import ParitySession, model_id
 
@@ -34,6 +34,8 @@ os.environ.setdefault("FVKIT_PROGRESS", "0")
 
 SESSION_KEY = pytest.StashKey[ParitySession]()
 REPORTED_KEY = pytest.StashKey[set]()
+#: model -> why it cannot be loaded here; its own gates fail with that, the rest of the run goes on.
+UNAVAILABLE_KEY = pytest.StashKey[dict]()
 HERE = Path(__file__).resolve().parent
 #: How to create missing snapshots (quoted in every "no snapshot" skip).
 SNAPSHOT_HINT = (f"create them from a live reference under transformers {REFERENCE_TRANSFORMERS}: pytest parity_tests "
@@ -65,23 +67,41 @@ def torch_threads(requested: Optional[int]) -> int:
 def pytest_configure(config: pytest.Config) -> None:
     import torch
 
+    if not plugin_active(config):
+        raise pytest.UsageError("fvkit parity: the parity plugin is not active in this run; run pytest from the "
+                                "fvkit checkout (its conftest.py switches it on) or add -p fvkit.parity.switch")
     keep_unused_snapshots(config)
     opts = options(config)
     torch.set_num_threads(torch_threads(opts.torch_threads))
     try:
         ps = ParitySession.create(opts, config.rootpath,
                                   reference_runner=load_reference_runner() if opts.reference_src else None)
-        for name in ps.model_names:
-            ps.model_info(name)
     except FvkitError as err:
         raise pytest.UsageError(f"fvkit parity: {err}") from None
+    unavailable = {}
+    for name in ps.model_names:
+        try:
+            ps.model_info(name)
+        except FvkitError as err:
+            # Only this model's gates fail (at setup, with this message); the unit tests
+            # and the other models' gates of the same run go on.
+            unavailable[name] = f"fvkit parity: {err}"
     config.stash[SESSION_KEY] = ps
+    config.stash[UNAVAILABLE_KEY] = unavailable
     config.stash[REPORTED_KEY] = set()
     report_state(config).bind(ps.dataset.name, ps.trials.id, ps.describe(), notes=ps.notes)
 
 
+def plugin_active(config: pytest.Config) -> bool:
+    return OPTIONS_KEY in config.stash
+
+
 def parity_session(config: pytest.Config) -> ParitySession:
     return config.stash[SESSION_KEY]
+
+
+def unavailable_models(config: pytest.Config) -> dict:
+    return config.stash[UNAVAILABLE_KEY]
 
 
 # --- parametrization -------------------------------------------------------------------
@@ -102,22 +122,33 @@ class SpecCase:
         return model_id(self.model) if self.model else f"spec-{self.spec}"
 
 
-def spec_cases(ps: ParitySession) -> list:
-    """Every registered spec, on the --model models it serves, else its zoo model."""
+def spec_cases(ps: ParitySession, unavailable: Optional[dict] = None) -> list:
+    """Every registered spec, on the --model models it serves, else its zoo model
+    (``unavailable``: --model models that cannot be loaded, left out)."""
+    unavailable = unavailable or {}
     from fvkit.models import zoo
     from fvkit.models.spec import all_specs
 
     by_spec: dict = {}
     for name in ps.model_names:
-        by_spec.setdefault(ps.model_info(name).spec, []).append(name)
+        if name not in unavailable:
+            by_spec.setdefault(ps.model_info(name).spec, []).append(name)
     preferred = list(zoo.DEFAULT_PARITY_MODELS) + [a for a in zoo.ZOO if a not in zoo.DEFAULT_PARITY_MODELS]
+    # A --model loaded under --model-spec stands for that spec only; it cannot also be
+    # the zoo model on which its own spec is checked.
+    forced = set(ps.model_names) if ps.options.model_spec else set()
     cases = []
     for spec in all_specs():
         if spec.name in by_spec:
             cases.extend(SpecCase(spec.name, name, selected=True) for name in by_spec[spec.name])
             continue
-        alias = next((a for a in preferred if zoo.ZOO[a].spec == spec.name), None)
-        if alias is None:
+        alias = next((a for a in preferred if zoo.ZOO[a].spec == spec.name and a not in forced), None)
+        taken = next((a for a in preferred if zoo.ZOO[a].spec == spec.name and a in forced), None)
+        if alias is None and taken is not None:
+            cases.append(SpecCase(spec.name, None, skip=f"{taken}, the zoo model of spec '{spec.name}', runs under "
+                                                          f"--model-spec {ps.options.model_spec} in this run; run "
+                                                          f"without --model-spec to check spec '{spec.name}'"))
+        elif alias is None:
             cases.append(SpecCase(spec.name, None, skip=f"no zoo model uses spec '{spec.name}'; pass --model with "
                                                           f"a checkpoint of this architecture to check it"))
         else:
@@ -131,6 +162,9 @@ def _valid_models(metafunc) -> list:
     valid = []
     reported = metafunc.config.stash[REPORTED_KEY]
     for name in ps.model_names:
+        if name in unavailable_models(metafunc.config):
+            valid.append(name)   # its gates fail at setup (the parity_model fixture)
+            continue
         try:
             ps.settings_for(name)
         except FvkitError as err:
@@ -152,7 +186,7 @@ def pytest_generate_tests(metafunc) -> None:
         # scheduling keeps the test with its model's other gates.
         params = [pytest.param(case, id=param_id(case.model_key, spec=case.spec),
                                marks=pytest.mark.fvkit_model(case.model_key))
-                  for case in spec_cases(parity_session(metafunc.config))]
+                  for case in spec_cases(parity_session(metafunc.config), unavailable_models(metafunc.config))]
         metafunc.parametrize("spec_case", params)
 
 
@@ -165,6 +199,9 @@ def parity(request) -> ParitySession:
 @pytest.fixture(scope="session")
 def parity_model(request) -> str:
     """The --model name (alias, hub id or path) a gate test checks."""
+    why = unavailable_models(request.config).get(request.param)
+    if why:
+        pytest.fail(why, pytrace=False)
     return request.param
 
 

@@ -64,6 +64,10 @@ def keep_unused_snapshots(config: pytest.Config) -> None:
     legitimately unused: syrupy must neither fail on them nor delete them."""
     if hasattr(config.option, "disable_unused_snapshots"):
         config.option.disable_unused_snapshots = True
+        from fvkit.parity.snapshot_notes import QUIET_PLUGIN_NAME, QuietUnusedSnapshotNote
+        if not config.pluginmanager.has_plugin(QUIET_PLUGIN_NAME):
+            # syrupy would close every run with a note about this choice.
+            config.pluginmanager.register(QuietUnusedSnapshotNote(), QUIET_PLUGIN_NAME)
 
 
 def options(config: pytest.Config) -> ParityOptions:

@@ -144,6 +144,11 @@ class ParitySession:
         return list(zoo.DEFAULT_PARITY_MODELS)
 
     # --- models ------------------------------------------------------------------------
+    def spec_for(self, name: str) -> Optional[str]:
+        """--model-spec applies to the --model models it accompanies; any other model the
+        session loads (M5's zoo model of each other spec) resolves its own spec."""
+        return self.options.model_spec if name in (self.options.models or []) else None
+
     def model_info(self, name: str) -> ModelInfo:
         """Spec and dimensions from the model's config (no weights are loaded)."""
         if name not in self._infos:
@@ -156,7 +161,7 @@ class ParitySession:
         if name in self._models:
             lm = self._models[name]
             return ModelInfo(name, model_id(name), lm.spec.name, lm.dims.n_layers, lm.dims.n_heads)
-        described = hf_loader.describe_model(name, model_spec=self.options.model_spec)
+        described = hf_loader.describe_model(name, model_spec=self.spec_for(name))
         return ModelInfo(name, model_id(name), described.spec.name, described.dims.n_layers, described.dims.n_heads)
 
     def model(self, name: str):
@@ -167,7 +172,7 @@ class ParitySession:
             from fvkit.models.loader import load_model
             self.loads[name] = self.loads.get(name, 0) + 1
             try:
-                self._models[name] = load_model(name, model_spec=self.options.model_spec, device="cpu",
+                self._models[name] = load_model(name, model_spec=self.spec_for(name), device="cpu",
                                                 dtype="fp32", quant="none", parity=True)
             except FvkitError as err:
                 self._errors[name] = err
