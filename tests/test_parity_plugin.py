@@ -19,7 +19,7 @@ import pytest
 from fvkit.models import zoo
 from fvkit.models.spec import all_specs
 from fvkit.report.page import HTML_NAME
-from fvkit.parity.report import LOG_NAME, REPORT_NAME, STAGES_NAME
+from fvkit.parity.report import LOG_NAME, REPORT_NAME, RUNS_DIR, STAGES_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 #: The zoo cache as seen before pytester points HOME at a temporary directory.
@@ -167,6 +167,26 @@ def test_interrupted_run_leaves_report_marked_incomplete(synth, monkeypatch):
     assert report["complete"] is False
     assert statuses(report)[("alpha", "M1")] == "PASS" and ("beta", "M1") not in statuses(report)
     assert "complete=false" in (synth.path / SYNTH_DIR / LOG_NAME).read_text()
+    (run,) = (synth.path / SYNTH_DIR / RUNS_DIR).iterdir()     # the session's own copy
+    assert json.loads((run / REPORT_NAME).read_text())["complete"] is False
+
+
+def test_every_run_keeps_its_own_report(synth, monkeypatch):
+    monkeypatch.setenv("SYNTH_FAIL", "beta:M3,alpha:M5")
+    synth.runpytest().assert_outcomes(passed=8, failed=2)
+    first = read_report(synth.path)
+    monkeypatch.setenv("SYNTH_FAIL", "")
+    monkeypatch.setenv("SYNTH_INTERRUPT", "alpha:M2")
+    assert synth.runpytest(no_reraise_ctrlc=True).ret == pytest.ExitCode.INTERRUPTED
+    runs = sorted((synth.path / SYNTH_DIR / RUNS_DIR).iterdir())
+    assert len(runs) == 2
+    reports = [json.loads((run / REPORT_NAME).read_text()) for run in runs]
+    # The first run's report is kept whole in its own folder; the top level shows the latest run.
+    assert reports[0]["complete"] is True and statuses(reports[0]) == statuses(first)
+    assert reports[1]["complete"] is False and read_report(synth.path)["complete"] is False
+    log = (runs[0] / LOG_NAME).read_text()
+    # The whole cause, on the indented lines under the test's line.
+    assert "FAIL  beta M3" in log and "\n    indirect_effect: synthetic drift 1e-3 exceeds tolerance 1e-5" in log
 
 
 def test_no_report_without_gate_tests(pytester):

@@ -64,3 +64,15 @@ def test_model_ids_are_file_safe(tmp_path):
     assert model_id("tiny-llama") == "tiny-llama"
     assert model_id(str(local)) == "tiny-gpt2"
     assert model_id("EleutherAI/gpt-j-6b") == "EleutherAI__gpt-j-6b"
+
+
+def test_log_names_the_spec_on_m5_lines_and_keeps_the_whole_cause():
+    from fvkit.parity.report import GateOutcome, log_entry
+
+    m5 = GateOutcome("parity_tests/test_m5_spec_resolution.py::test_spec_resolution[mistral:tiny-mistral]",
+                     "tiny-mistral", "M5", "test_spec_resolution", "FAIL", cause="first line\nsecond line")
+    line = log_entry(m5)
+    assert " M5 spec mistral test_spec_resolution" in line
+    assert line.endswith("\n    first line\n    second line")
+    m2 = GateOutcome("x::test_mean_activations[tiny-gpt2]", "tiny-gpt2", "M2", "test_mean_activations", "PASS")
+    assert "spec" not in log_entry(m2) and "\n" not in log_entry(m2)

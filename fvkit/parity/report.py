@@ -5,14 +5,19 @@
     state.record(test_outcome)     # after each test; rewrites the files atomically
     state.finish(exitstatus)       # marks the report complete (or not)
 
-Files go to ``results_fv/<dataset>/<fixed_trials_id>/``:
+Files go to ``results_fv/<dataset>/<fixed_trials_id>/``, the latest run's report
+(merged with any session running at the same time, see
+:mod:`fvkit.parity.report_folder`; ``"complete"`` says whether it finished), and
+each session also keeps its own copy, which no later run touches, in
+``results_fv/<dataset>/<fixed_trials_id>/runs/<start time>/``:
 
 * ``parity_suite_report.json``: per model and gate the status (PASS, FAIL,
   SKIP, ERROR), metrics (drifts), tolerances, timings and cause of failure, plus
   the environment and ``"complete"`` (false until the session ends normally, so
   an interrupted run never looks finished);
 * ``parity_suite_stages.csv``: one row per model and stage;
-* ``parity_suite.log``: one line per test outcome, as it happens;
+* ``parity_suite.log``: one line per test outcome, as it happens, followed by the
+  whole cause of a failure (indented) and, on M5 lines, the spec checked;
 * ``parity_suite_report.html``: the same report as one self-contained page,
   with each model's indirect-effect heatmap, layer sweep (``--edit-layer all``)
   and decoded function vector (:mod:`fvkit.report.page`).
@@ -45,6 +50,8 @@ from fvkit.parity.registry import GATES
 REPORT_NAME = "parity_suite_report.json"
 STAGES_NAME = "parity_suite_stages.csv"
 LOG_NAME = "parity_suite.log"
+#: Folder (under the report directory) holding one folder per run, named by its start time.
+RUNS_DIR = "runs"
 FORMAT = "fvkit-parity-report/1"
 #: Key of the user property carrying a gate test's identity (set at collection).
 IDENTITY_PROP = "fvkit_gate"
@@ -65,6 +72,27 @@ def environment() -> dict:
 
 def now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def log_entry(outcome: "GateOutcome") -> str:
+    """A test's log line; a failure's whole cause follows on indented lines, and an
+    M5 line names the spec it checked (its test id is ``[spec:model]``)."""
+    line = f"{now()} {outcome.status:<5} {outcome.model} {outcome.gate}"
+    spec = m5_spec(outcome)
+    if spec:
+        line += f" spec {spec}"
+    line += f" {outcome.test} ({outcome.seconds:.2f}s)"
+    if outcome.cause:
+        line += "".join(f"\n    {text}" for text in outcome.cause.splitlines())
+    return line
+
+
+def m5_spec(outcome: "GateOutcome") -> Optional[str]:
+    """The spec an M5 test checked, from its parameter id ``spec:model``."""
+    if outcome.gate != "M5" or "[" not in outcome.nodeid:
+        return None
+    param = outcome.nodeid.rsplit("[", 1)[1].rstrip("]")
+    return param.split(":", 1)[0] if ":" in param else None
 
 
 class ReportState:
@@ -93,6 +121,7 @@ class ReportState:
         self.complete = False
         self.exit_status: Optional[int] = None
         self._log_lines: list = []
+        self._run_dir: Optional[Path] = None
         self.paths_written: list = []
         self._folder = None          # fvkit.parity.report_folder.ReportFolder, made on the first write
 
@@ -117,6 +146,24 @@ class ReportState:
             return None
         return self.rootdir / "results_fv" / self.dataset / self.trials_id
 
+    @property
+    def run_dir(self) -> Optional[Path]:
+        """This run's own folder, ``<out_dir>/runs/<start time>``, made on first use (a
+        suffix keeps two runs started in the same second apart)."""
+        if self._run_dir is None and self.out_dir is not None and self.writer:
+            stamp = self.started[:19].replace("-", "").replace(":", "")
+            runs = self.out_dir / RUNS_DIR
+            runs.mkdir(parents=True, exist_ok=True)
+            for n in range(1, 10_000):
+                candidate = runs / (stamp if n == 1 else f"{stamp}-{n}")
+                try:
+                    candidate.mkdir()
+                except FileExistsError:
+                    continue
+                self._run_dir = candidate
+                break
+        return self._run_dir
+
     # --- updates -------------------------------------------------------------------------
     def model_entry(self, model: str) -> dict:
         return self.models.setdefault(model, {"settings": {}, "timings": {}, "reference": {}, "gates": {}})
@@ -133,10 +180,7 @@ class ReportState:
         entry["reference"].update(findings.reference)
         if findings.page is not None:
             self.pages[outcome.model] = findings.page
-        line = f"{now()} {outcome.status:<5} {outcome.model} {outcome.gate} {outcome.test} ({outcome.seconds:.2f}s)"
-        if outcome.cause:
-            line += " -- " + outcome.cause.splitlines()[0][:300]
-        self.log(line)
+        self.log(log_entry(outcome))
         self.write()
 
     def log(self, line: str) -> None:
@@ -233,6 +277,28 @@ class ReportState:
         for path in written:
             if path not in self.paths_written:
                 self.paths_written.append(path)
+        self.write_own_run(html=render_html(self.as_dict(), {m: unpack_entry(p) for m, p in self.pages.items()}))
+
+    def write_own_run(self, html: str) -> None:
+        """This session's own files, unmerged, in ``runs/<start time>/``: a later run
+        rewrites the shared files above, never this folder."""
+        from fvkit.method.data import atomic_write_text
+        from fvkit.report.page import HTML_NAME
+
+        out = self.run_dir
+        if out is None:
+            return
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=STAGE_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in self.stage_rows():
+            writer.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in row.items()})
+        files = {REPORT_NAME: json.dumps(self.as_dict(), indent=1, default=str) + "\n", STAGES_NAME: buf.getvalue(),
+                 HTML_NAME: html, LOG_NAME: "\n".join(self._log_lines) + "\n"}
+        for name, text in files.items():
+            atomic_write_text(out / name, text)
+            if out / name not in self.paths_written:
+                self.paths_written.append(out / name)
 
     # --- terminal ------------------------------------------------------------------------
     def table_lines(self) -> list:
