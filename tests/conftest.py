@@ -15,6 +15,29 @@ os.environ.setdefault("FVKIT_PROGRESS", "0")
 
 import pytest  # noqa: E402
 
+#: Hypothesis profiles (FVKIT_HYPOTHESIS_PROFILE): "ci", the default, keeps each property
+#: test to a few seconds on two CPU cores; "long" searches far more examples, on demand:
+#:     FVKIT_HYPOTHESIS_PROFILE=long pytest tests/test_properties_text.py tests/test_properties_models.py
+HYPOTHESIS_PROFILE_ENV = "FVKIT_HYPOTHESIS_PROFILE"
+HYPOTHESIS_PROFILES = {
+    # Model forward passes take tens of milliseconds each: no deadline, few examples.
+    "ci": {"max_examples": 25, "deadline": None, "derandomize": True, "print_blob": True},
+    "long": {"max_examples": 500, "deadline": None, "print_blob": True},
+}
+
+try:
+    from hypothesis import HealthCheck, settings as _hypothesis_settings
+except ModuleNotFoundError:   # the property tests skip themselves (pytest.importorskip)
+    pass
+else:
+    for _name, _values in HYPOTHESIS_PROFILES.items():
+        _hypothesis_settings.register_profile(_name, suppress_health_check=[HealthCheck.too_slow], **_values)
+    _profile = os.environ.get(HYPOTHESIS_PROFILE_ENV, "ci")
+    if _profile not in HYPOTHESIS_PROFILES:
+        raise pytest.UsageError(f"{HYPOTHESIS_PROFILE_ENV}={_profile!r}: no such hypothesis profile; "
+                                f"use one of {', '.join(HYPOTHESIS_PROFILES)}")
+    _hypothesis_settings.load_profile(_profile)
+
 
 def pytest_configure(config):
     config.addinivalue_line(
