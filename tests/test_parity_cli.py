@@ -62,3 +62,17 @@ def test_fvkit_parity_runs_the_pytest_session_and_returns_its_status(tmp_path):
     assert proc.returncode == int(pytest.ExitCode.INTERRUPTED), proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "--edit-layer 9 is out of range for tiny-gpt2: valid layers are 0..2" in proc.stdout
     assert proc.stdout.startswith("pytest " + str(Path(REPO_ROOT) / "parity_tests"))
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("0", False), ("true", True), ("off", False)])
+def test_fail_fast_takes_a_value_like_the_old_script(value, on):
+    out = pytest_arguments(args("--model_name", "tiny-gpt2", "--fail_fast", value, "--seed", "42"))
+    assert ("--fail-fast" in out) is on
+    assert value not in out   # never handed to pytest as a path
+
+
+def test_fail_fast_alone_still_means_on_and_a_bad_value_is_refused(capsys):
+    assert "--fail-fast" in pytest_arguments(args("--fail_fast", "--", "-q"))
+    with pytest.raises(SystemExit):
+        args("--fail_fast", "2")
+    assert "expected 0 or 1, got '2'" in capsys.readouterr().err
