@@ -3,8 +3,9 @@
     pytest --model tiny-llama --max-trials 1 --n-top-heads 5 --edit-layer 1 --fail-fast
     pytest -n 2                      # xdist: each model's gates stay on one worker
 
-Registered as the ``fvkit_parity`` pytest11 entry point, so it is active in
-every pytest run of an environment with fvkit installed; it only acts on tests
+Registered as ``fvkit_parity`` by :mod:`fvkit.parity.switch`, which the
+checkout's top-level conftest.py loads (no entry point: other projects' pytest
+runs never see it); it only acts on tests
 marked ``fvkit_gate`` (the gate modules in ``parity_tests/``). A gate test is
 identified by its gate (``@pytest.mark.fvkit_gate("M2")`` on the module) and
 its model (``pytest.mark.fvkit_model(name)`` on each parameter); the plugin
