@@ -76,3 +76,11 @@ def test_log_names_the_spec_on_m5_lines_and_keeps_the_whole_cause():
     assert line.endswith("\n    first line\n    second line")
     m2 = GateOutcome("x::test_mean_activations[tiny-gpt2]", "tiny-gpt2", "M2", "test_mean_activations", "PASS")
     assert "spec" not in log_entry(m2) and "\n" not in log_entry(m2)
+
+
+def test_model_spec_applies_to_the_models_it_accompanies_only():
+    ps = session(models=["tiny-llama"], model_spec="olmo")
+    assert ps.spec_for("tiny-llama") == "olmo"
+    # M5 checks the other specs on their zoo models, each under its own spec.
+    assert ps.spec_for("tiny-mistral") is None
+    assert ps.model_info("tiny-mistral").spec == "mistral"

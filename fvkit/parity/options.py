@@ -42,7 +42,8 @@ DEFAULT_IE_MODE = "both"
 OPTIONS = (
     ("model", "linelist", "model to check: zoo alias, hub id or local path; repeatable "
                           "(default: every tiny offline model of the zoo)"),
-    ("model-spec", "string", "registered ModelSpec to use for every --model (default: chosen from the model)"),
+    ("model-spec", "string", "registered ModelSpec for the --model models; any other model the run loads "
+                             "(M5 checks each other spec on its zoo model) keeps its own (default: chosen from the model)"),
     ("dataset", "string", f"task dataset name or JSON file (default: {DEFAULT_DATASET})"),
     ("data-dir", "string", "directory holding the datasets (default: <rootdir>/datasets)"),
     ("fixed-trials", "string", "fixed-trials file (default: <data-dir>/fixed_trials/fixed_trials_<dataset>_t10_s10_seed0.json "
