@@ -149,3 +149,14 @@ def test_default_top_heads_are_capped_at_the_models_heads():
     assert fitted_top_heads(None, tiny) == 9
     assert fitted_top_heads(None, big) == DEFAULT_N_TOP_HEADS
     assert fitted_top_heads(20, tiny) == 20       # an explicit value is the pipeline's to check
+
+
+def test_forced_spec_leaves_other_specs_to_their_own_zoo_models():
+    """`pytest --model tiny-llama --model-spec olmo`: every other spec's M5 case still runs
+    on its zoo model under its own spec; llama's zoo model is taken, so that case says so."""
+    proc = run("pytest parity_tests --model tiny-llama --model-spec olmo -k spec_resolution --collect-only -q "
+               "-p no:cacheprovider")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    ids = {line.split("[", 1)[1].rstrip("]") for line in proc.stdout.splitlines() if "test_spec_resolution[" in line}
+    assert {"olmo:tiny-llama", "llama:spec-llama", "mistral:tiny-mistral", "gpt2:tiny-gpt2"} <= ids
+    assert "Unused snapshot detection is disabled" not in proc.stdout

@@ -5,10 +5,18 @@ import pytest
 from fvkit.parity.snapshot_notes import UNUSED_DISABLED_NOTE
 
 CONFTEST = '''
+import pytest
 from fvkit.parity.plugin import keep_unused_snapshots
 
 def pytest_configure(config):
     keep_unused_snapshots(config)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter):
+    # A later section, as the parity suite's own summary table is.
+    terminalreporter.write_sep("=", "later section")
+    terminalreporter.write_line("later line")
 '''
 
 
@@ -24,3 +32,4 @@ def test_unused_snapshot_note_is_dropped(pytester, quiet):
     # Without the wrapper syrupy prints the note (the check has something to catch).
     assert (UNUSED_DISABLED_NOTE in out) is not quiet
     assert ("snapshot report summary" in out) is not quiet
+    assert "later section" in out and "later line" in out

@@ -32,6 +32,7 @@ class QuietUnusedSnapshotNote:
             if title is not None and SYRUPY_SECTION in str(title):
                 held.append((sepchar, title, kwargs))
                 return
+            held.clear()   # another section starts: syrupy's ended with nothing worth showing
             write_sep(sepchar, title, **kwargs)
 
         def line(text, **kwargs):
