@@ -1,12 +1,14 @@
 """``fvkit trials`` and ``fvkit run``.
 
     fvkit trials --dataset datasets/antonym.json --n-trials 10 --n-shots 10 --seed 0 --out FILE
-    fvkit run --model tiny-gpt2 --dataset antonym --fixed-trials FILE --n-top-heads 10 --edit-layer 1 --out DIR
+    fvkit run --model tiny-gpt2     # every default: antonym, its shipped trials, results_fv/antonym/fvkit_run/tiny-gpt2
+    fvkit run --model tiny-gpt2 --dataset antonym --fixed-trials FILE --n-top-heads 9 --edit-layer 1 --out DIR
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -57,7 +59,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--dtype", default="fp32", help="weights dtype")
     p.add_argument("--quant", default="none", help="quantization")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: results_fv/<dataset>/fvkit_run/<model>, in the current directory)")
     p.set_defaults(func=cmd_run)
 
 
@@ -134,6 +137,13 @@ def fitted_top_heads(requested, lm) -> int:
     return min(DEFAULT_N_TOP_HEADS, lm.dims.n_layers * lm.dims.n_heads)
 
 
+def default_run_dir(dataset_name: str, model: str) -> Path:
+    """Where ``fvkit run`` writes without --out; a local path's folder name, or a hub
+    id with '/' made file-safe, names the model."""
+    name = Path(model).name if Path(model).is_dir() else model.replace("/", "__")
+    return Path("results_fv") / dataset_name / "fvkit_run" / re.sub(r"[^\w.+-]", "_", name)
+
+
 def cmd_run(args) -> int:
     from fvkit.models.loader import load_model
     from fvkit.pipeline import check_max_trials, check_run_dir, check_run_settings, run_pipeline, write_run_outputs
@@ -144,6 +154,8 @@ def cmd_run(args) -> int:
     parse_edit_layer(args.edit_layer)
     check_run_dir(args.out)
     ds = load_task_dataset(args.dataset, args.data_dir)
+    if args.out is None:
+        args.out = str(default_run_dir(ds.name, args.model))
     trials = resolve_trials(ds, args.fixed_trials, args.seed, Path(args.out).parent)
     trials.check_dataset(ds, args.fixed_trials or trials.id)
     check_max_trials(trials, args.max_trials)
