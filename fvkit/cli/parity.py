@@ -46,7 +46,7 @@ def add_parser(subparsers) -> None:
                    help="layer to inject at (default: n_layers // 2); 'all' or -1 (the reference's spelling) "
                         "also checks the layer sweep")
     p.add_argument("--ie_mode", "--ie-mode", dest="ie_mode", default=None, choices=("both", "exact", "fast"),
-                   help="indirect-effect modes M3 checks (default both)")
+                   help="indirect-effect modes M3 checks (default: both)")
     p.add_argument("--seed", type=int, default=None, help="seed for trials drawn when no trials file is used (default: 0)")
     p.add_argument("--fail_fast", "--fail-fast", dest="fail_fast", type=switch_value, nargs="?", const=True,
                    default=False, metavar="0|1",
