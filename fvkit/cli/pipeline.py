@@ -152,10 +152,10 @@ def cmd_run(args) -> int:
     # a mistake ends in seconds, not after the whole computation.
     check_seed(args.seed)
     parse_edit_layer(args.edit_layer)
-    check_run_dir(args.out)
     ds = load_task_dataset(args.dataset, args.data_dir)
     if args.out is None:
         args.out = str(default_run_dir(ds.name, args.model))
+    check_run_dir(args.out)
     trials = resolve_trials(ds, args.fixed_trials, args.seed, Path(args.out).parent)
     trials.check_dataset(ds, args.fixed_trials or trials.id)
     check_max_trials(trials, args.max_trials)
