@@ -23,7 +23,7 @@ from hypothesis import given, strategies as st  # noqa: E402
 
 from fvkit.fast.indirect_effect import FAST_VS_EXACT_REL_TOL, fast_trial, relative_drift  # noqa: E402
 from fvkit.method.fixed_trials import FixedTrials  # noqa: E402
-from fvkit.method.indirect_effect import TrialSetup, _exact_trial  # noqa: E402
+from fvkit.method.indirect_effect import TrialSetup, exact_trial  # noqa: E402
 from fvkit.method.prompts import DEFAULT_TEMPLATE  # noqa: E402
 from fvkit.method.token_labels import dummy_token_labels  # noqa: E402
 from fvkit.models import adapters  # noqa: E402
@@ -122,7 +122,7 @@ def test_replayed_last_token_equals_a_full_forward(zoo_model, alias, n_shots, se
     mean = scale * torch.randn(dims.n_layers, dims.n_heads, len(dummy), dims.head_dim,
                                generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        exact = _exact_trial(lm, setup, mean)
+        exact = exact_trial(lm, setup, mean)
         fast = fast_trial(lm, setup, mean, strategy=strategy)
     assert exact.abs().max() > 0
     assert relative_drift(fast, exact) <= FAST_VS_EXACT_REL_TOL, (alias, strategy)
