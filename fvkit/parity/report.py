@@ -289,10 +289,10 @@ class ReportState:
         if out is None:
             return
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=STAGE_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer = csv.DictWriter(buf, fieldnames=STAGE_COLUMNS, lineterminator="\n")
         writer.writeheader()
         for row in self.stage_rows():
-            writer.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in row.items()})
+            writer.writerow(row.as_csv())
         files = {REPORT_NAME: json.dumps(self.as_dict(), indent=1, default=str) + "\n", STAGES_NAME: buf.getvalue(),
                  HTML_NAME: html, LOG_NAME: "\n".join(self._log_lines) + "\n"}
         for name, text in files.items():
