@@ -89,10 +89,10 @@ def log_entry(outcome: "GateOutcome") -> str:
 
 def m5_spec(outcome: "GateOutcome") -> Optional[str]:
     """The spec an M5 test checked, from its parameter id ``spec:model``."""
-    if outcome.gate != "M5" or "[" not in outcome.nodeid:
-        return None
-    param = outcome.nodeid.rsplit("[", 1)[1].rstrip("]")
-    return param.split(":", 1)[0] if ":" in param else None
+    from fvkit.parity.registry import param_id_of_nodeid, spec_of_param_id
+
+    param = param_id_of_nodeid(outcome.nodeid) if outcome.gate == "M5" else None
+    return spec_of_param_id(param) if param else None
 
 
 class ReportState:
