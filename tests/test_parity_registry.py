@@ -154,7 +154,7 @@ pytestmark = pytest.mark.fvkit_gate("M9")
 def test_new():
     pass
 ''')
-    result = pytester.runpytest()
+    result = pytester.runpytest("-p", "fvkit.parity.switch")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     err = result.stderr.str()
     assert "fvkit_gate('M9')" in err and "registered gates are M1, M2, M3, M4, M5" in err
@@ -169,6 +169,8 @@ def test_comparisons_filed_under_a_non_gate_key_are_refused():
 def test_malformed_findings_make_the_test_an_error_not_a_crash(pytester):
     pytester.makeconftest('''
 from fvkit.parity.plugin import report_state
+
+pytest_plugins = ["fvkit.parity.switch"]
 
 def pytest_configure(config):
     report_state(config).bind("synthds", "fixed_trials_synthds_t2_s2_seed0", {})

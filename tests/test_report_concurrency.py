@@ -86,6 +86,8 @@ def test_a_session_that_records_nothing_writes_nothing(tmp_path):
 CONFTEST = f'''
 from fvkit.parity.plugin import report_state
 
+pytest_plugins = ["fvkit.parity.switch"]
+
 def pytest_configure(config):
     report_state(config).bind("{DATASET}", "{TRIALS_ID}", {{"origin": "synthetic"}})
 '''
