@@ -45,10 +45,11 @@ def test_two_interleaved_sessions_keep_both_results(tmp_path):
         a.record(outcome("alpha", gate))
         b.record(outcome("beta", gate))
     a.finish(0, interrupted=False)
-    report = json.loads((tmp_path / FOLDER / REPORT_NAME).read_text())
-    assert set(report["models"]) == {"alpha", "beta"}
-    assert report["complete"] is False  # beta's session is still running
+    # beta's session is still running: the merged report is not complete, so no top level yet.
+    assert not (tmp_path / FOLDER / REPORT_NAME).exists()
+    assert "still running or was interrupted" in a.top_level_kept
     b.finish(0, interrupted=False)
+    assert b.top_level_kept is None and (tmp_path / FOLDER / REPORT_NAME) in b.paths_written
     report = json.loads((tmp_path / FOLDER / REPORT_NAME).read_text())
     assert set(report["models"]) == {"alpha", "beta"} and report["complete"] is True
     assert report["summary"] == {"alpha": {"M1": "PASS", "M2": "PASS"}, "beta": {"M1": "PASS", "M2": "PASS"}}
@@ -81,6 +82,25 @@ def test_a_session_that_records_nothing_writes_nothing(tmp_path):
     failed = state_for(tmp_path, ["alpha"])
     failed.finish(4, interrupted=False)
     assert {n: (tmp_path / FOLDER / n).read_bytes() for n in FILES} == before
+
+
+def test_an_incomplete_session_leaves_the_complete_top_level_byte_identical(tmp_path):
+    done = state_for(tmp_path, ["alpha"])
+    done.record(outcome("alpha", "M1"))
+    done.finish(0, interrupted=False)
+    before = {n: (tmp_path / FOLDER / n).read_bytes() for n in FILES}
+    for interrupted in (True, False):   # stopped by Ctrl-C, or ended with a gate never reported
+        cut = state_for(tmp_path, ["alpha", "beta"])
+        cut.expected = {"test_M2.py::t[beta]"}
+        cut.record(outcome("alpha", "M2"))
+        assert {n: (tmp_path / FOLDER / n).read_bytes() for n in FILES} == before   # while it runs
+        cut.finish(2, interrupted=interrupted)
+        assert {n: (tmp_path / FOLDER / n).read_bytes() for n in FILES} == before
+        own = json.loads((cut.run_dir / REPORT_NAME).read_text())
+        assert own["complete"] is False and set(own["models"]) == {"alpha"}
+        assert set(cut.paths_written) == {cut.run_dir / n for n in FILES}
+        assert "unchanged: this run is incomplete" in cut.top_level_kept
+        assert "keeps the previous complete report" in cut.top_level_kept
 
 
 CONFTEST = f'''

@@ -4,13 +4,16 @@
     with folder.locked():
         folder.stage(report_dict, stage_rows, pages, log_lines)
         merged = folder.merged()            # this session's data plus every other staged session's
-        folder.replace({"parity_suite_report.json": text, ...})
+        if merged.report["complete"]:
+            folder.replace({"parity_suite_report.json": text, ...})
 
 Two ``pytest parity_tests`` sessions with the same dataset and trials write the
 same folder. Each keeps its own data in ``.sessions/<pid>-<token>/`` and, under
-an exclusive lock on ``.lock``, rewrites the shared files from the union of all
-staged sessions, so neither loses the other's results and the report is marked
-complete only when every merged session is. A session's first write, when no
+an exclusive lock on ``.lock``, merges the union of all staged sessions, so
+neither loses the other's results. The union is complete only when every merged
+session is, and only a complete union replaces the shared files (the caller's
+rule, :meth:`fvkit.parity.report.ReportState.write`): the last session to
+complete writes them for all. A session's first write, when no
 other session is alive, clears what earlier finished sessions staged: a new run
 starts a fresh report, as a single session always did. A session that records
 nothing (one that stops on a bad option) never touches the folder.
