@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fvkit.parity.report import LOG_NAME, REPORT_NAME, STAGES_NAME, GateOutcome, ReportState
+from fvkit.parity.report import LOG_NAME, REPORT_NAME, RUNS_DIR, STAGES_NAME, GateOutcome, ReportState
 from fvkit.parity.report_folder import SESSIONS_DIR
 from fvkit.report.page import HTML_NAME
 
@@ -106,6 +106,8 @@ def test_an_incomplete_session_leaves_the_complete_top_level_byte_identical(tmp_
 CONFTEST = f'''
 from fvkit.parity.plugin import report_state
 
+pytest_plugins = ["fvkit.parity.switch"]
+
 def pytest_configure(config):
     report_state(config).bind("{DATASET}", "{TRIALS_ID}", {{"origin": "synthetic"}})
 '''
@@ -137,6 +139,8 @@ def test_two_concurrent_pytest_sessions_and_a_bad_option(tmp_path):
     report = json.loads((tmp_path / FOLDER / REPORT_NAME).read_text())
     assert set(report["summary"]) == {"alpha", "beta"}, report["summary"]
     assert all(len(g) == 4 for g in report["summary"].values()) and report["complete"] is True
+    own = [json.loads((run / REPORT_NAME).read_text()) for run in (tmp_path / FOLDER / RUNS_DIR).iterdir()]
+    assert sorted(tuple(r["summary"]) for r in own) == [("alpha",), ("beta",)]  # each session's own copy
     before = {n: (tmp_path / FOLDER / n).read_bytes() for n in FILES}
     bad = subprocess.run(base + ["--edit-layer", "middle"], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
