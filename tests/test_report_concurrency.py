@@ -1,6 +1,6 @@
 """Parity sessions sharing one report folder never lose each other's results.
 
-    results_fv/<dataset>/<trials id>/   written under a lock from every session's staged data
+    results_fv/<dataset>/<trials id>/   written under a lock from every session's staged data, once all are complete
 
 In-process checks drive two report states by hand; the end-to-end check runs
 two real pytest sessions at once on synthetic gates, and a session stopped by a
@@ -101,6 +101,28 @@ def test_an_incomplete_session_leaves_the_complete_top_level_byte_identical(tmp_
         assert set(cut.paths_written) == {cut.run_dir / n for n in FILES}
         assert "unchanged: this run is incomplete" in cut.top_level_kept
         assert "keeps the previous complete report" in cut.top_level_kept
+
+
+def test_ctrl_c_during_the_top_level_swap_waits_until_the_whole_set_is_in(tmp_path, monkeypatch):
+    import signal
+
+    from fvkit.parity import report_folder
+
+    folder = report_folder.ReportFolder(tmp_path, report_folder.session_id())
+    folder.replace({name: "old\n" for name in FILES})
+    real_replace, calls = os.replace, []
+
+    def replace_then_interrupt(src, dst):
+        real_replace(src, dst)
+        calls.append(dst)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)   # arrives after the first of four renames
+
+    monkeypatch.setattr(report_folder.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        folder.replace({name: "new\n" for name in FILES})
+    assert len(calls) == 4 and {(tmp_path / n).read_text() for n in FILES} == {"new\n"}
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 CONFTEST = f'''

@@ -170,9 +170,38 @@ class ReportFolder:
         return Merged(report=report, rows=rows, pages=pages, log=log)
 
     def replace(self, files: dict) -> list:
-        """Rewrite the shared files, each atomically (call under the lock)."""
-        paths = []
-        for name, text in files.items():
-            _atomic_text(self.out_dir / name, text)
-            paths.append(self.out_dir / name)
-        return paths
+        """Rewrite the shared files as one set (call under the lock).
+
+        Every file is written in full beside its target first; then the renames run
+        with SIGINT and SIGTERM held back, so Ctrl-C or ``kill`` leaves the old set
+        or the new one, never a mix (a SIGKILL between two renames still can).
+        """
+        temps = {}
+        try:
+            for name, text in files.items():
+                temp = self.out_dir / f".{name}.{self.sid}.tmp"
+                temp.write_bytes(text.encode("utf-8"))
+                temps[name] = temp
+            with _signals_held():
+                for name, temp in temps.items():
+                    os.replace(temp, self.out_dir / name)
+        finally:
+            for temp in temps.values():
+                temp.unlink(missing_ok=True)
+        return [self.out_dir / name for name in files]
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait until the block ends (where the platform can block signals)."""
+    import signal
+
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
