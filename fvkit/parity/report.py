@@ -278,10 +278,10 @@ class ReportState:
                 for row in merged.rows:
                     writer.writerow(StageRow.from_dict(row).as_csv())
                 written = folder.replace({
+                    REPORT_NAME: json.dumps(merged.report, indent=1, default=str) + "\n",
                     STAGES_NAME: buf.getvalue(),
                     HTML_NAME: render_html(merged.report, {m: unpack_entry(p) for m, p in merged.pages.items()}),
                     LOG_NAME: "\n".join(merged.log) + "\n",
-                    REPORT_NAME: json.dumps(merged.report, indent=1, default=str) + "\n",
                 })
                 self.top_level_kept = None
             else:
