@@ -193,15 +193,29 @@ class ReportFolder:
 
 @contextlib.contextmanager
 def _signals_held():
-    """SIGINT and SIGTERM wait until the block ends (where the platform can block signals)."""
-    import signal
+    """SIGINT and SIGTERM that arrive in the block are delivered when it ends.
 
-    held = {signal.SIGINT, signal.SIGTERM}
-    if not hasattr(signal, "pthread_sigmask"):
+    Python runs signal handlers in the main thread only, so replacing the handlers
+    there holds a signal back whichever thread the kernel hands it to (blocking it
+    with a thread's signal mask would not: another thread, xdist's for one, would
+    take it). Elsewhere, or where a handler was not set from Python, nothing is held.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    caught = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is not None:
+            previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in caught:
+            signal.raise_signal(signum)  # now to the handler the process had before
