@@ -163,27 +163,39 @@ def test_interrupted_run_leaves_report_marked_incomplete(synth, monkeypatch):
     monkeypatch.setenv("SYNTH_INTERRUPT", "alpha:M3")
     result = synth.runpytest(no_reraise_ctrlc=True)
     assert result.ret == pytest.ExitCode.INTERRUPTED
-    report = read_report(synth.path)
+    # No complete run yet: the top level stays empty; the session's own copy says how far it got.
+    assert not (synth.path / SYNTH_DIR / REPORT_NAME).exists()
+    (run,) = (synth.path / SYNTH_DIR / RUNS_DIR).iterdir()
+    report = json.loads((run / REPORT_NAME).read_text())
     assert report["complete"] is False
     assert statuses(report)[("alpha", "M1")] == "PASS" and ("beta", "M1") not in statuses(report)
-    assert "complete=false" in (synth.path / SYNTH_DIR / LOG_NAME).read_text()
-    (run,) = (synth.path / SYNTH_DIR / RUNS_DIR).iterdir()     # the session's own copy
-    assert json.loads((run / REPORT_NAME).read_text())["complete"] is False
+    assert "complete=false" in (run / LOG_NAME).read_text()
+    out = result.stdout.str()
+    assert "written: (report marked incomplete)" in out and str(run / REPORT_NAME) in out
+    assert f"top level {synth.path / SYNTH_DIR} unchanged: this run is incomplete" in out
+    assert "it has no complete report yet" in out
 
 
 def test_every_run_keeps_its_own_report(synth, monkeypatch):
     monkeypatch.setenv("SYNTH_FAIL", "beta:M3,alpha:M5")
     synth.runpytest().assert_outcomes(passed=8, failed=2)
     first = read_report(synth.path)
+    top = synth.path / SYNTH_DIR
+    before = {name: (top / name).read_bytes() for name in (REPORT_NAME, STAGES_NAME, LOG_NAME, HTML_NAME)}
     monkeypatch.setenv("SYNTH_FAIL", "")
     monkeypatch.setenv("SYNTH_INTERRUPT", "alpha:M2")
-    assert synth.runpytest(no_reraise_ctrlc=True).ret == pytest.ExitCode.INTERRUPTED
-    runs = sorted((synth.path / SYNTH_DIR / RUNS_DIR).iterdir())
+    result = synth.runpytest(no_reraise_ctrlc=True)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    runs = sorted((top / RUNS_DIR).iterdir())
     assert len(runs) == 2
     reports = [json.loads((run / REPORT_NAME).read_text()) for run in runs]
-    # The first run's report is kept whole in its own folder; the top level shows the latest run.
+    # Each run's report is kept whole in its own folder; the top level still holds the
+    # latest complete run, byte for byte.
     assert reports[0]["complete"] is True and statuses(reports[0]) == statuses(first)
-    assert reports[1]["complete"] is False and read_report(synth.path)["complete"] is False
+    assert reports[1]["complete"] is False and first["complete"] is True
+    assert {name: (top / name).read_bytes() for name in before} == before
+    assert "unchanged: this run is incomplete" in result.stdout.str()
+    assert "keeps the previous complete report" in result.stdout.str()
     log = (runs[0] / LOG_NAME).read_text()
     # The whole cause, on the indented lines under the test's line.
     assert "FAIL  beta M3" in log and "\n    indirect_effect: synthetic drift 1e-3 exceeds tolerance 1e-5" in log

@@ -1,6 +1,6 @@
 """Parity sessions sharing one report folder never lose each other's results.
 
-    results_fv/<dataset>/<trials id>/   written under a lock from every session's staged data
+    results_fv/<dataset>/<trials id>/   written under a lock from every session's staged data, once all are complete
 
 In-process checks drive two report states by hand; the end-to-end check runs
 two real pytest sessions at once on synthetic gates, and a session stopped by a
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fvkit.parity.report import LOG_NAME, REPORT_NAME, STAGES_NAME, GateOutcome, ReportState
+from fvkit.parity.report import LOG_NAME, REPORT_NAME, RUNS_DIR, STAGES_NAME, GateOutcome, ReportState
 from fvkit.parity.report_folder import SESSIONS_DIR
 from fvkit.report.page import HTML_NAME
 
@@ -45,10 +45,11 @@ def test_two_interleaved_sessions_keep_both_results(tmp_path):
         a.record(outcome("alpha", gate))
         b.record(outcome("beta", gate))
     a.finish(0, interrupted=False)
-    report = json.loads((tmp_path / FOLDER / REPORT_NAME).read_text())
-    assert set(report["models"]) == {"alpha", "beta"}
-    assert report["complete"] is False  # beta's session is still running
+    # beta's session is still running: the merged report is not complete, so no top level yet.
+    assert not (tmp_path / FOLDER / REPORT_NAME).exists()
+    assert "still running or was interrupted" in a.top_level_kept
     b.finish(0, interrupted=False)
+    assert b.top_level_kept is None and (tmp_path / FOLDER / REPORT_NAME) in b.paths_written
     report = json.loads((tmp_path / FOLDER / REPORT_NAME).read_text())
     assert set(report["models"]) == {"alpha", "beta"} and report["complete"] is True
     assert report["summary"] == {"alpha": {"M1": "PASS", "M2": "PASS"}, "beta": {"M1": "PASS", "M2": "PASS"}}
@@ -81,6 +82,47 @@ def test_a_session_that_records_nothing_writes_nothing(tmp_path):
     failed = state_for(tmp_path, ["alpha"])
     failed.finish(4, interrupted=False)
     assert {n: (tmp_path / FOLDER / n).read_bytes() for n in FILES} == before
+
+
+def test_an_incomplete_session_leaves_the_complete_top_level_byte_identical(tmp_path):
+    done = state_for(tmp_path, ["alpha"])
+    done.record(outcome("alpha", "M1"))
+    done.finish(0, interrupted=False)
+    before = {n: (tmp_path / FOLDER / n).read_bytes() for n in FILES}
+    for interrupted in (True, False):   # stopped by Ctrl-C, or ended with a gate never reported
+        cut = state_for(tmp_path, ["alpha", "beta"])
+        cut.expected = {"test_M2.py::t[beta]"}
+        cut.record(outcome("alpha", "M2"))
+        assert {n: (tmp_path / FOLDER / n).read_bytes() for n in FILES} == before   # while it runs
+        cut.finish(2, interrupted=interrupted)
+        assert {n: (tmp_path / FOLDER / n).read_bytes() for n in FILES} == before
+        own = json.loads((cut.run_dir / REPORT_NAME).read_text())
+        assert own["complete"] is False and set(own["models"]) == {"alpha"}
+        assert set(cut.paths_written) == {cut.run_dir / n for n in FILES}
+        assert "unchanged: this run is incomplete" in cut.top_level_kept
+        assert "keeps the previous complete report" in cut.top_level_kept
+
+
+def test_ctrl_c_during_the_top_level_swap_waits_until_the_whole_set_is_in(tmp_path, monkeypatch):
+    import signal
+
+    from fvkit.parity import report_folder
+
+    folder = report_folder.ReportFolder(tmp_path, report_folder.session_id())
+    folder.replace({name: "old\n" for name in FILES})
+    real_replace, calls = os.replace, []
+
+    def replace_then_interrupt(src, dst):
+        real_replace(src, dst)
+        calls.append(dst)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)   # arrives after the first of four renames
+
+    monkeypatch.setattr(report_folder.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        folder.replace({name: "new\n" for name in FILES})
+    assert len(calls) == 4 and {(tmp_path / n).read_text() for n in FILES} == {"new\n"}
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 CONFTEST = f'''
@@ -119,6 +161,8 @@ def test_two_concurrent_pytest_sessions_and_a_bad_option(tmp_path):
     report = json.loads((tmp_path / FOLDER / REPORT_NAME).read_text())
     assert set(report["summary"]) == {"alpha", "beta"}, report["summary"]
     assert all(len(g) == 4 for g in report["summary"].values()) and report["complete"] is True
+    own = [json.loads((run / REPORT_NAME).read_text()) for run in (tmp_path / FOLDER / RUNS_DIR).iterdir()]
+    assert sorted(tuple(r["summary"]) for r in own) == [("alpha",), ("beta",)]  # each session's own copy
     before = {n: (tmp_path / FOLDER / n).read_bytes() for n in FILES}
     bad = subprocess.run(base + ["--edit-layer", "middle"], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)

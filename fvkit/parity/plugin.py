@@ -240,3 +240,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         tr.write_line("written:" + ("" if state.complete else " (report marked incomplete)"))
         for path in state.paths_written:
             tr.write_line(f"  {path}")
+    if state.top_level_kept:
+        tr.write_line(state.top_level_kept)

@@ -2,19 +2,21 @@
 
     state = ReportState(rootdir, environment=environment())
     state.bind(dataset="antonym", trials_id="fixed_trials_antonym_t10_s10_seed0", settings={...})
-    state.record(test_outcome)     # after each test; rewrites the files atomically
+    state.record(test_outcome)     # after each test; rewrites this run's files atomically
     state.finish(exitstatus)       # marks the report complete (or not)
 
-Files go to ``results_fv/<dataset>/<fixed_trials_id>/``, the latest run's report
-(merged with any session running at the same time, see
-:mod:`fvkit.parity.report_folder`; ``"complete"`` says whether it finished), and
-each session also keeps its own copy, which no later run touches, in
-``results_fv/<dataset>/<fixed_trials_id>/runs/<start time>/``:
+Each session keeps its own report, which no later run touches, in
+``results_fv/<dataset>/<fixed_trials_id>/runs/<start time>/``, rewritten as tests
+report. The same files in ``results_fv/<dataset>/<fixed_trials_id>/`` hold the
+latest COMPLETE run (merged with any session running at the same time, see
+:mod:`fvkit.parity.report_folder`): they are replaced only when the merged
+report is complete, so a running, interrupted or incomplete session leaves the
+previous complete report there byte for byte.
 
 * ``parity_suite_report.json``: per model and gate the status (PASS, FAIL,
   SKIP, ERROR), metrics (drifts), tolerances, timings and cause of failure, plus
-  the environment and ``"complete"`` (false until the session ends normally, so
-  an interrupted run never looks finished);
+  the environment and ``"complete"`` (false in a run's own copy until the session
+  ends normally, so an interrupted run never looks finished);
 * ``parity_suite_stages.csv``: one row per model and stage;
 * ``parity_suite.log``: one line per test outcome, as it happens, followed by the
   whole cause of a failure (indented) and, on M5 lines, the spec checked;
@@ -123,6 +125,8 @@ class ReportState:
         self._log_lines: list = []
         self._run_dir: Optional[Path] = None
         self.paths_written: list = []
+        #: Why the last write left the top-level files as they were (None once it rewrote them).
+        self.top_level_kept: Optional[str] = None
         self._folder = None          # fvkit.parity.report_folder.ReportFolder, made on the first write
 
     @property
@@ -263,21 +267,40 @@ class ReportState:
             # shared files are the union (fvkit.parity.report_folder).
             folder.stage(self.as_dict(), [row.as_dict() for row in self.stage_rows()], self.pages, self._log_lines)
             merged = folder.merged()
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=STAGE_COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            for row in merged.rows:
-                writer.writerow(StageRow.from_dict(row).as_csv())
-            written = folder.replace({
-                REPORT_NAME: json.dumps(merged.report, indent=1, default=str) + "\n",
-                STAGES_NAME: buf.getvalue(),
-                HTML_NAME: render_html(merged.report, {m: unpack_entry(p) for m, p in merged.pages.items()}),
-                LOG_NAME: "\n".join(merged.log) + "\n",
-            })
+            # The top level only ever holds a complete report: while this or any merged
+            # session is still running, or when one was interrupted, it keeps the previous
+            # complete one byte for byte; progress shows in this run's own folder.
+            written = []
+            if merged.report.get("complete"):
+                buf = io.StringIO()
+                writer = csv.DictWriter(buf, fieldnames=STAGE_COLUMNS, lineterminator="\n")
+                writer.writeheader()
+                for row in merged.rows:
+                    writer.writerow(StageRow.from_dict(row).as_csv())
+                written = folder.replace({
+                    REPORT_NAME: json.dumps(merged.report, indent=1, default=str) + "\n",
+                    STAGES_NAME: buf.getvalue(),
+                    HTML_NAME: render_html(merged.report, {m: unpack_entry(p) for m, p in merged.pages.items()}),
+                    LOG_NAME: "\n".join(merged.log) + "\n",
+                })
+                self.top_level_kept = None
+            else:
+                self.top_level_kept = self._kept_reason()
         for path in written:
             if path not in self.paths_written:
                 self.paths_written.append(path)
         self.write_own_run(html=render_html(self.as_dict(), {m: unpack_entry(p) for m, p in self.pages.items()}))
+
+    def _kept_reason(self) -> str:
+        """One line for the terminal: why the top level was not rewritten, and what it holds."""
+        where = self.out_dir
+        holds = ("keeps the previous complete report" if (where / REPORT_NAME).is_file()
+                 else "has no complete report yet")
+        if not self.complete:
+            why = "this run is incomplete" + (" (interrupted or a gate never reported)" if self.finished else "")
+        else:
+            why = "another session sharing it is still running or was interrupted; it is written once all complete"
+        return f"top level {where} unchanged: {why}; it {holds}"
 
     def write_own_run(self, html: str) -> None:
         """This session's own files, unmerged, in ``runs/<start time>/``: a later run

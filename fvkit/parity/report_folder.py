@@ -4,13 +4,16 @@
     with folder.locked():
         folder.stage(report_dict, stage_rows, pages, log_lines)
         merged = folder.merged()            # this session's data plus every other staged session's
-        folder.replace({"parity_suite_report.json": text, ...})
+        if merged.report["complete"]:
+            folder.replace({"parity_suite_report.json": text, ...})
 
 Two ``pytest parity_tests`` sessions with the same dataset and trials write the
 same folder. Each keeps its own data in ``.sessions/<pid>-<token>/`` and, under
-an exclusive lock on ``.lock``, rewrites the shared files from the union of all
-staged sessions, so neither loses the other's results and the report is marked
-complete only when every merged session is. A session's first write, when no
+an exclusive lock on ``.lock``, merges the union of all staged sessions, so
+neither loses the other's results. The union is complete only when every merged
+session is, and only a complete union replaces the shared files (the caller's
+rule, :meth:`fvkit.parity.report.ReportState.write`): the last session to
+complete writes them for all. A session's first write, when no
 other session is alive, clears what earlier finished sessions staged: a new run
 starts a fresh report, as a single session always did. A session that records
 nothing (one that stops on a bad option) never touches the folder.
@@ -167,9 +170,52 @@ class ReportFolder:
         return Merged(report=report, rows=rows, pages=pages, log=log)
 
     def replace(self, files: dict) -> list:
-        """Rewrite the shared files, each atomically (call under the lock)."""
-        paths = []
-        for name, text in files.items():
-            _atomic_text(self.out_dir / name, text)
-            paths.append(self.out_dir / name)
-        return paths
+        """Rewrite the shared files as one set (call under the lock).
+
+        Every file is written in full beside its target first; then the renames run
+        with SIGINT and SIGTERM held back, so Ctrl-C or ``kill`` leaves the old set
+        or the new one, never a mix (a SIGKILL between two renames still can).
+        """
+        temps = {}
+        try:
+            for name, text in files.items():
+                temp = self.out_dir / f".{name}.{self.sid}.tmp"
+                temp.write_bytes(text.encode("utf-8"))
+                temps[name] = temp
+            with _signals_held():
+                for name, temp in temps.items():
+                    os.replace(temp, self.out_dir / name)
+        finally:
+            for temp in temps.values():
+                temp.unlink(missing_ok=True)
+        return [self.out_dir / name for name in files]
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM that arrive in the block are delivered when it ends.
+
+    Python runs signal handlers in the main thread only, so replacing the handlers
+    there holds a signal back whichever thread the kernel hands it to (blocking it
+    with a thread's signal mask would not: another thread, xdist's for one, would
+    take it). Elsewhere, or where a handler was not set from Python, nothing is held.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is not None:
+            previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in caught:
+            signal.raise_signal(signum)  # now to the handler the process had before
