@@ -9,7 +9,8 @@
 the model, resolves every layer's block, attention and out-projection, runs the
 hook smoke pass of :mod:`fvkit.models.hook_check` (every hook fires once, every
 out-projection reads ``n_heads * head_dim`` features; the parity gate M5 runs the
-same pass) and fails unless the tokenizer follows the spec's BOS policy.
+same pass) and fails unless the tokenizer follows the spec's BOS policy
+(:mod:`fvkit.models.bos_policy`, which ``fvkit run`` and M5 check too).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 
 from fvkit.models import zoo
-from fvkit.errors import SpecError
+from fvkit.models.bos_policy import check_bos_policy
 from fvkit.models.loader import DTYPES, QUANTS, LoadedModel, load_model
 from fvkit.models.hook_check import HOOK_CHECK_PROMPT, check_forward_hooks
 from fvkit.models.spec import all_specs
@@ -72,26 +73,6 @@ def check_hooks(lm: LoadedModel, prompt: str = HOOK_CHECK_PROMPT) -> dict:
     """The hook smoke pass (:mod:`fvkit.models.hook_check`); ``{"tokens": n, "hooks": n}`` for the report."""
     seen = check_forward_hooks(lm, prompt)
     return {"tokens": seen.n_tokens, "hooks": seen.n_hooks}
-
-
-def check_bos_policy(lm: LoadedModel) -> None:
-    """The tokenizer must add BOS exactly when the spec says it does, and ``bos_text``
-    must be one token, so that prompts start with exactly one BOS either way."""
-    adds = lm.tokenizer_adds_bos()
-    if adds != lm.spec.prepend_bos:
-        raise SpecError(
-            f"ModelSpec '{lm.spec.name}' says prepend_bos={lm.spec.prepend_bos}, but this "
-            f"tokenizer {'adds' if adds else 'does not add'} a BOS token by itself; prompts would "
-            f"{'start with two BOS tokens' if adds else 'have no BOS token'}. Use a spec whose "
-            f"prepend_bos={adds}, or fix add_bos_token in the tokenizer_config.json"
-        )
-    if not lm.spec.prepend_bos:
-        ids = lm.tokenizer(lm.spec.bos_text, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise SpecError(
-                f"ModelSpec '{lm.spec.name}': bos_text={lm.spec.bos_text!r} is {len(ids)} tokens "
-                f"for this tokenizer, not one special token; set bos_text to its BOS/EOS token"
-            )
 
 
 def cmd_resolve(args) -> int:

@@ -145,6 +145,7 @@ def default_run_dir(dataset_name: str, model: str) -> Path:
 
 
 def cmd_run(args) -> int:
+    from fvkit.models.bos_policy import check_bos_policy
     from fvkit.models.loader import load_model
     from fvkit.pipeline import check_max_trials, check_run_dir, check_run_settings, run_pipeline, write_run_outputs
 
@@ -161,6 +162,9 @@ def cmd_run(args) -> int:
     check_max_trials(trials, args.max_trials)
     lm = load_model(args.model, model_spec=args.model_spec, device=args.device, dtype=args.dtype,
                     quant=args.quant, parity=True)
+    # A spec that contradicts the tokenizer's BOS would run to the end and label the
+    # first prompt token as BOS; refuse it before any stage runs.
+    check_bos_policy(lm)
     n_top_heads = fitted_top_heads(args.n_top_heads, lm)
     settings = dict(n_top_heads=n_top_heads, edit_layer=parse_edit_layer(args.edit_layer),
                     max_trials=args.max_trials)
