@@ -6,16 +6,18 @@ Each spec runs on the --model models it serves, else on its zoo model (a spec
 whose only zoo model is a real checkpoint that is not installed is skipped with
 the reason). Checks: every layer's block, attention and out-projection resolve
 with the widths the config implies; one forward pass fires each hook once with
-the expected shapes; adding a vector at a block moves the logits and adding
-zero does not. For a --model, the reduced end-to-end run (one trial) must
-finish and write every stage file.
+the expected shapes; adding a random vector of the residual stream's norm at a
+block moves the last logits by at least MIN_INJECTION_LOGIT_CHANGE and adding
+zero does not move them at all; the tokenizer adds BOS exactly when the spec
+says it does (as `fvkit resolve` and `fvkit run` check). For a --model, the
+reduced end-to-end run (one trial) must finish and write every stage file.
 """
 
 import pytest
 
 from fvkit.models import zoo
 from fvkit.errors import FvkitError
-from fvkit.parity.spec_smoke import forward_hook_smoke, resolve_spec_paths
+from fvkit.parity.spec_smoke import bos_policy_smoke, forward_hook_smoke, resolve_spec_paths
 from fvkit.parity.gate_runner import Recorder
 from fvkit.parity.records import StageRow
 from fvkit.pipeline import RUN_FILES, run_pipeline, write_run_outputs
@@ -52,12 +54,15 @@ def test_spec_resolution(spec_case, parity, request):
     assert lm.spec.name == spec_case.spec, (
         f"{spec_case.model} resolved to spec '{lm.spec.name}', expected '{spec_case.spec}'")
     paths = resolve_spec_paths(lm)
+    bos = bos_policy_smoke(lm)
     smoke = forward_hook_smoke(lm)
-    metrics = {"spec": paths, "smoke": smoke}
+    metrics = {"spec": paths, "smoke": smoke, "bos_policy": bos}
     rows = [StageRow(stage="spec_resolution", status="PASS", detail=f"{paths['n_layers']} layers resolved"),
             StageRow(stage="forward_hook_smoke", status="PASS",
                      detail=f"{smoke['hooks']} hooks fired once; injection moved logits by "
-                            f"{smoke['injection_logit_change']:.3g}")]
+                            f"{smoke['injection_logit_change']:.3g}"),
+            StageRow(stage="bos_policy", status="PASS",
+                     detail="tokenizer adds BOS" if bos["prepend_bos"] else f"one-token bos_text {bos['bos_text']!r}")]
     if spec_case.selected:
         result, out = reduced_run(parity, spec_case.model, parity.run_dir(spec_case.model))
         missing = [f for f in RUN_FILES if not (out / f).is_file()]

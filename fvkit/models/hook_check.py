@@ -1,6 +1,6 @@
 """The hook smoke pass: do a spec's modules sit on the model's forward path?
 
-    facts = check_forward_hooks(lm)     # HookPass(n_tokens=12, n_hooks=6, logits=...)
+    facts = check_forward_hooks(lm)     # HookPass(n_tokens=12, n_hooks=6, logits=..., residual_norms=[...])
 
 One forward pass with a hook on every layer's decoder block and attention
 out-projection. Every hook must fire exactly once, every out-projection must
@@ -26,12 +26,15 @@ HOOK_CHECK_PROMPT = "Q: hot\nA: cold\n\nQ: up\nA:"
 
 @dataclass
 class HookPass:
-    """What the pass saw: its inputs and clean logits (for further checks), token and hook counts."""
+    """What the pass saw: its inputs and clean logits (for further checks), token and hook counts,
+    and each layer's residual-stream norm at the last token (the scale an injected vector needs
+    to be felt at that layer)."""
 
     inputs: dict
     logits: torch.Tensor
     n_tokens: int
     n_hooks: int
+    residual_norms: list
 
 
 def check_forward_hooks(lm, prompt: str = HOOK_CHECK_PROMPT) -> HookPass:
@@ -70,4 +73,5 @@ def check_forward_hooks(lm, prompt: str = HOOK_CHECK_PROMPT) -> HookPass:
                             f"{dims.hidden_size} last; blocks_path does not point at the decoder blocks")
     if not torch.isfinite(logits).all():
         raise SpecError(f"ModelSpec '{spec.name}': the clean forward pass produced non-finite logits")
-    return HookPass(inputs=inputs, logits=logits, n_tokens=n_tokens, n_hooks=len(traces))
+    norms = [float(first_tensor(traces[name].output)[0, -1].float().norm()) for name in blocks]
+    return HookPass(inputs=inputs, logits=logits, n_tokens=n_tokens, n_hooks=len(traces), residual_norms=norms)
