@@ -22,8 +22,8 @@ def check_bos_policy(lm) -> None:
     adds = lm.tokenizer_adds_bos()
     if adds != spec.prepend_bos:
         raise SpecError(
-            f"ModelSpec '{spec.name}' says prepend_bos={spec.prepend_bos}, but this tokenizer (model "
-            f"'{lm.name}') {'adds' if adds else 'does not add'} a BOS token by itself; prompts would "
+            f"ModelSpec '{spec.name}' says prepend_bos={spec.prepend_bos}, but this tokenizer "
+            f"{'adds' if adds else 'does not add'} a BOS token by itself (model '{lm.name}'); prompts would "
             f"{'start with two BOS tokens' if adds else 'have no BOS token'}. Use a spec whose "
             f"prepend_bos={adds} (leave out --model-spec to use the one chosen from the model), "
             f"or fix add_bos_token in the tokenizer_config.json"
