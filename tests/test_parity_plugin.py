@@ -300,6 +300,17 @@ def test_dash_k_selects_one_m5_test_per_registered_spec(suite):
     assert sorted(i.split("[")[1].split(":")[0] for i in ids) == sorted(s.name for s in all_specs())
 
 
+def test_model_spec_contradicting_the_bos_policy_fails_m5(suite):
+    """tiny-qwen2's tokenizer adds no BOS; under --model-spec llama (which says it does) the
+    prompts would lose their BOS and the first prompt token be labelled as one: M5 fails."""
+    result = run_suite(suite, "--model", "tiny-qwen2", "--model-spec", "llama", *QUICK,
+                       "-k", "spec_resolution and tiny-qwen2")
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "ModelSpec 'llama' says prepend_bos=True, but this tokenizer does not add a BOS token by itself " \
+           "(model 'tiny-qwen2')" in out
+
+
 def perturbed_copy(directory: Path) -> Path:
     """tiny-gpt2 exported as a local checkpoint, with layer 0's out-projection scaled by 1.001."""
     from safetensors.torch import load_file, save_file
