@@ -17,7 +17,8 @@ import pytest
 
 from fvkit.models import zoo
 from fvkit.errors import FvkitError
-from fvkit.parity.spec_smoke import bos_policy_smoke, forward_hook_smoke, resolve_spec_paths
+from fvkit.parity.spec_smoke import (MIN_INJECTION_LOGIT_CHANGE, bos_policy_smoke, forward_hook_smoke,
+                                     resolve_spec_paths)
 from fvkit.parity.gate_runner import Recorder
 from fvkit.parity.records import StageRow
 from fvkit.pipeline import RUN_FILES, run_pipeline, write_run_outputs
@@ -59,8 +60,9 @@ def test_spec_resolution(spec_case, parity, request):
     metrics = {"spec": paths, "smoke": smoke, "bos_policy": bos}
     rows = [StageRow(stage="spec_resolution", status="PASS", detail=f"{paths['n_layers']} layers resolved"),
             StageRow(stage="forward_hook_smoke", status="PASS",
-                     detail=f"{smoke['hooks']} hooks fired once; injection moved logits by "
-                            f"{smoke['injection_logit_change']:.3g}"),
+                     detail=f"{smoke['hooks']} hooks fired once; a random vector of norm "
+                            f"{smoke['injection_norm']:.3g} moved the last logits by "
+                            f"{smoke['injection_logit_change']:.3g} (minimum {MIN_INJECTION_LOGIT_CHANGE:g})"),
             StageRow(stage="bos_policy", status="PASS",
                      detail="tokenizer adds BOS" if bos["prepend_bos"] else f"one-token bos_text {bos['bos_text']!r}")]
     if spec_case.selected:
