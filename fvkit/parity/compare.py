@@ -11,6 +11,11 @@ tensor gets come from the gate's definition (:mod:`fvkit.parity.registry`).
 Inputs are the plain-Python parts of the comparable result dict that the
 reference runner and ``PipelineResult.comparable()`` share; the result is a
 :class:`fvkit.parity.records.Comparison`.
+
+A stage one side produced and the other did not is a mismatch, never a silent
+pass: nothing was compared, so nothing may be reported as matching. Each
+comparison lists the stages it did compare (``Comparison.compared``); only
+those get a PASS row.
 """
 
 from __future__ import annotations
@@ -53,6 +58,30 @@ def sweep_comparable(sweep: dict) -> dict:
                         for stage in SWEEP_STAGES if stage in sweep["stages"]}}
 
 
+# --- stages present on one side only ----------------------------------------------------------
+#: What a stage missing on one side shows in place of its value.
+ABSENT, PRESENT = "<not produced>", "<produced>"
+
+
+def produced(part: dict, key) -> bool:
+    """Whether a result dict holds ``key`` with a value (None is what a side that skipped a stage writes)."""
+    return isinstance(part, dict) and part.get(key) is not None
+
+
+def presence_mismatch(stage: str, path: str, ours: dict, ref: dict) -> Optional[MismatchRecord]:
+    """A mismatch when exactly one side produced ``path`` (a key of both dicts), else None."""
+    key = path.rsplit(".", 1)[-1]
+    mine, theirs = produced(ours, key), produced(ref, key)
+    if mine == theirs:
+        return None
+    if theirs:
+        return MismatchRecord.of(f"{path}: produced by the reference, not by fvkit", ABSENT, PRESENT).at(
+            stage, "fvkit's pipeline left this stage out")
+    return MismatchRecord.of(f"{path}: produced by fvkit, not by the reference", PRESENT, ABSENT).at(
+        stage, "the reference numbers lack this stage; regenerate the snapshot from a live reference run "
+               "(--reference-src ... --snapshot-update)")
+
+
 # --- M1 ------------------------------------------------------------------------------
 def token_cause(ours: dict, ref: dict, index: int, bos_ids=()) -> str:
     """Why the token ids differ first at ``index``: the BOS policy, the prompt text, or the tokenizer."""
@@ -84,9 +113,14 @@ def compare_m1(gate: GateDef, ours: dict, ref: dict, source: str, bos_ids=()) ->
     check = Comparison(gate.name, source)
     ours, ref = ours.get("m1", {}), ref.get("m1", {})
     for key in M1_KEYS:
-        if ref.get(key) is None:
-            check.notes.append(f"reference has no '{key}'")
+        missing = presence_mismatch(f"m1.{key}", key, ours, ref)
+        if missing:
+            check.mismatches.append(missing)
             continue
+        if ref.get(key) is None:
+            check.notes.append(f"neither side has '{key}'")
+            continue
+        check.compared.append(f"m1.{key}")
         mm = first_mismatch(ours.get(key), ref.get(key), key)
         if mm is None:
             continue
@@ -104,17 +138,26 @@ def compare_m1(gate: GateDef, ours: dict, ref: dict, source: str, bos_ids=()) ->
 
 
 # --- M2 / M3 ----------------------------------------------------------------------------
-def tensor_drifts(gate: GateDef, ours: dict, ref: dict, source: str, only_present: bool = True) -> list:
-    """A drift per tensor stage of the gate, with the gate's tolerance; with ``only_present``
-    just the stages the reference holds (M4: a reference may void its vector)."""
-    return [tensor_drift(key, ours.get(key), ref.get(key), tolerances.TOLERANCES[name], name, source=source)
-            for key, name in gate.drift_stages.items() if key in ref or not only_present]
+def compare_drift_stages(gate: GateDef, check: Comparison, ours: dict, ref: dict, required: bool) -> None:
+    """A drift per tensor stage both sides produced, with the gate's tolerance; a stage
+    only one side produced is a mismatch. With ``required`` a stage neither side
+    produced is one too (M2, M3 compare nothing else)."""
+    for key, name in gate.drift_stages.items():
+        missing = presence_mismatch(key, key, ours, ref)
+        if missing:
+            check.mismatches.append(missing)
+        elif produced(ref, key):
+            check.drifts.append(tensor_drift(key, ours[key], ref[key], tolerances.TOLERANCES[name], name,
+                                             source=check.source))
+        elif required:
+            check.mismatches.append(MismatchRecord.of(f"{key}: produced by neither side", ABSENT, ABSENT).at(
+                key, "nothing to compare"))
 
 
 def compare_tensors(gate: GateDef, ours: dict, ref: dict, source: str, bos_ids=()) -> Comparison:
-    """Gates that only compare tensors (M2, M3): every drift stage must be there."""
+    """Gates that only compare tensors (M2, M3): every drift stage must be there on both sides."""
     check = Comparison(gate.name, source)
-    check.drifts.extend(tensor_drifts(gate, ours, ref, source, only_present=False))
+    compare_drift_stages(gate, check, ours, ref, required=True)
     return check
 
 
@@ -135,31 +178,51 @@ def compare_m4(gate: GateDef, ours: dict, ref: dict, source: str, bos_ids=()) ->
     """Top heads, then the vector's drift, then every rank list and top-k exactly (the layer
     sweep too); only the parts the reference holds are compared."""
     check = Comparison(gate.name, source)
-    if "top_heads" in ref:
-        mm = compare_top_heads(ours.get("top_heads") or [], ref["top_heads"])
+    missing = presence_mismatch("top_heads", "top_heads", ours, ref)
+    if missing:
+        check.mismatches.append(missing)
+    elif produced(ref, "top_heads"):
+        check.compared.append("top_heads")
+        mm = compare_top_heads(ours["top_heads"], ref["top_heads"])
         if mm:
             check.mismatches.append(mm.at("top_heads"))
-    check.drifts.extend(tensor_drifts(gate, ours, ref, source))
+    compare_drift_stages(gate, check, ours, ref, required=False)
     for stage, keys in EVAL_KEYS.items():
-        if stage not in ref:
+        missing = presence_mismatch(stage, stage, ours, ref)
+        if missing:
+            check.mismatches.append(missing)
             continue
+        if not produced(ref, stage):
+            continue
+        check.compared.append(stage)
         for key in keys:
-            if key not in ref[stage]:
-                continue
-            mm = first_mismatch((ours.get(stage) or {}).get(key), ref[stage][key], f"{stage}.{key}")
+            mm = presence_mismatch(stage, f"{stage}.{key}", ours[stage], ref[stage])
+            if mm is None and produced(ref[stage], key):
+                mm = first_mismatch(ours[stage][key], ref[stage][key], f"{stage}.{key}")
+                mm = mm.at(stage) if mm else None
             if mm:
-                check.mismatches.append(mm.at(stage))
-    for stage, ref_layers in (ref.get(SWEEP_KEY) or {}).items():
-        mine = (ours.get(SWEEP_KEY) or {}).get(stage) or []
+                check.mismatches.append(mm)
+    ours_sweep, ref_sweep = ours.get(SWEEP_KEY) or {}, ref.get(SWEEP_KEY) or {}
+    for stage in SWEEP_STAGES:
         name = f"{SWEEP_KEY}.{stage}"
+        missing = presence_mismatch(name, name, ours_sweep, ref_sweep)
+        if missing:
+            check.mismatches.append(missing)
+            continue
+        if not produced(ref_sweep, stage):
+            continue
+        check.compared.append(name)
+        mine, ref_layers = ours_sweep[stage], ref_sweep[stage]
         if len(mine) != len(ref_layers):
             check.mismatches.append(MismatchRecord.of(f"{name}: number of layers", len(mine), len(ref_layers)).at(name))
             continue
         for layer, (a, b) in enumerate(zip(mine, ref_layers)):
-            mm = next((m for m in (first_mismatch(a.get(k), b[k], f"{name}[layer {layer}].{k}")
-                                   for k in EVAL_KEYS[stage] if k in b) if m), None)
+            mm = next((m for m in (presence_mismatch(name, f"{name}[layer {layer}].{k}", a, b)
+                                   or (first_mismatch(a[k], b[k], f"{name}[layer {layer}].{k}")
+                                       if produced(b, k) else None)
+                                   for k in EVAL_KEYS[stage]) if m), None)
             if mm:
-                check.mismatches.append(mm.at(name))
+                check.mismatches.append(mm if mm.stage else mm.at(name))
                 break
     return check
 
@@ -167,4 +230,10 @@ def compare_m4(gate: GateDef, ours: dict, ref: dict, source: str, bos_ids=()) ->
 def compare_gate(gate: str, ours: dict, ref: dict, source: str = "reference", bos_ids=()) -> Comparison:
     """Compare the parts of two comparable result dicts that ``gate`` owns, with its registered comparison."""
     definition = gate_def(gate)
-    return definition.comparison()(definition, ours, ref, source, bos_ids)
+    check = definition.comparison()(definition, ours, ref, source, bos_ids)
+    if not (check.drifts or check.compared or check.mismatches):
+        # Both parts empty: a comparison that looked at nothing must not read as a match.
+        keys = ", ".join(definition.result_keys)
+        check.mismatches.append(MismatchRecord.of(f"{gate}: nothing compared", ABSENT, ABSENT).at(
+            gate, f"neither fvkit nor the reference produced any of {keys}"))
+    return check

@@ -101,6 +101,15 @@ class Source:
     name: str
     part: dict
     book: Optional[SnapshotBook] = None
+    unsupported: dict = field(default_factory=dict)  # result key -> why the reference could not compute it
+
+
+def declared_unsupported(meta_or_env: dict) -> dict:
+    """The stages a reference run declared it cannot compute (``meta["unsupported"]``, kept in
+    a snapshot's environment), as result key -> reason; a whole-run reason is handled by
+    :func:`live_problem`."""
+    unsupported = (meta_or_env or {}).get("unsupported")
+    return dict(unsupported) if isinstance(unsupported, dict) else {}
 
 
 @dataclass
@@ -165,7 +174,8 @@ class Gate:
                 part = reference_part(gate, ctx.live, self.result_keys)
                 if part:
                     usable_live = part
-                    found.append(Source("live reference", part))
+                    found.append(Source("live reference", part,
+                                        unsupported=declared_unsupported(ctx.live.get("meta") or {})))
                 else:
                     missing.append(f"the live reference computed none of {', '.join(self.result_keys)}")
         book = SnapshotBook(ctx.snapshot, gate, ctx.settings.key)
@@ -186,7 +196,7 @@ class Gate:
                 env = stored.get("environment") or {}
                 self.notes.append(f"snapshot {book.path.name}: reference {str(env.get('reference_commit'))[:12]}, "
                                   f"transformers {env.get('transformers')}")
-                found.append(Source("snapshot", stored.get("value") or {}, book))
+                found.append(Source("snapshot", stored.get("value") or {}, book, declared_unsupported(env)))
         else:
             missing.append(f"no snapshot {book.path.relative_to(book.path.parents[2])} for these settings"
                            + (f" ({ctx.snapshot_hint})" if ctx.snapshot_hint else ""))
@@ -209,8 +219,13 @@ class Gate:
         failures = list(guard_failures)
         by_source, rows = {}, []
         for source in found:
-            mine, ties = adjust(ours_part, source.part) if adjust else (ours_part, [])
+            # A stage the reference declared it cannot compute is left out of the comparison
+            # (and shown as not compared); any other stage one side lacks fails.
+            skipped = {k: why for k, why in source.unsupported.items() if k in ours_part and k not in source.part}
+            mine = {k: v for k, v in ours_part.items() if k not in skipped}
+            mine, ties = adjust(mine, source.part) if adjust else (mine, [])
             check = compare_gate(self.gate, mine, source.part, source.name, self.ctx.bos_ids)
+            check.not_compared.update({k: f"the reference declares it unsupported: {why}" for k, why in skipped.items()})
             if ties:
                 check.notes.append(f"{len(ties)} rank(s) differ only by a float tie within RANK_TIE_REL_TOL: "
                                    + "; ".join(f"{t['stage']}.{t['list']}[{t['item']}] fvkit {t['fvkit_rank']} vs "

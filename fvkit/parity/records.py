@@ -173,6 +173,8 @@ class Comparison:
     drifts: list = field(default_factory=list)       # DriftRecord
     mismatches: list = field(default_factory=list)   # MismatchRecord, each with its stage
     notes: list = field(default_factory=list)
+    compared: list = field(default_factory=list)     # exactly compared stages both sides produced
+    not_compared: dict = field(default_factory=dict)  # stage -> why it was left out (declared by the reference)
 
     @property
     def ok(self) -> bool:
@@ -190,21 +192,37 @@ class Comparison:
             "ok": self.ok,
             "drifts": [d.as_dict() for d in self.drifts],
             "mismatches": [m.as_dict() for m in self.mismatches],
+            "compared": list(self.compared),
+            **({"not_compared": dict(self.not_compared)} if self.not_compared else {}),
             **({"notes": self.notes} if self.notes else {}),
         }
 
     @classmethod
     def from_dict(cls, gate: str, data: dict) -> "Comparison":
         return cls(gate, data["source"], [DriftRecord.from_dict(d) for d in data.get("drifts") or []],
-                   [MismatchRecord.from_dict(m) for m in data.get("mismatches") or []], list(data.get("notes") or []))
+                   [MismatchRecord.from_dict(m) for m in data.get("mismatches") or []], list(data.get("notes") or []),
+                   list(data.get("compared") or []), dict(data.get("not_compared") or {}))
 
     def stage_rows(self, exact_stages, suffix: str = "") -> list:
-        """One CSV row per stage: drifts for tensors, exact-match verdicts for ``exact_stages``."""
+        """One CSV row per stage: drifts for tensors, exact-match verdicts for the ``exact_stages``
+        that were compared, a FAIL row for every other stage with a mismatch (one side lacked
+        it) and a SKIP row for each stage the reference declared it could not compute. A stage
+        that was not compared never gets a PASS row."""
         rows = [d.stage_row(suffix) for d in self.drifts]
-        for stage in exact_stages:
+        listed = {d.stage for d in self.drifts}
+        for stage in list(exact_stages) + [m.stage for m in self.mismatches]:
+            if stage in listed:
+                continue
             found = next((m for m in self.mismatches if m.stage == stage), None)
-            rows.append(StageRow(stage=stage, source=self.source, status="FAIL" if found else "PASS",
-                                 detail="exact match" if found is None else found.explained()))
+            if found is not None:
+                rows.append(StageRow(stage=stage, source=self.source, status="FAIL", detail=found.explained()))
+            elif stage in self.compared:
+                rows.append(StageRow(stage=stage, source=self.source, status="PASS", detail="exact match"))
+            else:
+                continue
+            listed.add(stage)
+        rows.extend(StageRow(stage=stage, source=self.source, status="SKIP", detail=f"not compared: {why}")
+                    for stage, why in self.not_compared.items() if stage not in listed)
         return rows
 
 
