@@ -22,5 +22,9 @@ class ParityModeError(FvkitError):
     """A setting that parity work does not allow (device, dtype, quantization)."""
 
 
+class SnapshotError(FvkitError):
+    """A stored parity snapshot that cannot be read: unreadable, not JSON, or not a fvkit parity snapshot."""
+
+
 class DataWarning(UserWarning):
     """Data that is usable but probably not what was meant (duplicate rows, for one)."""

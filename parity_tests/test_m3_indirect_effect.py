@@ -5,8 +5,9 @@
 ``exact`` patches one head per full forward pass, as the reference does;
 ``fast`` reuses the clean pass and recomputes the last position only. Each mode
 must be within IE_REL_TOL of the largest absolute reference effect. The fast
-mode is skipped only when fvkit itself reports it unavailable, and either mode
-when ``--ie-mode`` leaves it out.
+mode is skipped only when fvkit itself reports it unavailable
+(NotImplementedError), and either mode when ``--ie-mode`` leaves it out; an
+ImportError from fvkit's fast path is a failure.
 """
 
 import pytest
@@ -34,7 +35,11 @@ def test_indirect_effect_fast(parity, parity_model, gate_context):
     gate.prepare()
     try:
         ie, seconds = parity.indirect_effect(parity_model, "fast")
-    except (ImportError, NotImplementedError) as err:
+    except NotImplementedError as err:
         pytest.skip(f"fvkit reports the fast indirect-effect mode unavailable: {err}")
+    except ImportError as err:
+        # fvkit's own fast path failing to import is a broken fvkit, not an unavailable mode.
+        pytest.fail(f"{gate.head}: fvkit's fast indirect-effect path failed to import: "
+                    f"{type(err).__name__}: {err}", pytrace=False)
     gate_context.recorder.add(timings={"indirect_effect_fast": seconds})
     gate.check({"indirect_effect": ie.tolist()})

@@ -9,6 +9,8 @@ declares the gate's stages unsupported or invalid, and the stored snapshot for
 the model and settings key. Under ``--snapshot-update`` the live reference's
 numbers are written (never fvkit's) and fvkit is compared live only. With no
 source at all the test is *skipped* with the reason — it never passes silently.
+A snapshot file that is there but cannot be read is an error naming the file
+(:class:`fvkit.errors.SnapshotError`; the report marks the test ERROR).
 """
 
 from __future__ import annotations
@@ -189,14 +191,11 @@ class Gate:
             else:
                 self.notes.append(f"snapshot not written: {missing[-1] if missing else 'no live reference'}")
         elif book.exists():
-            stored = book.load()
-            if stored is None:
-                missing.append(f"snapshot {book.path} is not a fvkit parity snapshot; regenerate it")
-            else:
-                env = stored.get("environment") or {}
-                self.notes.append(f"snapshot {book.path.name}: reference {str(env.get('reference_commit'))[:12]}, "
-                                  f"transformers {env.get('transformers')}")
-                found.append(Source("snapshot", stored.get("value") or {}, book, declared_unsupported(env)))
+            stored = book.load()  # a corrupt or unreadable file raises SnapshotError: the test is an ERROR
+            env = stored.get("environment") or {}
+            self.notes.append(f"snapshot {book.path.name}: reference {str(env.get('reference_commit'))[:12]}, "
+                              f"transformers {env.get('transformers')}")
+            found.append(Source("snapshot", stored.get("value") or {}, book, declared_unsupported(env)))
         else:
             missing.append(f"no snapshot {book.path.relative_to(book.path.parents[2])} for these settings"
                            + (f" ({ctx.snapshot_hint})" if ctx.snapshot_hint else ""))

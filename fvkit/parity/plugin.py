@@ -21,6 +21,7 @@ from typing import Optional
 
 import pytest
 
+from fvkit.errors import SnapshotError
 from fvkit.parity.options import ParityOptions, add_options
 from fvkit.parity.records import Findings, GateOutcome, RecordError
 from fvkit.parity.registry import GATE_TITLES, GateError, gate_def, gate_index
@@ -29,6 +30,11 @@ from fvkit.parity.report import IDENTITY_PROP, RESULT_PROP, ReportState, environ
 OPTIONS_KEY = pytest.StashKey[ParityOptions]()
 REPORT_KEY = pytest.StashKey[ReportState]()
 FAILED_KEY = pytest.StashKey[dict]()      # model -> (gate, test) of its first failure, this process
+#: Set on a call-phase report whose exception is an error of the suite's own inputs
+#: (an unreadable snapshot), not a verdict on fvkit: the report lists the test as ERROR.
+SUITE_ERROR_PROP = "fvkit_suite_error"
+#: Exceptions that make a gate test an ERROR even when raised while it runs.
+SUITE_ERRORS = (SnapshotError,)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -136,6 +142,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def pytest_runtest_makereport(item: pytest.Item, call):
     outcome = yield
     report = outcome.get_result()
+    if report.when == "call" and call.excinfo is not None and call.excinfo.errisinstance(SUITE_ERRORS):
+        report.user_properties.append((SUITE_ERROR_PROP, True))
     if report.failed and not hasattr(report, "wasxfail"):
         ident = gate_identity(item)
         if ident is not None:
@@ -167,6 +175,27 @@ def _cause(report) -> str:
     return "\n".join(errors[-12:]) if errors else "\n".join(lines[-12:])
 
 
+#: Start of the note a run gets when none of its comparing gates compared anything.
+NOTHING_COMPARED = "NO COMPARISON"
+
+
+def nothing_compared(models: dict) -> str:
+    """The note for a run whose comparing gates (M1-M4) compared no reference numbers and
+    none passed (every one skipped for lack of them, or failed before comparing); "" when
+    something was compared, a gate passed, or no comparing gate ran (``-k spec_resolution``)."""
+    tests = [(gate, t) for entry in models.values() for gate, ts in entry["gates"].items()
+             if gate in GATE_TITLES and gate_def(gate).compares for t in ts]
+    if not tests or any(by_source for _, t in tests for by_source in t.comparisons.values()):
+        return ""
+    if any(t.status == "PASS" for _, t in tests):
+        return ""  # a gate that passes on its own checks (M4's injection guard with void reference numbers)
+    gates = sorted({gate for gate, _ in tests}, key=gate_index)
+    reasons = sorted({t.cause.splitlines()[0] for _, t in tests if t.status == "SKIP" and t.cause})
+    return (f"{NOTHING_COMPARED}: none of the {len(tests)} test(s) of {', '.join(gates)} compared fvkit with "
+            f"reference numbers, so this run checked no parity; run with settings that have stored snapshots "
+            f"or with --reference-src" + (f" (first skip: {reasons[0]})" if reasons else ""))
+
+
 class ReportPlugin:
     """Collects gate outcomes on the process that owns the session and writes the report.
 
@@ -196,7 +225,8 @@ class ReportPlugin:
             if hasattr(report, "wasxfail"):
                 outcome.status, outcome.cause = "SKIP", f"expected failure: {report.wasxfail or _reason(report)}"
             elif report.failed:
-                outcome.status, outcome.cause = "FAIL", _cause(report)
+                status = "ERROR" if _props(report, SUITE_ERROR_PROP) else "FAIL"
+                outcome.status, outcome.cause = status, _cause(report)
             elif report.skipped:
                 outcome.status, outcome.cause = "SKIP", _reason(report)
             else:
@@ -218,6 +248,12 @@ class ReportPlugin:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus) -> None:
         state = report_state(self.config)
         if state.models:
+            unchecked = nothing_compared(state.models)
+            if unchecked:
+                state.notes.append(unchecked)
+                # A run that compared nothing proved nothing: it must not read as a pass.
+                if int(session.exitstatus) == int(pytest.ExitCode.OK):
+                    session.exitstatus = exitstatus = pytest.ExitCode.TESTS_FAILED
             stopped = int(exitstatus) in (int(pytest.ExitCode.INTERRUPTED), int(pytest.ExitCode.INTERNAL_ERROR))
             state.finish(int(exitstatus), interrupted=stopped or bool(session.shouldstop))
 
@@ -233,7 +269,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     title = f"fvkit parity: {state.dataset} / {state.trials_id}"
     tr.write_sep("=", title)
     for note in state.notes:
-        tr.write_line(f"note: {note}")
+        tr.write_line(f"note: {note}", red=note.startswith(NOTHING_COMPARED))
     for line in lines:
         tr.write_line(line)
     if state.paths_written:

@@ -22,6 +22,7 @@ from typing import Optional
 
 from syrupy.extensions.json import JSONSnapshotExtension
 
+from fvkit.errors import SnapshotError
 from fvkit.parity.compare import compare_gate
 
 FORMAT = "fvkit-parity-snapshot/1"
@@ -103,13 +104,24 @@ class SnapshotBook:
         return self.path.is_file()
 
     def load(self) -> Optional[dict]:
+        """The stored snapshot; None when there is none. A file that is there but cannot be
+        read raises SnapshotError naming it: stored reference numbers that cannot be used
+        are an error of the suite, never a reason to skip the gate."""
         if not self.exists():
             return None
+        fix = ("restore it with `git checkout -- <file>` or regenerate it from a live reference run "
+               "(--reference-src ... --snapshot-update)")
         try:
-            data = json.loads(self.path.read_text())
-        except ValueError:
-            return None
-        return data if isinstance(data, dict) and data.get("format") == FORMAT else None
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as err:
+            raise SnapshotError(f"snapshot {self.path} cannot be read ({err}); {fix}") from None
+        except ValueError as err:
+            raise SnapshotError(f"snapshot {self.path} is not valid JSON ({err}); {fix}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise SnapshotError(f"snapshot {self.path} is not a fvkit parity snapshot (format {found!r}, "
+                                f"expected {FORMAT!r}); {fix}")
+        return data
 
     def matches(self, part: dict) -> bool:
         """fvkit's part against the stored reference part, through syrupy (never writes:

@@ -1,0 +1,88 @@
+"""A run in which no M1-M4 gate compared anything says so and fails (fvkit.parity.plugin).
+
+Every comparing gate skipped for lack of reference numbers (settings without stored
+snapshots, no live reference) checked no parity: the terminal summary and the report
+carry a NO COMPARISON note and the session's exit status is non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fvkit.models import zoo
+from fvkit.parity.plugin import NOTHING_COMPARED
+from fvkit.parity.report import REPORT_NAME
+
+#: The zoo cache as seen before pytester points HOME at a temporary directory.
+REAL_CACHE = zoo.cache_root()
+SYNTH_DIR = "results_fv/synthds/fixed_trials_synthds_t2_s2_seed0"
+SYNTH_CONFTEST = '''
+import pytest
+from fvkit.parity.plugin import report_state
+
+pytest_plugins = ["fvkit.parity.switch"]
+
+def pytest_configure(config):
+    report_state(config).bind("synthds", "fixed_trials_synthds_t2_s2_seed0", {"origin": "synthetic"})
+'''
+GATE = '''
+import os
+import pytest
+
+pytestmark = pytest.mark.fvkit_gate("{gate}")
+COMPARISON = {{"source": "snapshot", "ok": True, "drifts": [], "mismatches": [], "compared": ["x"]}}
+
+@pytest.mark.parametrize("model", [pytest.param("alpha", id="alpha", marks=pytest.mark.fvkit_model("alpha"))])
+def test_{name}(model, request):
+    if "{gate}" in os.environ.get("SYNTH_COMPARES", "").split(","):
+        request.node.user_properties.append(("fvkit_result", {{"comparisons": {{"{gate}": {{"snapshot": COMPARISON}}}}}}))
+        return
+    if "{gate}" != "M5":
+        request.node.user_properties.append(("fvkit_result", {{"comparisons": {{}}}}))
+        pytest.skip("{gate} for alpha: no reference numbers: no snapshot for these settings")
+'''
+NAMES = {"M1": "prompts", "M2": "mean_activations", "M3": "indirect_effect", "M4": "function_vector",
+         "M5": "spec_resolution"}
+
+
+@pytest.fixture
+def synth(pytester, monkeypatch):
+    monkeypatch.setenv("FVKIT_CACHE", REAL_CACHE)
+    pytester.makeconftest(SYNTH_CONFTEST)
+    for i, (gate, name) in enumerate(NAMES.items(), start=1):
+        pytester.makepyfile(**{f"test_gate_m{i}": GATE.format(gate=gate, name=name)})
+    return pytester
+
+
+def report_of(pytester) -> dict:
+    return json.loads((pytester.path / SYNTH_DIR / REPORT_NAME).read_text())
+
+
+def test_a_run_where_every_comparing_gate_skipped_fails_and_says_so(synth, monkeypatch):
+    monkeypatch.delenv("SYNTH_COMPARES", raising=False)
+    result = synth.runpytest()
+    result.assert_outcomes(passed=1, skipped=4)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    out = result.stdout.str()
+    assert f"note: {NOTHING_COMPARED}: none of the 4 test(s) of M1, M2, M3, M4 compared" in out
+    assert "no snapshot for these settings" in out
+    report = report_of(synth)
+    assert any(n.startswith(NOTHING_COMPARED) for n in report["notes"])
+    assert report["exit_status"] == int(pytest.ExitCode.TESTS_FAILED)
+
+
+def test_one_comparison_is_enough(synth, monkeypatch):
+    monkeypatch.setenv("SYNTH_COMPARES", "M2")
+    result = synth.runpytest()
+    result.assert_outcomes(passed=2, skipped=3)
+    assert result.ret == pytest.ExitCode.OK
+    assert NOTHING_COMPARED not in result.stdout.str()
+    assert not any(n.startswith(NOTHING_COMPARED) for n in report_of(synth)["notes"])
+
+
+def test_a_run_of_m5_only_is_not_flagged(synth, monkeypatch):
+    result = synth.runpytest("-k", "spec_resolution")
+    assert result.ret == pytest.ExitCode.OK
+    assert NOTHING_COMPARED not in result.stdout.str()
