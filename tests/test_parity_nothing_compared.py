@@ -86,3 +86,18 @@ def test_a_run_of_m5_only_is_not_flagged(synth, monkeypatch):
     result = synth.runpytest("-k", "spec_resolution")
     assert result.ret == pytest.ExitCode.OK
     assert NOTHING_COMPARED not in result.stdout.str()
+
+
+def test_a_missing_snapshot_names_the_settings_that_are_stored(tmp_path):
+    """Why `fvkit parity --model_name tiny-gpt2 --max_trials 1` compared nothing: its default
+    n_top_heads (capped at tiny-gpt2's 9 heads) gives key ...-mt1-nh9-el1, while the stored
+    quick-settings snapshots are ...-mt1-nh5-el1; the skip reason names the stored keys."""
+    from fvkit.parity.gate_runner import stored_keys
+
+    folder = tmp_path / "test_m2_mean_activations"
+    folder.mkdir()
+    for key in ("t-mt1-nh5-el1", "t-mt10-nh9-el1"):
+        (folder / f"test_mean_activations[tiny-gpt2][{key}].json").write_text("{}")
+    (folder / "test_mean_activations[tiny-llama][t-mt1-nh5-el1].json").write_text("{}")
+    wanted = folder / "test_mean_activations[tiny-gpt2][t-mt1-nh9-el1].json"
+    assert stored_keys(wanted) == ["t-mt1-nh5-el1", "t-mt10-nh9-el1"]

@@ -96,6 +96,17 @@ def reference_part(gate: str, live: dict, keys: Optional[tuple] = None) -> dict:
     return {k: v for k, v in part.items() if v is not None}
 
 
+def stored_keys(path) -> list:
+    """The settings keys stored beside a missing snapshot for the same test and model: a run
+    whose settings have none is told which ones it could use."""
+    stem, bracket, _ = path.name.rpartition("][")
+    if not bracket or not path.parent.is_dir():
+        return []
+    prefix = stem + "]["
+    return sorted(p.name[len(prefix):-len("].json")] for p in path.parent.glob("*.json")
+                  if p.name.startswith(prefix) and p.name.endswith("].json"))
+
+
 @dataclass
 class Source:
     """Reference numbers of one origin: the live run, or a stored snapshot (with its book)."""
@@ -197,7 +208,10 @@ class Gate:
                               f"transformers {env.get('transformers')}")
             found.append(Source("snapshot", stored.get("value") or {}, book, declared_unsupported(env)))
         else:
+            stored = stored_keys(book.path)
             missing.append(f"no snapshot {book.path.relative_to(book.path.parents[2])} for these settings"
+                           + (f"; snapshots are stored for {', '.join(stored)} (pass the settings those keys name: "
+                              f"mt = --max-trials, nh = --n-top-heads, el = --edit-layer)" if stored else "")
                            + (f" ({ctx.snapshot_hint})" if ctx.snapshot_hint else ""))
         return found, missing
 
@@ -225,6 +239,9 @@ class Gate:
             mine, ties = adjust(mine, source.part) if adjust else (mine, [])
             check = compare_gate(self.gate, mine, source.part, source.name, self.ctx.bos_ids)
             check.not_compared.update({k: f"the reference declares it unsupported: {why}" for k, why in skipped.items()})
+            for tie in ties:  # "zero_shot" or "layer_sweep.zero_shot[layer 2]": counted per compared stage
+                stage = tie["stage"].split("[", 1)[0]
+                check.tie_resolved[stage] = check.tie_resolved.get(stage, 0) + 1
             if ties:
                 check.notes.append(f"{len(ties)} rank(s) differ only by a float tie within RANK_TIE_REL_TOL: "
                                    + "; ".join(f"{t['stage']}.{t['list']}[{t['item']}] fvkit {t['fvkit_rank']} vs "

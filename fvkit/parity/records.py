@@ -175,6 +175,11 @@ class Comparison:
     notes: list = field(default_factory=list)
     compared: list = field(default_factory=list)     # exactly compared stages both sides produced
     not_compared: dict = field(default_factory=dict)  # stage -> why it was left out (declared by the reference)
+    tie_resolved: dict = field(default_factory=dict)  # stage -> ranks taken from the reference at a float tie
+
+    @property
+    def tie_count(self) -> int:
+        return sum(self.tie_resolved.values())
 
     @property
     def ok(self) -> bool:
@@ -194,6 +199,7 @@ class Comparison:
             "mismatches": [m.as_dict() for m in self.mismatches],
             "compared": list(self.compared),
             **({"not_compared": dict(self.not_compared)} if self.not_compared else {}),
+            **({"tie_resolved": dict(self.tie_resolved)} if self.tie_resolved else {}),
             **({"notes": self.notes} if self.notes else {}),
         }
 
@@ -201,7 +207,8 @@ class Comparison:
     def from_dict(cls, gate: str, data: dict) -> "Comparison":
         return cls(gate, data["source"], [DriftRecord.from_dict(d) for d in data.get("drifts") or []],
                    [MismatchRecord.from_dict(m) for m in data.get("mismatches") or []], list(data.get("notes") or []),
-                   list(data.get("compared") or []), dict(data.get("not_compared") or {}))
+                   list(data.get("compared") or []), dict(data.get("not_compared") or {}),
+                   dict(data.get("tie_resolved") or {}))
 
     def stage_rows(self, exact_stages, suffix: str = "") -> list:
         """One CSV row per stage: drifts for tensors, exact-match verdicts for the ``exact_stages``
@@ -217,13 +224,25 @@ class Comparison:
             if found is not None:
                 rows.append(StageRow(stage=stage, source=self.source, status="FAIL", detail=found.explained()))
             elif stage in self.compared:
-                rows.append(StageRow(stage=stage, source=self.source, status="PASS", detail="exact match"))
+                rows.append(StageRow(stage=stage, source=self.source, status="PASS", detail=self.match_detail(stage)))
             else:
                 continue
             listed.add(stage)
         rows.extend(StageRow(stage=stage, source=self.source, status="SKIP", detail=f"not compared: {why}")
                     for stage, why in self.not_compared.items() if stage not in listed)
         return rows
+
+
+    def match_detail(self, stage: str) -> str:
+        """"exact match", or "tie-resolved" with the count when ranks of ``stage`` were taken
+        from the reference at a float tie (fvkit.parity.rank_ties): equal, but not exactly."""
+        n = self.tie_resolved.get(stage, 0)
+        return tie_resolved_text(n) if n else "exact match"
+
+
+def tie_resolved_text(n: int) -> str:
+    """How a match that needed ``n`` tie-resolved ranks is written in the CSV, the log and the page."""
+    return f"tie-resolved: {n} rank(s) taken from the reference at a float tie within RANK_TIE_REL_TOL"
 
 
 def comparisons_as_dict(comparisons: dict) -> dict:

@@ -46,6 +46,7 @@ from fvkit.parity.records import (  # noqa: F401  (GateOutcome, worst_status: th
     StageRow,
     worst_status,
 )
+from fvkit.parity.records import tie_resolved_text
 from fvkit.parity.registry import GATES
 
 
@@ -84,6 +85,9 @@ def log_entry(outcome: "GateOutcome") -> str:
     if spec:
         line += f" spec {spec}"
     line += f" {outcome.test} ({outcome.seconds:.2f}s)"
+    ties = sum(c.tie_count for by_source in outcome.comparisons.values() for c in by_source.values())
+    if ties:
+        line += f" [{tie_resolved_text(ties)}]"
     if outcome.cause:
         line += "".join(f"\n    {text}" for text in outcome.cause.splitlines())
     return line

@@ -24,7 +24,7 @@ from typing import Optional
 
 from fvkit.method.data import atomic_write_text
 from fvkit.errors import DataError
-from fvkit.parity.records import GateOutcome
+from fvkit.parity.records import GateOutcome, tie_resolved_text
 from fvkit.parity.registry import GATES
 
 HTML_NAME = "parity_suite_report.html"
@@ -183,7 +183,7 @@ def _exact_table(report: dict) -> str:
     out = ["<h2>Exact comparisons</h2>",
            "<p class='meta'>What must equal the reference exactly: prompts and tokens (M1), top heads and every "
            "rank list (M4, the layer sweep included). Rank differences that fvkit's own logits show to be float "
-           "ties are accepted and listed in the notes.</p>",
+           "ties are accepted, written as tie-resolved with their count and listed in the notes.</p>",
            "<table><tr><th>model</th><th>gate</th><th>check</th><th>against</th><th>result</th></tr>"]
     for model, gate, key, source, check in rows:
         mism = check.mismatches
@@ -193,8 +193,10 @@ def _exact_table(report: dict) -> str:
             cell = f"<td class='fail'>{_e(text)}</td>"
         else:
             ties = [n for n in check.notes if "float tie" in n]
-            cell = "<td class='pass'>identical</td>" if not ties else \
-                f"<td class='pass'>identical after float ties: {_e(ties[0][:300])}</td>"
+            # Reports written before the count was kept: the note starts with it.
+            count = check.tie_count or next((int(n.split()[0]) for n in ties if n.split()[0].isdigit()), 0)
+            cell = "<td class='pass'>identical</td>" if not ties and not count else \
+                f"<td class='pass'>{_e(tie_resolved_text(count))}" + (f": {_e(ties[0][:300])}" if ties else "") + "</td>"
         out.append(f"<tr><td>{_e(model)}</td><td>{_e(gate)}</td><td>{_e(key)}</td><td>{_e(source)}</td>{cell}</tr>")
     out.append("</table>")
     return "".join(out)
