@@ -176,7 +176,8 @@ def compare_top_heads(ours: list, ref: list) -> Optional[MismatchRecord]:
 
 def compare_m4(gate: GateDef, ours: dict, ref: dict, source: str, bos_ids=()) -> Comparison:
     """Top heads, then the vector's drift, then every rank list and top-k exactly (the layer
-    sweep too); only the parts the reference holds are compared."""
+    sweep too). A part neither side holds is not compared (the layer sweep outside
+    ``--edit-layer all``); a part only one side holds fails."""
     check = Comparison(gate.name, source)
     missing = presence_mismatch("top_heads", "top_heads", ours, ref)
     if missing:
