@@ -11,22 +11,11 @@ import json
 
 import pytest
 
-from fvkit.models import zoo
 from fvkit.parity.plugin import NOTHING_COMPARED
 from fvkit.parity.report import REPORT_NAME
 
-#: The zoo cache as seen before pytester points HOME at a temporary directory.
-REAL_CACHE = zoo.cache_root()
-SYNTH_DIR = "results_fv/synthds/fixed_trials_synthds_t2_s2_seed0"
-SYNTH_CONFTEST = '''
-import pytest
-from fvkit.parity.plugin import report_state
+from synthetic_suite import REAL_CACHE, SYNTH_CONFTEST, SYNTH_DIR
 
-pytest_plugins = ["fvkit.parity.switch"]
-
-def pytest_configure(config):
-    report_state(config).bind("synthds", "fixed_trials_synthds_t2_s2_seed0", {"origin": "synthetic"})
-'''
 GATE = '''
 import os
 import pytest

@@ -21,21 +21,10 @@ from fvkit.models.spec import all_specs
 from fvkit.report.page import HTML_NAME
 from fvkit.parity.report import LOG_NAME, REPORT_NAME, RUNS_DIR, STAGES_NAME
 
+from synthetic_suite import REAL_CACHE, SYNTH_CONFTEST, SYNTH_DIR
+
 REPO = Path(__file__).resolve().parents[1]
-#: The zoo cache as seen before pytester points HOME at a temporary directory.
-REAL_CACHE = zoo.cache_root()
-SYNTH_DIR = "results_fv/synthds/fixed_trials_synthds_t2_s2_seed0"
 QUICK = ("--max-trials", "1", "--n-top-heads", "5", "--edit-layer", "1")
-
-SYNTH_CONFTEST = '''
-import pytest
-from fvkit.parity.plugin import report_state
-
-pytest_plugins = ["fvkit.parity.switch"]
-
-def pytest_configure(config):
-    report_state(config).bind("synthds", "fixed_trials_synthds_t2_s2_seed0", {"origin": "synthetic"})
-'''
 
 SYNTH_GATE = '''
 import os
