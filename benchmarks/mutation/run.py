@@ -57,6 +57,17 @@ def suite_copy(tmp: Path) -> Path:
     return tmp
 
 
+def tie_resolved(node) -> int:
+    """Ranks the gates took from the reference at a float tie, anywhere in a report subtree."""
+    if isinstance(node, dict):
+        own = node.get("tie_resolved")
+        n = sum(own.values()) if isinstance(own, dict) else 0
+        return n + sum(tie_resolved(v) for k, v in node.items() if k != "tie_resolved")
+    if isinstance(node, list):
+        return sum(tie_resolved(v) for v in node)
+    return 0
+
+
 def run_one(model: str, fault: str | None, nice: int) -> dict:
     """Gate statuses (and causes) of one pytest process with ``fault`` applied."""
     with tempfile.TemporaryDirectory(prefix="fvkit-mutation-") as tmp:
@@ -82,21 +93,22 @@ def run_one(model: str, fault: str | None, nice: int) -> dict:
         "gates": {g: gates.get(g, {}).get("status", "—") for g in GATES},
         "causes": {g: (gates[g].get("cause") or "")[:300] for g in GATES
                    if g in gates and gates[g].get("status") in CAUGHT},
+        "tie_resolved": tie_resolved(report["models"][model]),
         "exit": proc.returncode,
         "seconds": round(seconds, 1),
     }
 
 
 def table(model: str, rows: list) -> str:
-    lines = [f"| fault | stage | what | {' | '.join(GATES)} | caught by |",
-             "|---|---|---|" + "---|" * len(GATES) + "---|"]
+    lines = [f"| fault | stage | what | {' | '.join(GATES)} | caught by | tie-resolved ranks |",
+             "|---|---|---|" + "---|" * len(GATES) + "---|---|"]
     for row in rows:
         fault = FAULTS.get(row["fault"])
         stage, what = (fault.stage, fault.what) if fault else ("—", "control: no fault, every gate must pass")
         caught = [g for g in GATES if row["gates"][g] in CAUGHT]
         by = ", ".join(caught) if fault and caught else ("**none**" if fault else "—")
         lines.append(f"| `{row['fault']}` | {stage} | {what} | "
-                     + " | ".join(row["gates"][g] for g in GATES) + f" | {by} |")
+                     + " | ".join(row["gates"][g] for g in GATES) + f" | {by} | {row.get('tie_resolved', '—')} |")
     return "\n".join(lines)
 
 
