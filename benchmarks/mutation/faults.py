@@ -171,6 +171,20 @@ def _stale_fast_row():
     replace_method("fvkit.fast.replay", "BlockCalls", "hidden", make)
 
 
+def _stale_model_cache():
+    import fvkit.fast.indirect_effect as fast
+
+    def make(original):
+        def fast_trial(lm, setup, mean_acts, strategy="auto"):
+            return original(lm, setup, mean_acts, "model")  # the whole-model strategy, where the bug is
+        return fast_trial
+    replace("fvkit.fast.indirect_effect", "fast_trial", make)
+    # FAULT: after each layer's step the cache is not cropped back to the prompt's prefix, so the
+    # next layer's step attends to the previous step's stale last-token row. Only this module's
+    # name is rebound: fvkit.fast.cache's own use of drop_last stays right.
+    fast.drop_last = lambda cache, n: cache
+
+
 def _norm_skipped_in_decoding():
     import torch
 
@@ -272,6 +286,8 @@ FAULTS = {f.name: f for f in (
     Fault("wrong_separator", "prompts", "output separator '\\n' instead of '\\n\\n'", _wrong_separator),
     Fault("stale_fast_row", "fast indirect effect", "fast path replays the layer below's recorded row",
           _stale_fast_row),
+    Fault("stale_model_cache", "fast indirect effect", "whole-model fast path reuses the previous step's cache row",
+          _stale_model_cache),
     Fault("norm_skipped_in_decoding", "vocabulary decoding", "final norm skipped when decoding the vector",
           _norm_skipped_in_decoding),
     Fault("effect_sign_flipped", "indirect effect", "indirect effect computed as clean - patched",
