@@ -128,6 +128,8 @@ def _top_heads_ascending():
     import numpy as np
     import torch
 
+    from fvkit.method.function_vector import SCORE_DECIMALS
+
     def make(original):
         def select_top_heads(indirect_effect, n_top_heads):
             original(indirect_effect, n_top_heads)  # keeps the range check
@@ -135,7 +137,7 @@ def _top_heads_ascending():
             # FAULT: the heads with the smallest effect are taken.
             vals, inds = torch.topk(mean_ie.view(-1), k=n_top_heads, largest=False)
             layers, heads = np.unravel_index(inds.numpy(), tuple(mean_ie.shape))
-            return [[int(l), int(h), round(v.item(), 4)] for l, h, v in zip(layers, heads, vals)]
+            return [[int(l), int(h), round(v.item(), SCORE_DECIMALS)] for l, h, v in zip(layers, heads, vals)]
         return select_top_heads
     replace("fvkit.method.function_vector", "select_top_heads", make)
 
