@@ -82,6 +82,25 @@ def presence_mismatch(stage: str, path: str, ours: dict, ref: dict) -> Optional[
                "(--reference-src ... --snapshot-update)")
 
 
+def both_produced(check: Comparison, stage: str, path: str, ours: dict, ref: dict) -> bool:
+    """Whether both sides hold ``path``; a part only one side produced goes into ``check`` as a mismatch."""
+    missing = presence_mismatch(stage, path, ours, ref)
+    if missing:
+        check.mismatches.append(missing)
+        return False
+    return produced(ref, path.rsplit(".", 1)[-1])
+
+
+def field_mismatch(stage: str, path: str, ours: dict, ref: dict) -> Optional[MismatchRecord]:
+    """The first difference in field ``path`` of two result dicts: one side only, or the values."""
+    missing = presence_mismatch(stage, path, ours, ref)
+    key = path.rsplit(".", 1)[-1]
+    if missing or not produced(ref, key):
+        return missing
+    mm = first_mismatch(ours[key], ref[key], path)
+    return mm.at(stage) if mm else None
+
+
 # --- M1 ------------------------------------------------------------------------------
 def token_cause(ours: dict, ref: dict, index: int, bos_ids=()) -> str:
     """Why the token ids differ first at ``index``: the BOS policy, the prompt text, or the tokenizer."""
@@ -179,38 +198,24 @@ def compare_m4(gate: GateDef, ours: dict, ref: dict, source: str, bos_ids=()) ->
     sweep too). A part neither side holds is not compared (the layer sweep outside
     ``--edit-layer all``); a part only one side holds fails."""
     check = Comparison(gate.name, source)
-    missing = presence_mismatch("top_heads", "top_heads", ours, ref)
-    if missing:
-        check.mismatches.append(missing)
-    elif produced(ref, "top_heads"):
+    if both_produced(check, "top_heads", "top_heads", ours, ref):
         check.compared.append("top_heads")
         mm = compare_top_heads(ours["top_heads"], ref["top_heads"])
         if mm:
             check.mismatches.append(mm.at("top_heads"))
     compare_drift_stages(gate, check, ours, ref, required=False)
     for stage, keys in EVAL_KEYS.items():
-        missing = presence_mismatch(stage, stage, ours, ref)
-        if missing:
-            check.mismatches.append(missing)
-            continue
-        if not produced(ref, stage):
+        if not both_produced(check, stage, stage, ours, ref):
             continue
         check.compared.append(stage)
         for key in keys:
-            mm = presence_mismatch(stage, f"{stage}.{key}", ours[stage], ref[stage])
-            if mm is None and produced(ref[stage], key):
-                mm = first_mismatch(ours[stage][key], ref[stage][key], f"{stage}.{key}")
-                mm = mm.at(stage) if mm else None
+            mm = field_mismatch(stage, f"{stage}.{key}", ours[stage], ref[stage])
             if mm:
                 check.mismatches.append(mm)
     ours_sweep, ref_sweep = ours.get(SWEEP_KEY) or {}, ref.get(SWEEP_KEY) or {}
     for stage in SWEEP_STAGES:
         name = f"{SWEEP_KEY}.{stage}"
-        missing = presence_mismatch(name, name, ours_sweep, ref_sweep)
-        if missing:
-            check.mismatches.append(missing)
-            continue
-        if not produced(ref_sweep, stage):
+        if not both_produced(check, name, name, ours_sweep, ref_sweep):
             continue
         check.compared.append(name)
         mine, ref_layers = ours_sweep[stage], ref_sweep[stage]
@@ -218,12 +223,10 @@ def compare_m4(gate: GateDef, ours: dict, ref: dict, source: str, bos_ids=()) ->
             check.mismatches.append(MismatchRecord.of(f"{name}: number of layers", len(mine), len(ref_layers)).at(name))
             continue
         for layer, (a, b) in enumerate(zip(mine, ref_layers)):
-            mm = next((m for m in (presence_mismatch(name, f"{name}[layer {layer}].{k}", a, b)
-                                   or (first_mismatch(a[k], b[k], f"{name}[layer {layer}].{k}")
-                                       if produced(b, k) else None)
+            mm = next((m for m in (field_mismatch(name, f"{name}[layer {layer}].{k}", a, b)
                                    for k in EVAL_KEYS[stage]) if m), None)
             if mm:
-                check.mismatches.append(mm if mm.stage else mm.at(name))
+                check.mismatches.append(mm)
                 break
     return check
 
