@@ -3,6 +3,9 @@
     with stop_on_signals():
         ...long work and the final write...
 
+    with signals_held():
+        ...a few renames that must all happen (a signal is delivered after)...
+
 Python turns SIGINT into KeyboardInterrupt but lets SIGTERM (what ``kill``, a
 batch scheduler or a container stop sends) end the process on the spot, with no
 ``finally`` blocks run, which would strand a half-written staging folder. Here
@@ -50,3 +53,30 @@ def stop_on_signals():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM that arrive in the block are delivered when it ends.
+
+    Python runs signal handlers in the main thread only, so replacing the handlers
+    there holds a signal back whichever thread the kernel hands it to (blocking it
+    with a thread's signal mask would not: another thread, xdist's for one, would
+    take it). Elsewhere, or where a handler was not set from Python, nothing is held.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = {}
+    for sig in HANDLED:
+        handler = signal.getsignal(sig)
+        if handler is not None:
+            previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in caught:
+            signal.raise_signal(signum)  # now to the handler the process had before

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fvkit.processes import pid_alive
+from fvkit.signals import signals_held
 
 
 SESSIONS_DIR = ".sessions"
@@ -182,40 +183,10 @@ class ReportFolder:
                 temp = self.out_dir / f".{name}.{self.sid}.tmp"
                 temp.write_bytes(text.encode("utf-8"))
                 temps[name] = temp
-            with _signals_held():
+            with signals_held():
                 for name, temp in temps.items():
                     os.replace(temp, self.out_dir / name)
         finally:
             for temp in temps.values():
                 temp.unlink(missing_ok=True)
         return [self.out_dir / name for name in files]
-
-
-@contextlib.contextmanager
-def _signals_held():
-    """SIGINT and SIGTERM that arrive in the block are delivered when it ends.
-
-    Python runs signal handlers in the main thread only, so replacing the handlers
-    there holds a signal back whichever thread the kernel hands it to (blocking it
-    with a thread's signal mask would not: another thread, xdist's for one, would
-    take it). Elsewhere, or where a handler was not set from Python, nothing is held.
-    """
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(sig)
-        if handler is not None:
-            previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for signum in caught:
-            signal.raise_signal(signum)  # now to the handler the process had before
