@@ -27,7 +27,7 @@ from fvkit.parity.report import RESULT_PROP
 from fvkit.parity.snapshots import SnapshotBook
 
 #: What a reference environment record keeps from the runner's meta.
-ENV_KEYS = ("transformers", "torch", "versions", "reference_commit", "reference_src_matches_commit",
+ENV_KEYS = ("transformers", "reference_transformers", "torch", "versions", "reference_commit", "reference_src_matches_commit",
             "baukit_commit", "reference_branch", "normalizations", "warnings", "invalid", "unsupported")
 
 

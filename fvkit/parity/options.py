@@ -19,6 +19,7 @@ import pytest
 
 # Parity runs on exactly one numeric setting, the reference's own (see fvkit.models.parity_setting).
 from fvkit.method.run_defaults import DEFAULT_EDIT_LAYER_TEXT, DEFAULT_N_TOP_HEADS, DEFAULT_SEED
+from fvkit.models.architectures.architecture import DEFAULT_REFERENCE_TRANSFORMERS
 from fvkit.models.parity_setting import PARITY_DEVICE, PARITY_DTYPE, PARITY_QUANT
 
 #: Spellings of the parity setting accepted on the command line.
@@ -26,10 +27,10 @@ DTYPE_ALIASES = {"fp32": "fp32", "float32": "fp32", "torch.float32": "fp32"}
 QUANT_ALIASES = {"none": "none", "no": "none", "": "none"}
 
 DEFAULT_DATASET = "antonym"
-#: The transformers release the reference pins (its fv_environment.yml). Snapshots
-#: are written only under it: newer releases make the reference's intervention a
-#: no-op, so its M4 numbers there are void.
-REFERENCE_TRANSFORMERS = "4.49.0"
+#: The transformers release the reference pins (its fv_environment.yml); each model's
+#: own release is declared by its architecture (fvkit.parity.reference_release), and
+#: its snapshots are written only under that release.
+REFERENCE_TRANSFORMERS = DEFAULT_REFERENCE_TRANSFORMERS
 #: The fixed-trials value that asks for trials drawn from --seed even when a file exists.
 GENERATE_TRIALS = "generate"
 #: The --edit-layer value that sweeps every layer (the reference's --edit_layer -1).
@@ -63,6 +64,9 @@ OPTIONS = (
     ("fail-fast", "bool", "after a model's first failing gate, skip that model's later gates"),
     ("reference-src", "string", "checkout of the reference code (folder holding src/); enables live reference runs"),
     ("baukit", "string", "checkout of baukit, needed by the live reference run"),
+    ("reference-release", "string", "keep only the models whose reference numbers come from this transformers "
+                                    "release, which must be the installed one (the tox reference-tfNNN "
+                                    "environments; default: every model)"),
     ("torch-threads", "string", "torch CPU threads per process (default 1: the tiny models gain nothing from more, "
                                 "and threads contend with xdist workers and other load; raise it for large models)"),
     ("device", "string", f"parity runs on '{PARITY_DEVICE}' only"),
@@ -128,6 +132,7 @@ class ParityOptions:
     reference_src: Optional[Path] = None
     baukit: Optional[Path] = None
     update_snapshots: bool = False
+    reference_release: Optional[str] = None
     torch_threads: Optional[int] = None   # None: one thread (see parity_tests/conftest.py)
 
     @classmethod
@@ -176,15 +181,16 @@ class ParityOptions:
                 "--snapshot-update writes reference numbers and needs a live reference: add "
                 "--reference-src PATH (and --baukit PATH); snapshots are never written from fvkit's own output"
             )
-        if opts.update_snapshots:
+        release = raw_value(config, "reference-release")
+        if release:
             import transformers
 
-            if transformers.__version__ != REFERENCE_TRANSFORMERS:
+            release = str(release).strip()
+            if release != transformers.__version__:
                 raise pytest.UsageError(
-                    f"--snapshot-update needs the reference's transformers {REFERENCE_TRANSFORMERS}, this environment "
-                    f"has {transformers.__version__}; regenerate snapshots in the `reference` tox environment "
-                    f"(tox -e reference) so stored numbers always come from the reference's own setup"
-                )
+                    f"--reference-release {release}: this environment has transformers {transformers.__version__}; "
+                    f"run it where {release} is installed (tox -e reference regenerates each model in its own release)")
+            opts.reference_release = release
         return opts
 
     def describe(self) -> dict:
@@ -196,6 +202,7 @@ class ParityOptions:
             "seed": self.seed if self.seed_given else None, "fail_fast": self.fail_fast,
             "reference_src": str(self.reference_src) if self.reference_src else None,
             "baukit": str(self.baukit) if self.baukit else None, "update_snapshots": self.update_snapshots,
+            "reference_release": self.reference_release,
             "torch_threads": self.torch_threads or 1,
         }
 

@@ -134,14 +134,59 @@ class ParitySession:
 
         # The report folder is checked now, not when the first gate has finished.
         check_output_dir(Path(rootdir) / "results_fv" / dataset.name / trials.id, "report folder")
-        return cls(options, rootdir, dataset, trials, source, notes, reference_runner)
+        session = cls(options, rootdir, dataset, trials, source, notes, reference_runner)
+        session.check_releases()
+        return session
 
     @property
-    def model_names(self) -> list:
+    def requested_models(self) -> list:
+        """--model, or the default parity models."""
         if self.options.models:
             return list(dict.fromkeys(self.options.models))
         from fvkit.models import zoo
         return list(zoo.DEFAULT_PARITY_MODELS)
+
+    @property
+    def model_names(self) -> list:
+        """The requested models, kept to those of --reference-release when it is given."""
+        wanted = self.options.reference_release
+        return [m for m in self.requested_models if wanted is None or self.reference_release(m) == wanted]
+
+    def reference_release(self, name: str) -> str:
+        """The transformers release this model's reference numbers come from (its architecture's)."""
+        from fvkit.parity.reference_release import release_of
+
+        spec = self.spec_for(name)
+        if spec is None and not self._is_zoo(name):
+            try:
+                spec = self.model_info(name).spec
+            except FvkitError:
+                spec = None   # the model's own gates report why it cannot be read
+        return release_of(name, spec)
+
+    @staticmethod
+    def _is_zoo(name: str) -> bool:
+        from fvkit.models.architectures import zoo_recipes
+        return str(name) in zoo_recipes()
+
+    def check_releases(self) -> None:
+        """Before any work: --reference-release leaves some model, and --snapshot-update writes
+        each model's snapshots only under its own release."""
+        wanted = self.options.reference_release
+        if wanted is not None:
+            left_out = [m for m in self.requested_models if m not in self.model_names]
+            if left_out:
+                self.notes.append(f"--reference-release {wanted}: left out " + ", ".join(
+                    f"{m} (reference release {self.reference_release(m)})" for m in left_out))
+            if not self.model_names:
+                raise FvkitError(f"--reference-release {wanted}: none of {', '.join(self.requested_models)} has its "
+                                 f"reference numbers from transformers {wanted}")
+        if self.options.update_snapshots:
+            from fvkit.parity.reference_release import check_update_release, installed_release
+
+            installed = installed_release()
+            for name in self.model_names:
+                check_update_release(name, self.reference_release(name), installed)
 
     # --- models ------------------------------------------------------------------------
     def spec_for(self, name: str) -> Optional[str]:

@@ -71,7 +71,10 @@ def run_settings(lm, trials, path: Path, settings) -> dict:
 def build_meta(refs, lm, cfg, settings: dict, *, normalizations: list, recorded_in: list, unsupported: dict,
                invalid: dict, injection_probe: Optional[dict], warnings: list, timings: dict) -> dict:
     """The whole ``meta`` dict, from the run's inputs and what the run produced."""
+    from fvkit.models.architectures import reference_release
+
     ref_state = checkout_state(refs.src, "src")
+    release = reference_release(lm.spec.name)
     bk_state = checkout_state(refs.baukit_dir, refs.baukit_dir.name)
     return {
         "runner": "reference",
@@ -79,6 +82,10 @@ def build_meta(refs, lm, cfg, settings: dict, *, normalizations: list, recorded_
         "spec": lm.spec.name,
         "versions": {p: version(p) for p in VERSIONED_PACKAGES},
         "transformers": version("transformers"),
+        # The release this model's reference numbers come from (its architecture's); snapshots
+        # are written only where it equals the installed one.
+        "reference_transformers": release,
+        "release_matches": version("transformers") == release,
         "torch": version("torch"),
         "reference_src": str(refs.src),
         "reference_commit": ref_state["commit"],

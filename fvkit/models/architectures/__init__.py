@@ -5,6 +5,7 @@
     zoo_recipes()["tiny-llama"]      # ZooEntry of every zoo model, in zoo order
     default_parity_models()          # ('tiny-gpt2', 'tiny-llama', ...)
     reference_branches()             # {(blocks, attn, out_proj): {"name", "conv1d", "bias"}}
+    reference_release("gemma")       # '4.49.0': the transformers release of its reference numbers
 
 Each module here other than the support modules below is a family file: it
 defines ``ARCHITECTURE = Architecture(...)`` (see
@@ -22,7 +23,7 @@ import importlib
 import pkgutil
 
 from fvkit.errors import SpecError
-from fvkit.models.architectures.architecture import Architecture, ZooEntry
+from fvkit.models.architectures.architecture import DEFAULT_REFERENCE_TRANSFORMERS, Architecture, ZooEntry
 from fvkit.models.architectures.reference_branches import ALL_BRANCHES
 
 #: Modules of this package that are not family files.
@@ -112,3 +113,15 @@ def reference_branches() -> dict:
     """
     used = {a.reference_branch for a in _ARCHITECTURES if a.reference_branch is not None}
     return {branch.layout: branch.as_entry() for branch in ALL_BRANCHES if branch in used}
+
+
+def reference_release(spec_name: str) -> str:
+    """The transformers release a model's reference numbers come from, by its spec's name.
+
+    A spec registered here names it in its family file (``reference_transformers``);
+    any other spec (one written for a single run) gets the reference's own pin.
+    """
+    for arch in _ARCHITECTURES:
+        if arch.name == spec_name:
+            return arch.reference_transformers
+    return DEFAULT_REFERENCE_TRANSFORMERS

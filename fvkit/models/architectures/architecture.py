@@ -238,6 +238,15 @@ class ReferenceBranch:
 
 # --- Architecture ---------------------------------------------------------------------
 
+#: The transformers release the reference pins (its ``fv_environment.yml``): where a
+#: model's reference numbers come from unless its architecture names another. The
+#: reference's stage functions depend on it (from 4.54 its injection hook sees no tuple
+#: from a LLaMA-style block and does nothing), so snapshots are only written under the
+#: release a model declares.
+DEFAULT_REFERENCE_TRANSFORMERS = "4.49.0"
+#: Form of a release string: three dot-separated numbers, as ``transformers.__version__`` gives it.
+RELEASE_PATTERN = r"\d+\.\d+\.\d+"
+
 @dataclass(frozen=True)
 class Architecture:
     """Everything fvkit needs to serve one architecture family.
@@ -250,6 +259,10 @@ class Architecture:
     zoo's initialiser gives a larger gain. ``reference_branch`` is the
     reference's branch that serves this layout, or None where no branch does
     (the runner then marks the stages it cannot compute as unsupported).
+    ``reference_transformers`` is the transformers release the family's reference
+    numbers come from: the reference's own pin unless that release cannot load
+    the family (then the newest release that loads it and whose decoder layers
+    still return tuples, which the reference's injection needs).
     """
 
     spec: ModelSpec
@@ -258,6 +271,7 @@ class Architecture:
     qk_weight_suffixes: tuple
     zoo: tuple
     reference_branch: Optional[ReferenceBranch]
+    reference_transformers: str = DEFAULT_REFERENCE_TRANSFORMERS
 
     @property
     def name(self) -> str:
@@ -288,6 +302,11 @@ class Architecture:
             if entry.spec != self.name:
                 raise SpecError(f"{where}: zoo model '{entry.alias}' names spec '{entry.spec}', but "
                                 f"this file's architecture is '{self.name}'; set spec='{self.name}'")
+        if not isinstance(self.reference_transformers, str) or not re.fullmatch(
+                RELEASE_PATTERN, self.reference_transformers):
+            raise SpecError(f"{where}: architecture '{self.name}' has reference_transformers="
+                            f"{self.reference_transformers!r}; give the exact transformers release its "
+                            f"reference numbers come from, e.g. '{DEFAULT_REFERENCE_TRANSFORMERS}'")
         if self.reference_branch is not None:
             branch = self.reference_branch
             if not isinstance(branch, ReferenceBranch):
