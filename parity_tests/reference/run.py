@@ -11,7 +11,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .config import reference_model_config
+from fvkit.errors import FvkitError
+from fvkit.parity.injected_vector import INJECTED_KEY, describe_vector
+
+from .config import SUPPLIABLE, reference_model_config
 from .dataset import dataset_file, link_dataset, split_from_calls, split_warnings
 from .injection import invalid_reason, probe_zero_shot
 from .isolation import process_state_kept, reference_warnings_hidden
@@ -22,6 +25,9 @@ from .recording import Recorder, install_recorders
 from .settings import check_settings
 from .stages import TIMING_DIGITS, StageRunner
 from .sweep import layer_sweep
+
+#: The stages that evaluate the function vector (and so can evaluate an injected one).
+INJECTED_STAGES = ("zero_shot", "shuffled")
 
 
 def _bos_warnings(lm, model_config: dict) -> list:
@@ -45,16 +51,37 @@ def _run_stages(sr: StageRunner, root: str, name: str, invalid: dict) -> Optiona
     if sr.out["top_heads"] is not None and "function_vector" not in sr.unsupported:
         sr.out["function_vector"] = sr.fv
     probe = None
-    if sr.out["function_vector"] is not None:
-        probe = probe_zero_shot(sr.refs, sr.lm, sr.model_config, sr.out["function_vector"], sr.settings.edit_layer,
+    if sr.vector is not None:
+        probe = probe_zero_shot(sr.refs, sr.lm, sr.eval_config, sr.vector, sr.settings.edit_layer,
                                 sr.ds["test"][0], sr.prefixes, sr.separators)
         invalid[INVALID_KEY] = invalid_reason(probe)
     sr.run("zero_shot", "zero_shot", sr.zero_shot)
     sr.run("shuffled", "shuffled", sr.shuffled)
     sr.run("baseline", "baseline", sr.baseline)
-    if sr.settings.sweep and sr.out["function_vector"] is not None:
+    if sr.settings.sweep and sr.vector is not None:
         sr.run(SWEEP_KEY, None, lambda: layer_sweep(sr))
     return probe
+
+
+def _injected(lm, cfg, injected_vector, sweep: bool):
+    """(vector, record) when the reference cannot build its vector but evaluates one it is
+    given; (None, None) otherwise. ``injected_vector`` may be a function, called only then."""
+    why = cfg.unsupported.get("function_vector")
+    evaluated = [k for k in INJECTED_STAGES if k not in cfg.unsupported]
+    if injected_vector is None or why is None or not evaluated:
+        return None, None
+    vector = injected_vector() if callable(injected_vector) else injected_vector
+    if vector is None:
+        return None, None
+    vector = torch.as_tensor(vector).detach().to(torch.float32).cpu()
+    hidden = int(lm.dims.hidden_size)
+    if vector.numel() != hidden:
+        raise FvkitError(f"the injected function vector has {vector.numel()} entries, but model "
+                         f"'{getattr(lm, 'name', '?')}' has hidden_size {hidden}; pass fvkit's function vector for "
+                         f"this model (shape (1, {hidden}))")
+    stages = evaluated + ([SWEEP_KEY] if sweep else [])
+    record = describe_vector(vector, why, stages)
+    return vector.reshape(1, hidden).to(lm.model.dtype), record
 
 
 def _dataset_note(path: Path) -> str:
@@ -64,19 +91,27 @@ def _dataset_note(path: Path) -> str:
 
 def run_reference_tensors(lm, dataset_path, trials, *, reference_src, baukit=None, n_top_heads: int,
                           edit_layer: int, max_trials: Optional[int] = None, progress: bool = False,
-                          sweep: bool = False) -> dict:
+                          sweep: bool = False, injected_vector=None) -> dict:
     """Like :func:`run_reference`, but tensors stay tensors and idx_map keys stay ints."""
     settings = check_settings(lm, trials, n_top_heads, edit_layer, max_trials, sweep)
     path = dataset_file(dataset_path, trials)
     refs = load_reference(reference_src, baukit)
-    cfg = reference_model_config(lm)
+    cfg = reference_model_config(lm, supplied=SUPPLIABLE if injected_vector is not None else ())
+    vector, injected = _injected(lm, cfg, injected_vector, settings.sweep)
+    if injected is None and injected_vector is not None:
+        cfg = reference_model_config(lm)   # nothing injected: the evaluations need the reference's own vector
     unsupported = dict(cfg.unsupported)
     notes = list(refs.normalizations) + list(cfg.normalizations) + [_dataset_note(path)]
+    if injected is not None:
+        notes.append(f"{', '.join(injected['stages'])}: the injected function vector is fvkit's (norm "
+                     f"{injected['norm']:.6g}, sha256 {injected['sha256'][:12]}), the evaluation is the reference's "
+                     f"own n_shot_eval; the reference cannot build its own vector here")
     warning_notes = _bos_warnings(lm, cfg.model_config)
     invalid = {INVALID_KEY: None}
     probe = None
     rec = Recorder()
-    sr = StageRunner(refs, lm, cfg.model_config, settings, unsupported, rec)
+    sr = StageRunner(refs, lm, cfg.model_config, settings, unsupported, rec, eval_config=cfg.eval_config,
+                     injected_vector=vector)
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fvkit-ref-data-") as root, contextlib.ExitStack() as stack:
         link_dataset(path, Path(root))
@@ -94,9 +129,10 @@ def run_reference_tensors(lm, dataset_path, trials, *, reference_src, baukit=Non
                                "prompt, and that stage is unsupported: " + cfg.unsupported["mean_activations"])
     m1 = rec.m1(lm.tokenizer, split)
     sr.timings["total"] = round(time.perf_counter() - t_all, TIMING_DIGITS)
-    meta = build_meta(refs, lm, cfg, run_settings(lm, trials, path, settings), normalizations=notes,
+    meta = build_meta(refs, lm, cfg, run_settings(lm, trials, path, settings), normalizations=notes + sr.notes,
                       recorded_in=rec.patched, unsupported=unsupported, invalid=invalid, injection_probe=probe,
                       warnings=warning_notes, timings=sr.timings)
+    meta[INJECTED_KEY] = injected
     return {"meta": meta, M1_KEY: m1, **sr.out}
 
 
@@ -117,7 +153,8 @@ def to_plain(value: Any) -> Any:
 
 
 def run_reference(lm, dataset_path, trials, *, reference_src, baukit=None, n_top_heads: int, edit_layer: int,
-                  max_trials: Optional[int] = None, progress: bool = False, sweep: bool = False) -> dict:
+                  max_trials: Optional[int] = None, progress: bool = False, sweep: bool = False,
+                  injected_vector=None) -> dict:
     """Run the reference's stages on ``lm`` with the draws of ``trials``; the comparable result dict.
 
     ``lm`` is a ``fvkit.models.loader.LoadedModel`` (model, tokenizer, spec, dims, name);
@@ -128,7 +165,13 @@ def run_reference(lm, dataset_path, trials, *, reference_src, baukit=None, n_top
     shuffled-label with the vector at every layer, as the reference's
     ``--edit_layer -1`` does (``result["layer_sweep"][stage][layer]``). All numbers
     are plain Python floats.
+
+    ``injected_vector`` (fvkit's function vector for this model, or a function
+    returning it, called only when needed) is what the reference's evaluations
+    inject where the reference cannot build its own vector (n_heads*head_dim !=
+    hidden_size); ``meta["injected_vector"]`` then records it (norm, sha256, values)
+    and which stages evaluated it.
     """
     return to_plain(run_reference_tensors(lm, dataset_path, trials, reference_src=reference_src, baukit=baukit,
                                           n_top_heads=n_top_heads, edit_layer=edit_layer, max_trials=max_trials,
-                                          progress=progress, sweep=sweep))
+                                          progress=progress, sweep=sweep, injected_vector=injected_vector))

@@ -28,6 +28,18 @@ class ReferenceStageError(FvkitError):
     """A reference stage raised on a model the runner considered supported."""
 
 
+def heads_of_failed_call(err: BaseException, code) -> Optional[list]:
+    """``top_heads`` of the reference call running ``code`` when ``err`` was raised in it
+    (None when the error came from elsewhere or before the heads were ranked)."""
+    tb = err.__traceback__
+    heads = None
+    while tb is not None:
+        if tb.tb_frame.f_code is code:
+            heads = tb.tb_frame.f_locals.get("top_heads")
+        tb = tb.tb_next
+    return list(heads) if heads is not None else None
+
+
 def eval_result(res: dict, with_intervention: bool) -> dict:
     """An ``n_shot_eval`` result in plain values: rank lists and top-k accuracies."""
     out = {"clean_rank_list": [int(r) for r in res["clean_rank_list"]],
@@ -49,16 +61,30 @@ class StageRunner:
     """Calls the reference's stages on one model and keeps their results and timings."""
 
     def __init__(self, refs: ReferenceModules, lm, model_config: dict, settings: RunSettings,
-                 unsupported: dict, rec: Recorder):
+                 unsupported: dict, rec: Recorder, eval_config: Optional[dict] = None, injected_vector=None):
         self.refs, self.lm, self.model_config, self.settings = refs, lm, model_config, settings
         self.unsupported, self.rec = unsupported, rec
         self.prefixes, self.separators = script_template(refs)
         self.common = dict(model=lm.model, model_config=model_config, tokenizer=lm.tokenizer)
+        # The evaluations' MODEL_CONFIG: resid_dim is the residual stream's width there
+        # (see config.head_split_widths); the same dict where the widths agree.
+        self.eval_config = eval_config or model_config
+        self.eval_common = dict(model=lm.model, model_config=self.eval_config, tokenizer=lm.tokenizer)
         self.out: dict = {key: None for key in RESULT_STAGES}
         self.timings: dict = {}
         self.ds = None
         self.fv = None
+        #: A vector from the caller, evaluated where the reference cannot build its own.
+        self.injected_vector = injected_vector
+        #: Notes on how this run obtained what the reference's own call could not return.
+        self.notes: list = []
         self.set_seed = refs.model_utils.set_seed
+
+    @property
+    def vector(self):
+        """The vector the evaluations inject: the reference's own, else the caller's."""
+        own = self.out["function_vector"]
+        return own if own is not None else self.injected_vector
 
     def run(self, key: str, prompt_stage: Optional[str], fn: Callable):
         """Run one stage (unless unsupported), recording its prompts under ``prompt_stage``."""
@@ -100,10 +126,27 @@ class StageRunner:
             last_token_only=True, prefixes=self.prefixes, separators=self.separators, filter_set=None)
 
     def top_heads(self):
-        """``compute_function_vector``: returns the top heads and keeps the vector in ``self.fv``."""
-        fv, heads = self.refs.extract_utils.compute_function_vector(
-            self.out["mean_activations"], self.out["indirect_effect"], self.lm.model,
-            model_config=self.model_config, n_top_heads=self.settings.n_top_heads)
+        """``compute_function_vector``: returns the top heads and keeps the vector in ``self.fv``.
+
+        Where the reference cannot build the vector (``function_vector`` unsupported),
+        the call raises in its vector sum, after its own code has ranked and rounded
+        the top heads; those are read from the failed call's frame (:func:`heads_of_failed_call`).
+        """
+        compute = self.refs.extract_utils.compute_function_vector
+        try:
+            fv, heads = compute(self.out["mean_activations"], self.out["indirect_effect"], self.lm.model,
+                                model_config=self.model_config, n_top_heads=self.settings.n_top_heads)
+        except Exception as err:
+            if "function_vector" not in self.unsupported:
+                raise
+            heads = heads_of_failed_call(err, compute.__code__)
+            if heads is None:
+                raise
+            self.notes.append(
+                f"top_heads: compute_function_vector raised {type(err).__name__} ({str(err).splitlines()[0][:200]}) "
+                f"in its vector sum, after ranking the heads; its top_heads list (topk of the mean indirect effect, "
+                f"scores rounded to 4 decimals by its own code) was read from the failed call's frame")
+            fv = None
         self.fv = fv
         return [[int(l), int(h), float(s)] for l, h, s in heads]
 
@@ -113,8 +156,8 @@ class StageRunner:
         self.set_seed(self.settings.seed)
         kwargs = {"shuffle_labels": True} if shuffle else {}
         return eval_result(self.refs.eval_utils.n_shot_eval(
-            dataset=self.ds, fv_vector=self.out["function_vector"], edit_layer=layer, n_shots=shots,
-            **self.common, filter_set=None, prefixes=self.prefixes, separators=self.separators, **kwargs), True)
+            dataset=self.ds, fv_vector=self.vector, edit_layer=layer, n_shots=shots,
+            **self.eval_common, filter_set=None, prefixes=self.prefixes, separators=self.separators, **kwargs), True)
 
     def zero_shot(self, layer: Optional[int] = None) -> dict:
         return self.evaluation(0, False, layer)
@@ -125,5 +168,5 @@ class StageRunner:
     def baseline(self):
         self.set_seed(self.settings.seed)
         return eval_result(self.refs.eval_utils.n_shot_eval_no_intervention(
-            self.ds, n_shots=self.settings.n_shots, **self.common, prefixes=self.prefixes,
+            self.ds, n_shots=self.settings.n_shots, **self.eval_common, prefixes=self.prefixes,
             separators=self.separators), False)
