@@ -38,8 +38,9 @@ REPORTED_KEY = pytest.StashKey[set]()
 UNAVAILABLE_KEY = pytest.StashKey[dict]()
 HERE = Path(__file__).resolve().parent
 #: How to create missing snapshots (quoted in every "no snapshot" skip).
-SNAPSHOT_HINT = (f"create them from a live reference under transformers {REFERENCE_TRANSFORMERS}: pytest parity_tests "
-                 "<same settings> --reference-src PATH --baukit PATH --snapshot-update, or tox -e reference")
+SNAPSHOT_HINT = ("create them from a live reference under the model's own transformers release (the reference's pin "
+                 f"{REFERENCE_TRANSFORMERS} unless its architecture names another): pytest parity_tests <same settings> "
+                 "--reference-src PATH --baukit PATH --snapshot-update, or tox -e reference")
 
 
 def load_reference_runner():
@@ -230,16 +231,19 @@ def recorder(request) -> Recorder:
 def gate_context(parity, parity_model, lm, model_settings, live_reference, snapshot, recorder):
     """What a gate needs besides fvkit's numbers; the stage timings are recorded when it ends."""
     meta = (live_reference or {}).get("meta") or {}
+    release = parity.reference_release(parity_model)
     recorder.add(settings=model_settings.as_dict(), notes=list(model_settings.notes),
-                 reference={"live": reference_environment(meta), "live_timings": meta.get("timings") or {}}
-                 if live_reference else None)
+                 reference={"reference_transformers": release,
+                            **({"live": reference_environment(meta), "live_timings": meta.get("timings") or {}}
+                               if live_reference else {})})
     tok = lm.tokenizer
     bos = {getattr(tok, "bos_token_id", None)}
     if lm.spec.bos_text:
         bos.add(tok.convert_tokens_to_ids(lm.spec.bos_text))
     yield GateContext(model=model_id(parity_model), settings=model_settings, live=live_reference, snapshot=snapshot,
                       update=parity.options.update_snapshots, recorder=recorder,
-                      bos_ids=tuple(b for b in bos if isinstance(b, int)), snapshot_hint=SNAPSHOT_HINT)
+                      bos_ids=tuple(b for b in bos if isinstance(b, int)), snapshot_hint=SNAPSHOT_HINT,
+                      reference_release=release)
     if parity.has_pipeline(parity_model):
         recorder.add(timings=parity.pipeline(parity_model).timings, page=parity.page_entry(parity_model))
     import torch

@@ -69,6 +69,6 @@ def test_layer_sweep(parity, parity_model, lm, gate_context):
                                  "seconds": sweep["seconds"]}},
         timings={"layer_sweep": sweep["seconds"]})
     fv = parity.pipeline(parity_model).function_vector
-    gate.check(sweep_comparable(sweep), guard_failures=guard,
+    gate.check(sweep_comparable(sweep), guard_failures=guard, vector=fv,
                adjust=lambda ours, ref: resolve_sweep_ties(
                    ours, ref, lambda layer: EvalLogits(lm, parity.dataset, parity.trials, fv, layer)))

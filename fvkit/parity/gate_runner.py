@@ -21,14 +21,19 @@ from typing import Optional
 import pytest
 
 from fvkit.parity.compare import compare_gate, gate_part
-from fvkit.parity.records import Findings
+from fvkit.parity.injected_vector import INJECTED_KEY, vector_change
+from fvkit.parity.records import Findings, MismatchRecord
+from fvkit.parity.reference_release import release_mismatch
 from fvkit.parity.registry import GateDef, check_key, gate_def
 from fvkit.parity.report import RESULT_PROP
 from fvkit.parity.snapshots import SnapshotBook
 
 #: What a reference environment record keeps from the runner's meta.
-ENV_KEYS = ("transformers", "reference_transformers", "torch", "versions", "reference_commit", "reference_src_matches_commit",
-            "baukit_commit", "reference_branch", "normalizations", "warnings", "invalid", "unsupported")
+ENV_KEYS = ("transformers", "reference_transformers", "torch", "versions", "reference_commit",
+            "reference_src_matches_commit", "baukit_commit", "reference_branch", "normalizations", "warnings", "invalid",
+            "unsupported", INJECTED_KEY)
+#: How a stage the reference declared it cannot compute is reported (never as a pass).
+CANNOT_COMPUTE = "reference cannot compute"
 
 
 class Recorder:
@@ -66,6 +71,8 @@ class GateContext:
     recorder: Recorder
     bos_ids: tuple = ()
     snapshot_hint: str = ""
+    #: The transformers release this model's reference numbers come from (its architecture's).
+    reference_release: Optional[str] = None
 
 
 def reference_environment(meta: dict) -> dict:
@@ -115,6 +122,8 @@ class Source:
     part: dict
     book: Optional[SnapshotBook] = None
     unsupported: dict = field(default_factory=dict)  # result key -> why the reference could not compute it
+    injected: Optional[dict] = None   # fvkit's vector the reference's evaluations injected (injected_vector)
+    made_under: Optional[str] = None   # the transformers release a stored snapshot was made under
 
 
 def declared_unsupported(meta_or_env: dict) -> dict:
@@ -187,8 +196,13 @@ class Gate:
                 part = reference_part(gate, ctx.live, self.result_keys)
                 if part:
                     usable_live = part
-                    found.append(Source("live reference", part,
-                                        unsupported=declared_unsupported(ctx.live.get("meta") or {})))
+                    meta = ctx.live.get("meta") or {}
+                    found.append(Source("live reference", part, unsupported=declared_unsupported(meta),
+                                        injected=meta.get(INJECTED_KEY)))
+                    if ctx.reference_release and meta.get("transformers") not in (None, ctx.reference_release):
+                        self.notes.append(f"live reference ran under transformers {meta.get('transformers')}; "
+                                          f"{ctx.model}'s reference numbers come from {ctx.reference_release} (compared "
+                                          f"here, but snapshots are written only under {ctx.reference_release})")
                 else:
                     missing.append(f"the live reference computed none of {', '.join(self.result_keys)}")
         book = SnapshotBook(ctx.snapshot, gate, ctx.settings.key)
@@ -206,7 +220,8 @@ class Gate:
             env = stored.get("environment") or {}
             self.notes.append(f"snapshot {book.path.name}: reference {str(env.get('reference_commit'))[:12]}, "
                               f"transformers {env.get('transformers')}")
-            found.append(Source("snapshot", stored.get("value") or {}, book, declared_unsupported(env)))
+            found.append(Source("snapshot", stored.get("value") or {}, book, declared_unsupported(env),
+                                injected=env.get(INJECTED_KEY), made_under=env.get("transformers")))
         else:
             stored = stored_keys(book.path)
             missing.append(f"no snapshot {book.path.relative_to(book.path.parents[2])} for these settings"
@@ -222,11 +237,13 @@ class Gate:
         self.ctx.recorder.add(comparisons=comparisons, stage_rows=list(rows), notes=list(self.notes),
                               settings=self.ctx.settings.as_dict())
 
-    def check(self, ours: dict, guard_failures=(), adjust=None) -> None:
+    def check(self, ours: dict, guard_failures=(), adjust=None, vector=None) -> None:
         """Compare ``ours`` (a comparable dict) with every source; record; fail or skip.
 
         ``adjust(ours_part, ref_part) -> (ours_part, records)`` may reconcile
-        differences fvkit can prove to be float ties (see fvkit.parity.rank_ties)."""
+        differences fvkit can prove to be float ties (see fvkit.parity.rank_ties).
+        ``vector``: fvkit's function vector, when ``ours`` does not hold it (the layer
+        sweep); checked against a vector the reference's evaluations were given."""
         found = self.prepare(skip_if_none=False)
         ours_part = gate_part(self.gate, ours, self.result_keys)
         failures = list(guard_failures)
@@ -238,7 +255,9 @@ class Gate:
             mine = {k: v for k, v in ours_part.items() if k not in skipped}
             mine, ties = adjust(mine, source.part) if adjust else (mine, [])
             check = compare_gate(self.gate, mine, source.part, source.name, self.ctx.bos_ids)
-            check.not_compared.update({k: f"the reference declares it unsupported: {why}" for k, why in skipped.items()})
+            check.not_compared.update({k: why if why.startswith(CANNOT_COMPUTE) else f"{CANNOT_COMPUTE}: {why}"
+                                       for k, why in skipped.items()})
+            self.provenance_checks(check, source, ours.get("function_vector") if vector is None else vector)
             for tie in ties:  # "zero_shot" or "layer_sweep.zero_shot[layer 2]": counted per compared stage
                 stage = tie["stage"].split("[", 1)[0]
                 check.tie_resolved[stage] = check.tie_resolved.get(stage, 0) + 1
@@ -261,6 +280,28 @@ class Gate:
             pytest.fail(f"{self.head} FAILED:\n  " + "\n  ".join(failures), pytrace=False)
         if not found:
             pytest.skip(self.skip_reason())
+
+    def provenance_checks(self, check, source: Source, vector) -> None:
+        """Where the source's numbers come from: the model's own transformers release, and,
+        for evaluations of an injected vector, fvkit's vector as it is now."""
+        release = self.ctx.reference_release
+        problem = release_mismatch(self.ctx.model, release, source.made_under) if release else None
+        if problem:
+            check.mismatches.append(MismatchRecord.of("environment.transformers", release, source.made_under).at(
+                "reference release", f"{source.name} {problem}"))
+        record = source.injected
+        stages = [k for k in (record or {}).get("stages") or [] if k in source.part]
+        if not stages:
+            return
+        change = vector_change(record, vector)
+        if change:
+            check.mismatches.append(MismatchRecord.of(f"{', '.join(stages)}: the injected vector", "changed",
+                                                      str(record.get("sha256"))[:12]).at(INJECTED_KEY, change))
+        else:
+            check.notes.append(f"{', '.join(stages)}: the reference's n_shot_eval evaluated fvkit's function vector "
+                               f"(the reference cannot build its own: {record.get('why')}); that vector (sha256 "
+                               f"{str(record.get('sha256'))[:12]}, norm {record.get('norm', 0.0):.6g}) is fvkit's "
+                               f"vector now")
 
     def stage_rows(self, check) -> list:
         """One CSV row per stage: drifts for tensors, exact-match verdicts for the rest."""

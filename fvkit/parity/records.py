@@ -29,6 +29,9 @@ from fvkit.parity.registry import is_check_key
 SHORT_REPR_CHARS = 160
 #: Statuses of a gate test, worst first (see :func:`worst_status`).
 STATUS_ORDER = ("ERROR", "FAIL", "PASS", "SKIP")
+#: A stage row's status where the reference declared it cannot compute the stage: the
+#: stage was left out of the comparison, which is neither a pass nor a failure.
+NOT_COMPARED = "NOT COMPARED"
 
 
 class RecordError(FvkitError):
@@ -213,7 +216,7 @@ class Comparison:
     def stage_rows(self, exact_stages, suffix: str = "") -> list:
         """One CSV row per stage: drifts for tensors, exact-match verdicts for the ``exact_stages``
         that were compared, a FAIL row for every other stage with a mismatch (one side lacked
-        it) and a SKIP row for each stage the reference declared it could not compute. A stage
+        it) and a NOT COMPARED row for each stage the reference declared it could not compute. A stage
         that was not compared never gets a PASS row."""
         rows = [d.stage_row(suffix) for d in self.drifts]
         listed = {d.stage for d in self.drifts}
@@ -228,7 +231,7 @@ class Comparison:
             else:
                 continue
             listed.add(stage)
-        rows.extend(StageRow(stage=stage, source=self.source, status="SKIP", detail=f"not compared: {why}")
+        rows.extend(StageRow(stage=stage, source=self.source, status=NOT_COMPARED, detail=why)
                     for stage, why in self.not_compared.items() if stage not in listed)
         return rows
 
@@ -291,6 +294,8 @@ class StageRow:
     worst_index: object = None
     seconds: Optional[float] = None
     detail: str = ""
+    #: The transformers release the model's reference numbers come from (filled per model by the report).
+    reference_transformers: str = ""
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -35,6 +35,7 @@ import datetime as _dt
 import io
 import json
 import platform
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -46,7 +47,7 @@ from fvkit.parity.records import (  # noqa: F401  (GateOutcome, worst_status: th
     StageRow,
     worst_status,
 )
-from fvkit.parity.records import tie_resolved_text
+from fvkit.parity.records import NOT_COMPARED, tie_resolved_text
 from fvkit.parity.registry import GATES
 
 
@@ -90,7 +91,23 @@ def log_entry(outcome: "GateOutcome") -> str:
         line += f" [{tie_resolved_text(ties)}]"
     if outcome.cause:
         line += "".join(f"\n    {text}" for text in outcome.cause.splitlines())
+    line += "".join(f"\n    {text}" for text in comparison_lines(outcome))
     return line
+
+
+def comparison_lines(outcome: "GateOutcome") -> list:
+    """What a test compared against each source, where the reference could not compute some
+    stage: those stages are listed as NOT COMPARED with the reason, never as passes."""
+    lines = []
+    for by_source in outcome.comparisons.values():
+        for source, check in by_source.items():
+            if not check.not_compared:
+                continue
+            compared = [d.stage for d in check.drifts] + [s for s in check.compared if s not in
+                                                           {d.stage for d in check.drifts}]
+            lines.append(f"compared with the {source}: {', '.join(compared) or 'nothing'}")
+            lines.extend(f"{NOT_COMPARED} {stage}: {why}" for stage, why in check.not_compared.items())
+    return lines
 
 
 def m5_spec(outcome: "GateOutcome") -> Optional[str]:
@@ -185,6 +202,9 @@ class ReportState:
         findings = findings or Findings()
         entry["settings"].update(findings.settings)
         entry["timings"].update(findings.timings)
+        release = findings.reference.get("reference_transformers")
+        if release and entry["reference"].get("reference_transformers") != release:
+            self.log(f"{now()} {outcome.model}: reference numbers from transformers {release}")
         entry["reference"].update(findings.reference)
         if findings.page is not None:
             self.pages[outcome.model] = findings.page
@@ -254,7 +274,8 @@ class ReportState:
 
     def stage_rows(self) -> list:
         """Every row of the stages CSV (StageRow), model by model, gate by gate."""
-        return [row for model in self.model_order() for gate in sorted(self.models[model]["gates"])
+        return [replace(row, reference_transformers=self.models[model]["reference"].get("reference_transformers") or "")
+                for model in self.model_order() for gate in sorted(self.models[model]["gates"])
                 for t in self.models[model]["gates"][gate] for row in t.csv_rows()]
 
     def write(self) -> None:

@@ -334,7 +334,10 @@ class ParitySession:
                                    reference_src=str(self.options.reference_src),
                                    baukit=str(self.options.baukit) if self.options.baukit else None,
                                    n_top_heads=s.n_top_heads, edit_layer=s.edit_layer,
-                                   max_trials=self.options.max_trials, sweep=s.sweep)
+                                   max_trials=self.options.max_trials, sweep=s.sweep,
+                                   # Only where the reference cannot build its own vector does it
+                                   # evaluate fvkit's (the runner calls this only then).
+                                   injected_vector=lambda: self.pipeline(name).function_vector)
             result.setdefault("meta", {})["fvkit_seconds"] = round(time.perf_counter() - start, 4)
             self._live[name] = result
         return self._live[name]

@@ -28,7 +28,7 @@ from fvkit.parity.records import GateOutcome, tie_resolved_text
 from fvkit.parity.registry import GATES
 
 HTML_NAME = "parity_suite_report.html"
-STATUS_CLASS = {"PASS": "pass", "FAIL": "fail", "ERROR": "error", "SKIP": "skip"}
+STATUS_CLASS = {"PASS": "pass", "FAIL": "fail", "ERROR": "error", "SKIP": "skip", "NOT COMPARED": "skip"}
 
 CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 24px auto; max-width: 1180px;
@@ -198,6 +198,9 @@ def _exact_table(report: dict) -> str:
             cell = "<td class='pass'>identical</td>" if not ties and not count else \
                 f"<td class='pass'>{_e(tie_resolved_text(count))}" + (f": {_e(ties[0][:300])}" if ties else "") + "</td>"
         out.append(f"<tr><td>{_e(model)}</td><td>{_e(gate)}</td><td>{_e(key)}</td><td>{_e(source)}</td>{cell}</tr>")
+        # Stages the reference cannot compute: shown as such, never as a match.
+        out.extend(f"<tr><td>{_e(model)}</td><td>{_e(gate)}</td><td>{_e(stage)}</td><td>{_e(source)}</td>"
+                   f"<td class='skip'>NOT COMPARED: {_e(why)}</td></tr>" for stage, why in check.not_compared.items())
     out.append("</table>")
     return "".join(out)
 
@@ -250,6 +253,9 @@ def _model_section(name: str, info: dict, entry: dict) -> str:
         parts.append(_kv_table(seconds(ref_timings), "Reference stage timings (live run, same process)"))
     if len(parts) == 1 or not any(parts[1:]):
         parts.append("<p class='meta'>No figures, heads or tokens were recorded for this model.</p>")
+    release = ((entry or {}).get("reference") or {}).get("reference_transformers")
+    if release:
+        parts.append(f"<p class='meta'>Reference numbers of this model come from transformers {_e(release)}.</p>")
     parts.append("</div>")
     return "".join(parts)
 
