@@ -233,11 +233,105 @@ def test_foreign_bos_text_makes_every_stage_unsupported(refs, zoo_model, small_d
     assert all(r[key] is None for key in rr.RESULT_STAGES)
 
 
-def test_head_split_mismatch_leaves_only_the_baseline(zoo_model):
+def test_head_split_mismatch_splits_heads_at_their_width_and_cannot_build_the_vector(zoo_model):
+    """tiny-gemma-hd: 3 heads x 16 = 48 against hidden 40. The head split gets 48, the
+    evaluations 40; only compute_function_vector's vector is out of reach, and the
+    evaluations wait for a supplied vector."""
     cfg = rr.reference_model_config(zoo_model("tiny-gemma-hd"))
-    assert set(cfg.unsupported) == {"mean_activations", "indirect_effect", "top_heads", "function_vector",
-                                    "zero_shot", "shuffled"}
-    assert "resid_dim//n_heads" in cfg.unsupported["zero_shot"]
+    assert set(cfg.unsupported) == {"function_vector", "zero_shot", "shuffled"}
+    assert cfg.unsupported["function_vector"].startswith("reference cannot compute: compute_function_vector")
+    assert "needs function_vector" in cfg.unsupported["zero_shot"]
+    assert (cfg.model_config["resid_dim"], cfg.eval_config["resid_dim"]) == (48, 40)
+    notes = "\n".join(cfg.normalizations)
+    assert "resid_dim = n_heads*head_dim = 3*16 = 48" in notes and "resid_dim = hidden_size = 40" in notes
+    supplied = rr.reference_model_config(zoo_model("tiny-gemma-hd"), supplied=("function_vector",))
+    assert set(supplied.unsupported) == {"function_vector"}
+    # Where the widths agree nothing changes: one config serves every stage.
+    same = rr.reference_model_config(zoo_model("tiny-gemma"))
+    assert same.eval_config is same.model_config and same.model_config["resid_dim"] == 48
+
+
+@pytest.fixture(scope="module")
+def head_split_run(refs, zoo_model, small_dataset, small_trials):
+    """The reference on tiny-gemma-hd with fvkit's vector injected, and fvkit's own result."""
+    from fvkit.pipeline import run_pipeline
+
+    lm = zoo_model("tiny-gemma-hd")
+    ours = run_pipeline(lm, small_dataset, small_trials, n_top_heads=N_TOP_HEADS, edit_layer=EDIT_LAYER,
+                        max_trials=MAX_TRIALS, ie_mode="exact", show_progress=False)
+    calls = []
+    result = rr.run_reference(lm, small_dataset.path, small_trials, reference_src=REFERENCE_SRC, baukit=BAUKIT,
+                              n_top_heads=N_TOP_HEADS, edit_layer=EDIT_LAYER, max_trials=MAX_TRIALS,
+                              injected_vector=lambda: calls.append(1) or ours.function_vector)
+    comparable = ours.comparable()
+    comparable["m1"]["split"] = {k: list(v) for k, v in small_trials.split.items()}   # as the parity session adds it
+    return result, comparable, ours.function_vector, calls
+
+
+def test_reference_runs_every_stage_it_can_on_a_head_split_mismatch(head_split_run):
+    from fvkit.parity.compare import compare_gate
+
+    r, ours, _, _ = head_split_run
+    assert r["function_vector"] is None
+    assert set(r["meta"]["unsupported"]) == {"function_vector"}
+    for gate in ("M1", "M2", "M3"):
+        check = compare_gate(gate, ours, r, "live reference")
+        assert check.ok, (gate, check.failures())
+    assert np.array(r["mean_activations"]).shape[-1] == 16
+    # The reference's own ranking, read from its compute_function_vector call.
+    assert r["top_heads"] == ours["top_heads"]
+    assert any("read from the failed call's frame" in n for n in r["meta"]["normalizations"])
+    for stage in ("zero_shot", "shuffled", "baseline"):
+        assert r[stage] == {k: ours[stage][k] for k in r[stage]}, stage
+
+
+def test_injected_vector_is_recorded_as_fvkits(head_split_run):
+    from fvkit.parity.injected_vector import vector_change, vector_sha256
+
+    r, _, fv, calls = head_split_run
+    record = r["meta"]["injected_vector"]
+    assert calls == [1]
+    assert record["source"] == "fvkit" and record["stages"] == ["zero_shot", "shuffled"]
+    assert record["sha256"] == vector_sha256(fv) and record["norm"] == pytest.approx(float(fv.norm()), rel=1e-6)
+    assert any("the injected function vector is fvkit's" in n for n in r["meta"]["normalizations"])
+    assert vector_change(record, fv) is None
+    assert "not the one the reference evaluated" in vector_change(record, fv * 1.001)
+    assert r["meta"]["injection_probe"]["function_vector_norm"] == pytest.approx(record["norm"], rel=1e-6)
+
+
+def test_a_model_with_its_own_vector_never_calls_for_fvkits(refs, zoo_model, small_dataset, small_trials):
+    with pytest.raises(FvkitError, match="hidden_size 40"):
+        rr.run_reference(zoo_model("tiny-gemma-hd"), small_dataset.path, small_trials, reference_src=REFERENCE_SRC,
+                         baukit=BAUKIT, n_top_heads=1, edit_layer=0, max_trials=1, injected_vector=torch.ones(48))
+    cfg = rr.reference_model_config(zoo_model("tiny-llama"), supplied=("function_vector",))
+    assert cfg.unsupported == {}
+
+
+def test_heads_are_read_only_from_the_reference_call_that_raised():
+    from parity_tests.reference.stages import heads_of_failed_call
+
+    def ranks_then_fails():
+        top_heads = [(0, 1, 0.5)]
+        raise RuntimeError(f"after ranking {top_heads}")
+
+    def fails_first():
+        raise RuntimeError("before ranking")
+
+    for fn, expected in ((ranks_then_fails, [(0, 1, 0.5)]), (fails_first, None)):
+        try:
+            fn()
+        except RuntimeError as err:
+            assert heads_of_failed_call(err, fn.__code__) == expected
+    try:
+        ranks_then_fails()
+    except RuntimeError as err:
+        assert heads_of_failed_call(err, fails_first.__code__) is None
+
+
+def test_meta_names_the_models_reference_release(reference_results):
+    meta = reference_results["tiny-llama"]["meta"]
+    assert meta["reference_transformers"] == "4.49.0"
+    assert meta["release_matches"] == (transformers.__version__ == "4.49.0")
 
 
 def test_supported_zoo_layouts_pick_the_reference_branch(zoo_model):
