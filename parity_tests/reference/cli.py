@@ -64,9 +64,18 @@ def main(argv=None) -> int:
         else:
             trials = FixedTrials.make(dataset, n_trials=args.n_trials, n_shots=args.n_shots, seed=args.seed)
         lm = load_model(args.model, model_spec=args.model_spec)
+
+        def fvkit_vector():
+            """fvkit's vector at the same settings, for a model whose vector the reference cannot build."""
+            from fvkit.pipeline import run_pipeline
+
+            return run_pipeline(lm, dataset, trials, n_top_heads=args.n_top_heads, edit_layer=args.edit_layer,
+                                max_trials=args.max_trials, ie_mode="exact", show_progress=False).function_vector
+
         result = run_reference(lm, dataset.path, trials, reference_src=args.reference_src, baukit=args.baukit,
                                n_top_heads=args.n_top_heads, edit_layer=args.edit_layer,
-                               max_trials=args.max_trials, progress=args.progress, sweep=args.sweep)
+                               max_trials=args.max_trials, progress=args.progress, sweep=args.sweep,
+                               injected_vector=fvkit_vector)
         atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     except FvkitError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -76,6 +85,10 @@ def main(argv=None) -> int:
           f"{meta['timings']['total']:.1f}s")
     for key, reason in meta["unsupported"].items():
         print(f"  unsupported {key}: {reason}")
+    if meta.get("injected_vector"):
+        record = meta["injected_vector"]
+        print(f"  {', '.join(record['stages'])}: the reference evaluated fvkit's function vector "
+              f"(norm {record['norm']:.6g}, sha256 {record['sha256'][:12]})")
     if meta["invalid"][INVALID_KEY]:
         print(f"  {INJECTION_GATE} invalid: {meta['invalid'][INVALID_KEY]}")
     return 0
