@@ -15,7 +15,7 @@ from fvkit.models.loader import load_model
 from fvkit.models.spec import get_spec, register
 from fvkit.models.zoo import DEFAULT_PARITY_MODELS, EXPECTED_WEIGHTS_SHA256, ZOO
 
-TINY = list(DEFAULT_PARITY_MODELS) + ["tiny-gemma-hd"]
+TINY = list(dict.fromkeys(list(DEFAULT_PARITY_MODELS) + ["tiny-gemma-hd"]))
 
 
 @pytest.fixture
