@@ -51,10 +51,11 @@ def test_architecture_is_complete(arch):
         assert zoo.ZOO[entry.alias] is entry
         assert len(entry.weights_sha256) == 64, f"{entry.alias}: commit its weights_sha256"
         assert zoo.EXPECTED_WEIGHTS_SHA256[entry.alias] == entry.weights_sha256
-    # A family built from configs runs in the default parity session with exactly one model.
+    # A family built from configs runs in the default parity session with at least one model
+    # (Gemma with two: tiny-gemma-hd adds heads whose width differs from the hidden size).
     built = [e for e in arch.zoo if e.source == "random"]
     if built:
-        assert len([e for e in built if e.default_parity]) == 1
+        assert len([e for e in built if e.default_parity]) >= 1
     # The reference runner has this layout's branch (or the family says the reference has none).
     if arch.reference_branch is not None:
         assert reference_branches()[arch.spec.layout] == arch.reference_branch.as_entry()
