@@ -281,8 +281,12 @@ def test_reference_runs_every_stage_it_can_on_a_head_split_mismatch(head_split_r
     # The reference's own ranking, read from its compute_function_vector call.
     assert r["top_heads"] == ours["top_heads"]
     assert any("read from the failed call's frame" in n for n in r["meta"]["normalizations"])
+    # Where the release's blocks return a plain tensor the reference's injection does nothing
+    # (meta["invalid"]), so only the clean parts can equal fvkit's there.
+    void = r["meta"]["invalid"]["m4"]
     for stage in ("zero_shot", "shuffled", "baseline"):
-        assert r[stage] == {k: ours[stage][k] for k in r[stage]}, stage
+        keys = [k for k in r[stage] if not (void and k.startswith("intervention"))]
+        assert {k: r[stage][k] for k in keys} == {k: ours[stage][k] for k in keys}, stage
 
 
 def test_injected_vector_is_recorded_as_fvkits(head_split_run):
