@@ -257,7 +257,6 @@ class Gate:
             check = compare_gate(self.gate, mine, source.part, source.name, self.ctx.bos_ids)
             check.not_compared.update({k: why if why.startswith(CANNOT_COMPUTE) else f"{CANNOT_COMPUTE}: {why}"
                                        for k, why in skipped.items()})
-            self.provenance_checks(check, source, ours.get("function_vector") if vector is None else vector)
             for tie in ties:  # "zero_shot" or "layer_sweep.zero_shot[layer 2]": counted per compared stage
                 stage = tie["stage"].split("[", 1)[0]
                 check.tie_resolved[stage] = check.tie_resolved.get(stage, 0) + 1
@@ -270,6 +269,8 @@ class Gate:
                 syrupy_ok = source.book.matches(mine)
                 if syrupy_ok != check.ok:
                     check.notes.append(f"syrupy's tolerant match says {syrupy_ok}, the gate says {check.ok}")
+            # After syrupy's verdict, which is about the numbers only: where they come from.
+            self.provenance_checks(check, source, ours.get("function_vector") if vector is None else vector)
             self.checks.append(check)
             self.notes.extend(f"{source.name}: {note}" for note in check.notes)
             by_source[source.name] = check
