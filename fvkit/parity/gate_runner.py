@@ -269,7 +269,8 @@ class Gate:
                 syrupy_ok = source.book.matches(mine)
                 if syrupy_ok != check.ok:
                     check.notes.append(f"syrupy's tolerant match says {syrupy_ok}, the gate says {check.ok}")
-            # After syrupy's verdict, which is about the numbers only: where they come from.
+            # After syrupy's verdict, which is about the numbers only: where they come from. Its
+            # failures are part of check.failures() too (a verdict taken from syrupy alone must add them).
             self.provenance_checks(check, source, ours.get("function_vector") if vector is None else vector)
             self.checks.append(check)
             self.notes.extend(f"{source.name}: {note}" for note in check.notes)
@@ -282,27 +283,29 @@ class Gate:
         if not found:
             pytest.skip(self.skip_reason())
 
-    def provenance_checks(self, check, source: Source, vector) -> None:
+    def provenance_checks(self, check, source: Source, vector) -> list:
         """Where the source's numbers come from: the model's own transformers release, and,
-        for evaluations of an injected vector, fvkit's vector as it is now."""
+        for evaluations of an injected vector, fvkit's vector as it is now. Adds a mismatch to
+        ``check`` for each problem and returns their failure lines."""
+        found = []
         release = self.ctx.reference_release
         problem = release_mismatch(self.ctx.model, release, source.made_under) if release else None
         if problem:
-            check.mismatches.append(MismatchRecord.of("environment.transformers", release, source.made_under).at(
+            found.append(MismatchRecord.of("environment.transformers", release, source.made_under).at(
                 "reference release", f"{source.name} {problem}"))
         record = source.injected
         stages = [k for k in (record or {}).get("stages") or [] if k in source.part]
-        if not stages:
-            return
-        change = vector_change(record, vector)
+        change = vector_change(record, vector) if stages else None
         if change:
-            check.mismatches.append(MismatchRecord.of(f"{', '.join(stages)}: the injected vector", "changed",
-                                                      str(record.get("sha256"))[:12]).at(INJECTED_KEY, change))
-        else:
+            found.append(MismatchRecord.of(f"{', '.join(stages)}: the injected vector", "changed",
+                                           str(record.get("sha256"))[:12]).at(INJECTED_KEY, change))
+        elif stages:
             check.notes.append(f"{', '.join(stages)}: the reference's n_shot_eval evaluated fvkit's function vector "
                                f"(the reference cannot build its own: {record.get('why')}); that vector (sha256 "
                                f"{str(record.get('sha256'))[:12]}, norm {record.get('norm', 0.0):.6g}) is fvkit's "
                                f"vector now")
+        check.mismatches.extend(found)
+        return [f"{m.stage} vs {source.name}: {m.explained()}" for m in found]
 
     def stage_rows(self, check) -> list:
         """One CSV row per stage: drifts for tensors, exact-match verdicts for the rest."""
