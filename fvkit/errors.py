@@ -26,5 +26,14 @@ class SnapshotError(FvkitError):
     """A stored parity snapshot that cannot be read: unreadable, not JSON, or not a fvkit parity snapshot."""
 
 
+class UnsupportedReleaseError(FvkitError):
+    """The installed transformers release cannot build this model (too old for its architecture).
+
+    Not a broken set-up but a property of the environment: the parity suite skips
+    such a model's gates with this message instead of failing them.
+    """
+
+
 class DataWarning(UserWarning):
     """Data that is usable but probably not what was meant (duplicate rows, for one)."""
+

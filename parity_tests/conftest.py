@@ -22,7 +22,7 @@ from typing import Optional
 
 import pytest
 
-from fvkit.errors import FvkitError
+from fvkit.errors import FvkitError, UnsupportedReleaseError
 from fvkit.parity.options import REFERENCE_TRANSFORMERS
 from fvkit.parity.gate_runner import GateContext, Recorder, reference_environment
 from fvkit.parity.plugin import OPTIONS_KEY, keep_unused_snapshots, options, report_state
@@ -36,6 +36,8 @@ SESSION_KEY = pytest.StashKey[ParitySession]()
 REPORTED_KEY = pytest.StashKey[set]()
 #: model -> why it cannot be loaded here; its own gates fail with that, the rest of the run goes on.
 UNAVAILABLE_KEY = pytest.StashKey[dict]()
+#: model -> why the installed transformers release cannot build it; its gates are skipped with that.
+UNSUPPORTED_KEY = pytest.StashKey[dict]()
 HERE = Path(__file__).resolve().parent
 #: How to create missing snapshots (quoted in every "no snapshot" skip).
 SNAPSHOT_HINT = ("create them from a live reference under the model's own transformers release (the reference's pin "
@@ -79,16 +81,21 @@ def pytest_configure(config: pytest.Config) -> None:
                                   reference_runner=load_reference_runner() if opts.reference_src else None)
     except FvkitError as err:
         raise pytest.UsageError(f"fvkit parity: {err}") from None
-    unavailable = {}
+    unavailable, unsupported = {}, {}
     for name in ps.model_names:
         try:
             ps.model_info(name)
+        except UnsupportedReleaseError as err:
+            # Not a fault of the set-up: this release cannot build the model at all, so
+            # there is nothing to compare here (the other transformers line checks it).
+            unsupported[name] = f"fvkit parity: {err}"
         except FvkitError as err:
             # Only this model's gates fail (at setup, with this message); the unit tests
             # and the other models' gates of the same run go on.
             unavailable[name] = f"fvkit parity: {err}"
     config.stash[SESSION_KEY] = ps
     config.stash[UNAVAILABLE_KEY] = unavailable
+    config.stash[UNSUPPORTED_KEY] = unsupported
     config.stash[REPORTED_KEY] = set()
     report_state(config).bind(ps.dataset.name, ps.trials.id, ps.describe(), notes=ps.notes)
 
@@ -103,6 +110,10 @@ def parity_session(config: pytest.Config) -> ParitySession:
 
 def unavailable_models(config: pytest.Config) -> dict:
     return config.stash[UNAVAILABLE_KEY]
+
+
+def unsupported_models(config: pytest.Config) -> dict:
+    return config.stash[UNSUPPORTED_KEY]
 
 
 # --- parametrization -------------------------------------------------------------------
@@ -163,8 +174,8 @@ def _valid_models(metafunc) -> list:
     valid = []
     reported = metafunc.config.stash[REPORTED_KEY]
     for name in ps.model_names:
-        if name in unavailable_models(metafunc.config):
-            valid.append(name)   # its gates fail at setup (the parity_model fixture)
+        if name in unavailable_models(metafunc.config) or name in unsupported_models(metafunc.config):
+            valid.append(name)   # its gates fail or skip at setup (the parity_model fixture)
             continue
         try:
             ps.settings_for(name)
@@ -187,7 +198,9 @@ def pytest_generate_tests(metafunc) -> None:
         # scheduling keeps the test with its model's other gates.
         params = [pytest.param(case, id=param_id(case.model_key, spec=case.spec),
                                marks=pytest.mark.fvkit_model(case.model_key))
-                  for case in spec_cases(parity_session(metafunc.config), unavailable_models(metafunc.config))]
+                  for case in spec_cases(parity_session(metafunc.config),
+                                         {**unavailable_models(metafunc.config),
+                                          **unsupported_models(metafunc.config)})]
         metafunc.parametrize("spec_case", params)
 
 
@@ -203,6 +216,9 @@ def parity_model(request) -> str:
     why = unavailable_models(request.config).get(request.param)
     if why:
         pytest.fail(why, pytrace=False)
+    why = unsupported_models(request.config).get(request.param)
+    if why:
+        pytest.skip(why)
     return request.param
 
 

