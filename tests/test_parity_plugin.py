@@ -283,6 +283,20 @@ def test_unknown_model_fails_only_its_own_gates(suite):
     assert "Traceback" not in out
 
 
+def test_model_the_release_cannot_build_is_skipped_with_the_reason(suite):
+    """gemma3-270m under a release without Gemma 3 (4.49.0, made to look installed by a plugin
+    loaded first): its gates are skipped, naming model, release and fix; nothing is built, and
+    the other models' gates of the run still pass."""
+    suite.makepyfile(old_release="import fvkit.models.release as r\nr.installed_transformers = lambda: '4.49.0'\n")
+    result = run_suite(suite, "-p", "old_release", "--model", "gemma3-270m", "--model", "tiny-gpt2", *QUICK,
+                       "-k", "test_prompts or spec_resolution and gemma3")
+    result.assert_outcomes(passed=1, skipped=2)
+    out = result.stdout.str()
+    assert out.count("model 'gemma3-270m' (spec 'gemma3') needs transformers >= 4.50, but this environment has "
+                     "transformers 4.49.0") == 2
+    assert "Traceback" not in out
+
+
 def test_dash_k_selects_one_m5_test_per_registered_spec(suite):
     result = run_suite(suite, "--collect-only", "-q", "-k", "spec_resolution")
     ids = [line for line in result.stdout.lines if "test_spec_resolution[" in line]
