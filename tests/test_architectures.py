@@ -126,7 +126,7 @@ def test_reference_branches_in_the_reference_order():
 
 
 def test_get_architecture_unknown_names_the_registered():
-    with pytest.raises(SpecError, match="no architecture 'bert'.*registered: gemma, gpt2"):
+    with pytest.raises(SpecError, match="no architecture 'bert'.*registered: gemma, gemma3, gpt2"):
         get_architecture("bert")
 
 

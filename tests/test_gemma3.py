@@ -17,7 +17,7 @@ import torch
 
 from fvkit import cli
 from fvkit.errors import FvkitError, SpecError, UnsupportedReleaseError
-from fvkit.models import adapters, gguf_files, loader, release, zoo
+from fvkit.models import adapters, gguf_files, gguf_tokenizer, loader, release, zoo
 from fvkit.models.architectures import all_architectures, get_architecture
 from fvkit.models.architectures.architecture import GgufSource
 from fvkit.models.bos_policy import check_bos_policy
@@ -270,7 +270,27 @@ def test_chunked_source_needs_both_fields():
         entry.validate("gemma3.py")
 
 
+# --- the tokenizer rebuilt from a GGUF vocabulary ------------------------------------------------
+
+
+def test_merges_follow_the_vocabulary_order():
+    tokens = ["a", "b", "ab", "ba", "aba", "abab"]
+    # "aba" = "ab"+"a" before "a"+"ba" (longer left part first); "abab" = "aba"+"b", then "ab"+"ab".
+    assert gguf_tokenizer.merges_in_vocabulary_order(tokens) == [
+        ("a", "b"), ("b", "a"), ("ab", "a"), ("a", "ba"), ("aba", "b"), ("ab", "ab")]
+
+
+def test_blank_tokens_are_respelled():
+    assert gguf_tokenizer.respell("   ") == "\u2581" * 3
+    assert gguf_tokenizer.respell(" a") == " a" and gguf_tokenizer.respell("\n\n") == "\n\n"
+
+
 # --- the real model ---------------------------------------------------------------------------
+
+#: Token ids of PAST_TENSE_PROMPT with <bos>, as transformers 5.x converts the file's tokenizer and
+#: fvkit rebuilds it under every release (4.53's own conversion gives 20 ids: " jump" in two pieces).
+PAST_TENSE_IDS = [2, 20723, 238183, 20723, 524, 236764, 9212, 238183, 17733, 524, 236764, 1845, 238183,
+                  5259, 236764, 1441, 238183]
 
 #: Gemma 3 270M continues this with "played" at p = 0.82 (transformers 5.24.0 and 4.53.3); a
 #: conversion that garbles weights, norms or tokens falls far below.
@@ -301,7 +321,7 @@ def test_gemma3_270m(gemma3_available, zoo_model):
 def test_gemma3_270m_continues_the_past_tense(gemma3_available, zoo_model):
     lm = zoo_model(GEMMA3)
     inputs = lm.tokenizer(PAST_TENSE_PROMPT, return_tensors="pt")
-    assert inputs["input_ids"][0, 0] == lm.tokenizer.bos_token_id
+    assert inputs["input_ids"][0].tolist() == PAST_TENSE_IDS
     with torch.no_grad():
         probs = lm.model(**inputs).logits[0, -1].softmax(-1)
     top = int(probs.argmax())
@@ -314,3 +334,23 @@ def test_resolve_gemma3(capsys, gemma3_available):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "OK: 18 blocks" in out and "36 hooks fired" in out and "tokenizer adds BOS: yes" in out
+
+
+@pytest.mark.gemma3
+@pytest.mark.slow   # two conversions of a 262k-token vocabulary: minutes on two shared cores
+@pytest.mark.skipif(not release.release_supports("5.0", release.installed_transformers()),
+                    reason="before 5.0 transformers converts this file's vocabulary differently (see gguf_tokenizer)")
+def test_rebuilt_tokenizer_matches_transformers_own_conversion(gemma3_available):
+    from transformers import AutoTokenizer
+
+    from fvkit.method.data import load_task_dataset
+
+    path = gguf_files.ensure_assembled(zoo.ZOO[GEMMA3].gguf, GEMMA3)
+    ours = gguf_tokenizer.tokenizer_from_gguf_vocabulary(path)
+    theirs = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    texts = [PAST_TENSE_PROMPT, "Hello world", "  two  spaces\n\nQ: hot\nA: cold", "naïve café 日本語 🙂\t",
+             "<start_of_turn>user\nhi<end_of_turn>"]
+    for name in ("antonym", "present-past"):
+        texts += [f" {row[key]}" for row in load_task_dataset(name).rows for key in ("input", "output")]
+    differing = [t for t in texts if ours(t)["input_ids"] != theirs(t)["input_ids"]]
+    assert not differing, differing[:5]
