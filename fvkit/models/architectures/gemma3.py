@@ -29,7 +29,9 @@ ARCHITECTURE = Architecture(
     spec=ModelSpec(
         name="gemma3",
         **LLAMA_STYLE_PATHS,
-        prepend_bos=True,
+        # Gemma's tokenizer writes <bos> itself; bos_text names that token for code
+        # that looks BOS up by text.
+        prepend_bos=True, bos_text="<bos>",
         attn_output_norm="post_attention_layernorm",
         # Gemma 3n is another architecture; the multimodal Gemma3ForConditionalGeneration
         # keeps its decoder under another path.
