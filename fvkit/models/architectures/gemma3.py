@@ -63,5 +63,8 @@ ARCHITECTURE = Architecture(
                  default_parity=False),
     ),
     reference_branch=LLAMA,
+    # The reference's pin (4.49.0) has no Gemma 3; 4.53.3 loads it and its decoder layers
+    # still return tuples, which the reference's injection needs.
+    reference_transformers="4.53.3",
     min_transformers="4.50",
 )
