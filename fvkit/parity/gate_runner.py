@@ -265,18 +265,18 @@ class Gate:
                                    + "; ".join(f"{t['stage']}.{t['list']}[{t['item']}] fvkit {t['fvkit_rank']} vs "
                                                f"{t['reference_rank']} (gap {t['relative_logit_gap']:.1e})"
                                                for t in ties[:5]))
-            if source.book is not None:  # the snapshot: the same verdict through syrupy's comparison
-                syrupy_ok = source.book.matches(mine)
-                if syrupy_ok != check.ok:
-                    check.notes.append(f"syrupy's tolerant match says {syrupy_ok}, the gate says {check.ok}")
-            # After syrupy's verdict, which is about the numbers only: where they come from. Its
-            # failures are part of check.failures() too (a verdict taken from syrupy alone must add them).
-            self.provenance_checks(check, source, ours.get("function_vector") if vector is None else vector)
+            # Where the numbers come from (syrupy's verdict is about the numbers only); its
+            # failures are part of check.failures() too, and returned for the snapshot's verdict.
+            provenance = self.provenance_checks(check, source, ours.get("function_vector") if vector is None else vector)
             self.checks.append(check)
             self.notes.extend(f"{source.name}: {note}" for note in check.notes)
             by_source[source.name] = check
             rows.extend(self.stage_rows(check))
-            failures.extend(check.failures())
+            # Against a stored snapshot the verdict on the numbers is syrupy's own assertion through
+            # the tolerant extension (``check`` gives the report its per-stage rows); the provenance
+            # checks, which syrupy does not see, add their own failure lines.
+            failures.extend(provenance + source.book.verdict(mine) if source.book is not None
+                            else check.failures())
         self.record(by_source, rows)
         if failures:
             pytest.fail(f"{self.head} FAILED:\n  " + "\n  ".join(failures), pytrace=False)

@@ -1,9 +1,8 @@
 """Reference numbers stored as syrupy snapshots, compared with the gates' tolerances.
 
-    ext = extension_for("M2")
-    book = SnapshotBook(snapshot.use_extension(ext), key="fixed_trials_antonym_t10_s10_seed0-mt1-nh5-el1")
+    book = SnapshotBook(snapshot, "M2", key="fixed_trials_antonym_t10_s10_seed0-mt1-nh5-el1")
     if book.exists():
-        ok = book.matches(fvkit_part)            # tolerant comparison through syrupy
+        failures = book.verdict(fvkit_part)      # syrupy's own assertion; [] or syrupy's diff lines
     book.write(reference_part, environment)      # only from a live reference run
 
 One JSON file per gate, model (the test id) and settings key, e.g.
@@ -12,6 +11,13 @@ A snapshot holds the *reference's* numbers and the environment they came from
 (transformers version, reference commit, normalizations). fvkit's own output is
 never written: :class:`SnapshotBook` only ever asserts a reference payload when
 updating, and fvkit's payload only against an existing snapshot.
+
+The gate's verdict against a snapshot is syrupy's own assertion
+(``snapshot(name=key) == {"value": part}``): the extension's ``matches``
+applies the gate's tolerances, and a failure carries syrupy's diff, whose
+lines (``diff_lines``) name the worst entry and the measured drift against the
+tolerance. The per-stage rows of the report come from the same comparison
+(:func:`fvkit.parity.compare.compare_gate`), run by the gate runner.
 """
 
 from __future__ import annotations
@@ -64,13 +70,18 @@ class ParitySnapshotExtension(JSONSnapshotExtension):
         return compare_gate(self.gate, asserted.get("value", {}), stored.get("value", {}), "snapshot").ok
 
     def diff_lines(self, serialized_data, snapshot_data):
+        """What syrupy shows under a failed assertion: every failing stage with its measured
+        drift, tolerance and worst entry (fvkit's value and the reference's there)."""
         try:
             asserted, stored = json.loads(serialized_data), json.loads(snapshot_data)
-            check = compare_gate(self.gate, asserted.get("value", {}), stored.get("value", {}), "snapshot")
-            lines = check.failures() or ["snapshot differs (metadata only)"]
         except (TypeError, ValueError):
-            lines = ["snapshot is missing or not valid JSON"]
-        yield from lines
+            yield "snapshot is missing or not valid JSON"
+            return
+        if "environment" in asserted:
+            yield "the reference's payload differs from the stored one (numbers or environment)"
+            return
+        check = compare_gate(self.gate, asserted.get("value", {}), stored.get("value", {}), "snapshot")
+        yield from check.failures() or ["snapshot differs (metadata only)"]
 
 
 _EXTENSIONS: dict = {}
@@ -123,10 +134,16 @@ class SnapshotBook:
                                 f"expected {FORMAT!r}); {fix}")
         return data
 
-    def matches(self, part: dict) -> bool:
-        """fvkit's part against the stored reference part, through syrupy (never writes:
-        callers only get here when not updating snapshots)."""
-        return self.assertion(name=self.key) == {"value": part}
+    def verdict(self, part: dict) -> list:
+        """syrupy's assertion of fvkit's part against the stored reference part: [] when it
+        holds, else the failed assertion's header and syrupy's diff (``get_assert_diff``, what
+        pytest shows under ``assert snapshot == value``). Never writes: callers only get here
+        when not updating snapshots."""
+        assertion = self.assertion(name=self.key)
+        if assertion == {"value": part}:
+            return []
+        return [f"syrupy: snapshot {self.path.name} == fvkit's {self.gate} numbers failed "
+                f"(tolerances of {self.gate}):"] + ["  " + line for line in assertion.get_assert_diff()]
 
     def write(self, part: dict, environment: dict, model: str, settings: dict) -> bool:
         """Assert the reference's part; syrupy writes it under ``--snapshot-update``."""
