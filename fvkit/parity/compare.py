@@ -166,8 +166,10 @@ def compare_drift_stages(gate: GateDef, check: Comparison, ours: dict, ref: dict
         if missing:
             check.mismatches.append(missing)
         elif produced(ref, key):
+            floor_name = tolerances.ABS_FLOORS.get(name, "")
             check.drifts.append(tensor_drift(key, ours[key], ref[key], tolerances.TOLERANCES[name], name,
-                                             source=check.source))
+                                             source=check.source, floor=tolerances.TOLERANCES.get(floor_name, 0.0),
+                                             floor_name=floor_name))
         elif required:
             check.mismatches.append(MismatchRecord.of(f"{key}: produced by neither side", ABSENT, ABSENT).at(
                 key, "nothing to compare"))

@@ -5,7 +5,9 @@
     mismatch = first_mismatch(["a", "b"], ["a", "c"], "prompts")   # path 'prompts[1]'
 
 A tensor matches the reference when its largest absolute difference is at most
-``rel_tol`` times the largest absolute reference entry. Scaling by the largest
+``rel_tol`` times the largest absolute reference entry, or at most the stage's
+absolute floor where it has one (the indirect effects of the random tiny
+models, whose largest values lie below float32's resolution of probabilities). Scaling by the largest
 entry (not entry by entry) keeps near-zero entries from dominating: a float32
 forward pass that differs only in summation order changes every entry by a few
 ulps of the *typical* magnitude, not of its own value. The tolerances
@@ -28,11 +30,16 @@ def as_float64(value) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float64)
 
 
-def tensor_drift(stage: str, ours, ref, tol: float, tol_name: str, source: str = "reference") -> DriftRecord:
-    """Max absolute drift, the same relative to the largest |reference| entry, and where."""
+def tensor_drift(stage: str, ours, ref, tol: float, tol_name: str, source: str = "reference",
+                 floor: float = 0.0, floor_name: str = "") -> DriftRecord:
+    """Max absolute drift, the same relative to the largest |reference| entry, and where.
+
+    ``floor`` (named ``floor_name``) is an absolute drift that always passes: the
+    float32 noise of a quantity whose reference values are too small for ``tol`` of
+    them to be resolved (see :data:`fvkit.parity.tolerances.ABS_FLOORS`)."""
     a, b = as_float64(ours), as_float64(ref)
     drift = DriftRecord(stage=stage, tol=tol, tol_name=tol_name, shape_ours=tuple(a.shape), shape_ref=tuple(b.shape),
-                        source=source)
+                        source=source, floor=floor, floor_name=floor_name)
     if a.shape != b.shape:
         drift.problem = f"shape {list(a.shape)} differs from the reference's {list(b.shape)}"
         return drift

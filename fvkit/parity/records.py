@@ -74,10 +74,40 @@ class DriftRecord:
     shape_ref: tuple = ()
     problem: str = ""  # shape mismatch or non-finite values: not a drift at all
     source: str = "reference"
+    floor: float = 0.0      # absolute drift that always passes (fvkit.parity.tolerances.ABS_FLOORS)
+    floor_name: str = ""
+
+    @property
+    def allowed(self) -> float:
+        """The largest absolute drift that passes: the relative tolerance of the largest
+        |reference| entry, or the absolute floor where that is larger."""
+        return max(self.tol * self.ref_scale, self.floor)
+
+    @property
+    def noise_level(self) -> bool:
+        """Whether the reference's values are so small that the absolute floor, not the
+        relative tolerance, decides: the comparison is at float32 noise level."""
+        return self.floor > self.tol * self.ref_scale
+
+    @property
+    def share(self) -> float:
+        """The drift as a fraction of what is allowed (above 1 fails)."""
+        if self.noise_level:
+            return self.max_abs_drift / self.floor
+        return self.rel_drift / self.tol if self.tol > 0 else (0.0 if self.rel_drift == 0 else float("inf"))
 
     @property
     def ok(self) -> bool:
-        return not self.problem and self.rel_drift <= self.tol
+        if self.problem:
+            return False
+        return self.rel_drift <= self.tol or (self.noise_level and self.max_abs_drift <= self.floor)
+
+    def noise_text(self) -> str:
+        """How a noise-level comparison is described in the CSV, the log, the page and messages."""
+        return (f"noise level: the largest |reference| entry {self.ref_scale:.3g} is below "
+                f"{self.floor_name}/{self.tol_name} = {self.floor / self.tol:.3g}, where {self.tol_name} of it would "
+                f"ask for less than float32 resolves; compared with the absolute floor "
+                f"{self.floor_name}={self.floor:g}")
 
     def as_dict(self) -> dict:
         """The report's drift entry (``problem`` only when there is one)."""
@@ -93,6 +123,8 @@ class DriftRecord:
             "shape": list(self.shape_ours),
             "ok": self.ok,
             **({"problem": self.problem} if self.problem else {}),
+            **({"abs_floor": self.floor, "abs_floor_name": self.floor_name, "noise_level": self.noise_level}
+               if self.floor_name else {}),
         }
 
     @classmethod
@@ -103,26 +135,33 @@ class DriftRecord:
         return cls(stage=data["stage"], tol=data["tolerance"], tol_name=data["tolerance_name"],
                    max_abs_drift=data["max_abs_drift"], rel_drift=data["rel_drift"], ref_scale=data["ref_max_abs"],
                    worst_index=tuple(index) if index is not None else None, shape_ours=shape, shape_ref=shape,
-                   problem=data.get("problem", ""), source=data["source"])
+                   problem=data.get("problem", ""), source=data["source"], floor=data.get("abs_floor", 0.0),
+                   floor_name=data.get("abs_floor_name", ""))
 
     def message(self) -> str:
         head = f"{self.stage} vs {self.source}"
         if self.problem:
             return f"{head}: {self.problem}"
         verdict = "within" if self.ok else "exceeds"
+        where = (f"at index {list(self.worst_index) if self.worst_index is not None else '-'} "
+                 f"(fvkit {self.ours_at_worst!r}, reference {self.ref_at_worst!r})")
+        if self.noise_level:
+            return (f"{head}: {self.noise_text()}; max abs drift {self.max_abs_drift:.3e} {verdict} "
+                    f"{self.floor_name}={self.floor:g} {where}")
         return (
             f"{head}: drift {self.rel_drift:.3e} of the largest |reference| entry ({self.ref_scale:.4g}) "
-            f"{verdict} tolerance {self.tol_name}={self.tol:g}; max abs drift {self.max_abs_drift:.3e} "
-            f"at index {list(self.worst_index) if self.worst_index is not None else '-'} "
-            f"(fvkit {self.ours_at_worst!r}, reference {self.ref_at_worst!r})"
+            f"{verdict} tolerance {self.tol_name}={self.tol:g}; max abs drift {self.max_abs_drift:.3e} {where}"
         )
 
     def stage_row(self, suffix: str = "") -> "StageRow":
+        """The CSV row; at noise level its tolerance is the absolute floor, and the detail says so."""
+        noise = self.noise_level and not self.problem
         return StageRow(stage=self.stage + suffix, source=self.source, status="PASS" if self.ok else "FAIL",
-                        max_abs_drift=self.max_abs_drift, rel_drift=self.rel_drift, tolerance=self.tol,
-                        tolerance_name=self.tol_name,
+                        max_abs_drift=self.max_abs_drift, rel_drift=self.rel_drift,
+                        tolerance=self.floor if noise else self.tol,
+                        tolerance_name=self.floor_name if noise else self.tol_name,
                         worst_index=list(self.worst_index) if self.worst_index is not None else "",
-                        detail=self.problem)
+                        detail=self.problem or (self.noise_text() if noise else ""))
 
 
 @dataclass

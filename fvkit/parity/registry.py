@@ -120,7 +120,7 @@ GATE_DEFS = (
             drift_stages={"mean_activations": "MEAN_ACT_REL_TOL"}, tolerances=("MEAN_ACT_REL_TOL",)),
     GateDef("M3", "indirect_effect", result_keys=("indirect_effect",),
             compare="fvkit.parity.compare:compare_tensors",
-            drift_stages={"indirect_effect": "IE_REL_TOL"}, tolerances=("IE_REL_TOL",)),
+            drift_stages={"indirect_effect": "IE_REL_TOL"}, tolerances=("IE_REL_TOL", "IE_ABS_FLOOR")),
     GateDef("M4", "function_vector",
             result_keys=("top_heads", "function_vector", "zero_shot", "shuffled", "baseline"),
             compare="fvkit.parity.compare:compare_m4",

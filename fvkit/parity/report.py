@@ -89,6 +89,10 @@ def log_entry(outcome: "GateOutcome") -> str:
     ties = sum(c.tie_count for by_source in outcome.comparisons.values() for c in by_source.values())
     if ties:
         line += f" [{tie_resolved_text(ties)}]"
+    noise = [d for by_source in outcome.comparisons.values() for c in by_source.values() for d in c.drifts
+             if d.noise_level and not d.problem]
+    if noise:
+        line += "".join(f" [{d.stage} vs {d.source}: {d.noise_text()}]" for d in noise)
     if outcome.cause:
         line += "".join(f"\n    {text}" for text in outcome.cause.splitlines())
     line += "".join(f"\n    {text}" for text in comparison_lines(outcome))

@@ -146,12 +146,13 @@ def _drift_table(report: dict) -> str:
         return ""
     out = ["<h2>Drift against tolerance</h2>",
            "<p class='meta'>Largest absolute difference from the reference (or snapshot), relative to the "
-           "largest |reference| entry; the bar shows it as a share of the gate's tolerance.</p>",
+           "largest |reference| entry; the bar shows it as a share of the gate's tolerance (at noise level, the "
+           "absolute drift as a share of the stage's absolute floor).</p>",
            "<table><tr><th>model</th><th>gate</th><th>stage</th><th>against</th><th>relative drift</th>"
            "<th>tolerance</th><th>drift / tolerance</th><th>max abs drift</th><th>within</th></tr>"]
     for model, gate, test, d in rows:
         rel, tol = d.rel_drift, d.tol
-        share = rel / tol if isinstance(rel, (int, float)) and isinstance(tol, (int, float)) and tol > 0 else None
+        share = d.share if isinstance(rel, (int, float)) and isinstance(tol, (int, float)) and tol > 0 else None
         bar = ""
         if share is not None and math.isfinite(share):
             width = max(1, int(round(min(share, 1.0) * 120)))
@@ -159,6 +160,9 @@ def _drift_table(report: dict) -> str:
         elif share is not None:
             bar = "inf"
         tol_text = f"{_e(d.tol_name or '')} = {_num(tol)}" if tol is not None else "-"
+        if d.noise_level and not d.problem:
+            # Below float32's resolution the absolute floor decides; the page says so.
+            tol_text = f"{_e(d.floor_name)} = {_num(d.floor)} (absolute)<br><small>{_e(d.noise_text())}</small>"
         badge = '<span class="badge ok">yes</span>' if d.ok else '<span class="badge bad">no</span>'
         problem = f"<br><small>{_e(test)}</small>" if test else ""
         problem += f"<br><small>{_e(d.problem)}</small>" if d.problem else ""
