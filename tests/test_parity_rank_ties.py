@@ -60,3 +60,37 @@ def test_sweep_ties_are_resolved_with_each_layers_own_logits():
     assert [t["stage"] for t in ties] == ["layer_sweep.zero_shot[layer 1]"]
     check = compare_gate("M4", adjusted, ref, "snapshot")
     assert [m.path for m in check.mismatches] == ["layer_sweep.zero_shot[layer 2].intervention_rank_list[0]"]
+
+
+def test_a_wrong_rank_function_cannot_vouch_for_its_ranks(monkeypatch):
+    """A rank counted from the least likely token (the mutation harness's rank_ascending, which
+    rebinds every name of fvkit's rank function): the reference's rank is the target's true
+    place, so the gap at the reference's rank alone is 0; fvkit's rank lies far outside the
+    target's block of tied logits and must still fail."""
+    import fvkit.method.intervene as intervene
+    import fvkit.parity.rank_ties as rank_ties
+    from fvkit.parity.rank_ties import tie_ranks
+
+    def ascending_rank(logits, target_id):
+        return torch.where(torch.argsort(logits.squeeze(), descending=False) == target_id)[0].item()
+
+    monkeypatch.setattr(intervene, "token_rank", ascending_rank)
+    monkeypatch.setattr(rank_ties, "token_rank", ascending_rank, raising=False)
+    logits = torch.linspace(10.0, -10.0, 100)  # token i ranks i-th, no ties
+
+    def wrong(stage, kind, item):
+        return logits, 10
+
+    ascending = int(torch.where(torch.argsort(logits, descending=False) == 10)[0])
+    assert ascending == 89 and tie_ranks(logits, 10) == range(10, 11)
+    ours, ref = part(ascending), part(10)
+    adjusted, ties = resolve_rank_ties(ours, ref, wrong)
+    assert ties == [] and not compare_gate("M4", adjusted, ref, "snapshot").ok
+
+
+def test_tie_ranks_spans_every_logit_within_the_tolerance_of_the_target():
+    from fvkit.parity.rank_ties import tie_ranks
+
+    assert tie_ranks(LOGITS, 0) == range(1, 3)      # 5.0 and 5.0 - 1e-7 may come in either order
+    assert tie_ranks(LOGITS, 1) == range(0, 1)      # the clear maximum
+    assert tie_ranks(torch.tensor([2.0, 2.0, 2.0, 1.0]), 2) == range(0, 3)

@@ -8,11 +8,15 @@ A rank is the position of the target token among tens of thousands of logits.
 Far down that list many logits lie within 1e-6 of each other, so a function
 vector that matches the reference's to 1e-7 (well inside FV_REL_TOL), or a
 transformers release that sums in another order, can swap two neighbours and
-move a rank by one. Such an item is accepted only when fvkit's own logits show
-the tie: the logit at the reference's rank is within RANK_TIE_REL_TOL of the
-target's logit. fvkit's rank is then replaced by the reference's (and top-k
-recomputed), every replacement is reported, and any other difference is left
-for the gate to fail on.
+move a rank by one. Such an item is accepted only when the logits show the
+tie: both ranks, fvkit's and the reference's, must be positions the target
+can take when the logits within RANK_TIE_REL_TOL of its own are ordered either
+way (:func:`tie_ranks`). The ranks are read from the logits here, never
+through fvkit's rank function, so a wrong rank function cannot vouch for its
+own ranks: a rank outside the target's block of tied logits is a difference
+the reference's ordering can tell apart, and the gate fails on it. fvkit's rank
+is then replaced by the reference's (and top-k recomputed), every replacement
+is reported, and any other difference is left for the gate to fail on.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fvkit.method.intervene import inject, token_rank, topk_accuracy
+from fvkit.method.intervene import inject, topk_accuracy
 from fvkit.method.stage_inputs import answer_ids, trial_prompt
 from fvkit.parity.registry import EVAL_KEYS, SWEEP_KEY
 from fvkit.parity.tolerances import RANK_TIE_REL_TOL
@@ -61,13 +65,26 @@ class EvalLogits:
         return logits, target
 
 
-def tie_gap(logits: torch.Tensor, target: int, ref_rank: int) -> float:
-    """|logit at the reference's rank - target logit|, relative to the largest |logit|."""
-    ordered = torch.sort(logits.to(torch.float64), descending=True).values
-    if not 0 <= ref_rank < ordered.numel():
+def tie_ranks(logits: torch.Tensor, target: int) -> range:
+    """Every 0-based rank the target can take in a descending ordering of ``logits`` when
+    the logits within RANK_TIE_REL_TOL (of the largest |logit|) of its own are ordered
+    either way: from the number of logits clearly above it to the number not clearly
+    below it, less one. Computed from the logits alone."""
+    values = logits.reshape(-1).to(torch.float64)
+    scale = float(values.abs().max()) or 1.0
+    own, slack = float(values[target]), RANK_TIE_REL_TOL * scale
+    above = int((values > own + slack).sum())
+    not_below = int((values >= own - slack).sum())
+    return range(above, not_below)
+
+
+def tie_gap(logits: torch.Tensor, target: int, rank: int) -> float:
+    """|logit at ``rank`` of the descending ordering - target logit|, relative to the largest |logit|."""
+    ordered = torch.sort(logits.reshape(-1).to(torch.float64), descending=True).values
+    if not 0 <= rank < ordered.numel():
         return float("inf")
     scale = float(ordered.abs().max()) or 1.0
-    return abs(float(ordered[ref_rank]) - float(logits[target])) / scale
+    return abs(float(ordered[rank]) - float(logits.reshape(-1)[target])) / scale
 
 
 def resolve_rank_ties(ours: dict, ref: dict, logits_of) -> tuple:
@@ -86,13 +103,14 @@ def resolve_rank_ties(ours: dict, ref: dict, logits_of) -> tuple:
                 if a == b:
                     continue
                 logits, target = logits_of(stage, kind, item)
-                if token_rank(logits, target) != a:
-                    continue  # cannot reproduce fvkit's own rank: leave the difference to fail
-                gap = tie_gap(logits, target, b)
-                if gap <= RANK_TIE_REL_TOL:
+                tied = tie_ranks(logits, target)
+                # Both ranks must lie in the target's block of tied logits: fvkit's rank outside
+                # it is a wrong rank (the logits do not give it), the reference's outside it a
+                # real difference. The gap reported is the larger of the two.
+                if a in tied and b in tied:
                     fixed[item] = b
                     ties.append({"stage": stage, "list": key, "item": item, "fvkit_rank": a, "reference_rank": b,
-                                 "relative_logit_gap": gap})
+                                 "relative_logit_gap": max(tie_gap(logits, target, a), tie_gap(logits, target, b))})
             if fixed != mine:
                 adjusted[stage][key] = fixed
                 adjusted[stage][TOPK_OF[key]] = topk_accuracy(fixed)
