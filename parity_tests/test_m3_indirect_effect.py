@@ -7,11 +7,14 @@
 must be within IE_REL_TOL of the largest absolute reference effect. The fast
 mode is skipped only when fvkit itself reports it unavailable
 (NotImplementedError), and either mode when ``--ie-mode`` leaves it out; an
-ImportError from fvkit's fast path is a failure.
+ImportError from fvkit's fast path is a failure, and so is a fast path that
+gave up its block replay for the whole-model fallback
+(:mod:`fvkit.parity.fast_strategy`).
 """
 
 import pytest
 
+from fvkit.parity.fast_strategy import fallback_check
 from fvkit.parity.gate_runner import Gate
 
 pytestmark = pytest.mark.fvkit_gate("M3")
@@ -41,5 +44,6 @@ def test_indirect_effect_fast(parity, parity_model, gate_context):
         # fvkit's own fast path failing to import is a broken fvkit, not an unavailable mode.
         pytest.fail(f"{gate.head}: fvkit's fast indirect-effect path failed to import: "
                     f"{type(err).__name__}: {err}", pytrace=False)
-    gate_context.recorder.add(timings={"indirect_effect_fast": seconds})
-    gate.check({"indirect_effect": ie.tolist()})
+    fallback, row = fallback_check(parity.model(parity_model))
+    gate_context.recorder.add(timings={"indirect_effect_fast": seconds}, stage_rows=[row])
+    gate.check({"indirect_effect": ie.tolist()}, guard_failures=fallback)

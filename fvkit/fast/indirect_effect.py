@@ -224,6 +224,14 @@ def model_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
     return effects
 
 
+def blocks_refusal(model) -> "str | None":
+    """Why ``auto`` gave up the ``blocks`` strategy for ``model`` and used ``model`` instead
+    (None when it did not). The parity suite fails on it (gate M3): a block replay that
+    does not reproduce the clean run may be a stale or misplaced row of fvkit's own, which
+    the fallback's right numbers would otherwise hide."""
+    return _BLOCKS_REFUSED.get(model)
+
+
 def fast_trial(lm, setup, mean_acts: torch.Tensor, strategy: str = "auto") -> torch.Tensor:
     """(n_layers, n_heads) effects of one trial, with the exact path's semantics."""
     if strategy not in STRATEGIES:

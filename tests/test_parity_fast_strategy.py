@@ -1,0 +1,50 @@
+"""Gate M3 fails when fvkit's fast path gives up its block replay for the whole-model fallback
+(fvkit.parity.fast_strategy): a stale row in the replay is caught, not recomputed away."""
+
+import warnings
+
+import pytest
+
+import fvkit.fast.indirect_effect as fast
+from fvkit.fast.replay import BlockCalls
+from fvkit.method.activations import mean_head_activations
+from fvkit.method.indirect_effect import TrialSetup
+from fvkit.method.prompts import DEFAULT_TEMPLATE
+from fvkit.method.token_labels import dummy_token_labels
+from fvkit.parity.fast_strategy import fallback_check
+
+
+@pytest.fixture
+def one_trial(zoo_model, antonym, antonym_trials, monkeypatch):
+    """Runs the fast path's ``auto`` strategy on tiny-llama's first trial, with a fresh refusal table."""
+    monkeypatch.setattr(fast, "_BLOCKS_REFUSED", fast.weakref.WeakKeyDictionary())
+    lm = zoo_model("tiny-llama")
+    mean = mean_head_activations(lm, antonym, antonym_trials, max_trials=1, show_progress=False)
+    dummy = dummy_token_labels(antonym_trials.n_shots, lm.tokenizer, lm.spec.prepend_bos, lm.spec.bos_text)
+    setup = TrialSetup.build(lm, antonym, antonym_trials, 0, dummy, DEFAULT_TEMPLATE)
+
+    def run():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fast.fast_trial(lm, setup, mean)
+    return lm, run
+
+
+def test_the_block_replay_passes(one_trial):
+    lm, run = one_trial
+    run()
+    failures, row = fallback_check(lm)
+    assert failures == [] and row.status == "PASS" and row.stage == "fast_strategy"
+
+
+def test_a_stale_replay_row_fails_the_gate_instead_of_falling_back(one_trial, monkeypatch):
+    lm, run = one_trial
+    real = BlockCalls.hidden
+    # The mutation harness's stale_fast_row: the replay hands out the row recorded for the layer below.
+    monkeypatch.setattr(BlockCalls, "hidden", lambda self, layer: real(self, max(layer - 1, 0)))
+    run()  # the fallback still computes the effects...
+    failures, row = fallback_check(lm)  # ...but the gate names the refusal
+    assert row.status == "FAIL"
+    (failure,) = failures
+    assert "gave up its blocks replay and fell back to the whole-model strategy" in failure
+    assert "the unpatched row's logits differ from the clean run's" in failure
