@@ -7,7 +7,8 @@ the reference's (a rank may differ only where fvkit's own logits show a float
 tie, RANK_TIE_REL_TOL; :mod:`fvkit.parity.rank_ties`); the function vector
 within FV_REL_TOL of its largest entry.
 fvkit's own injection guard always runs: adding the function vector must move
-the intervened logits. When the live reference declares its intervention
+the intervened logits. So does the decoding check: fvkit's decoded words of the
+vector must be the model's own (:mod:`fvkit.parity.vocab_check`). When the live reference declares its intervention
 numbers invalid (transformers releases whose blocks return a plain tensor make
 its hook a no-op), they are not compared; stored snapshots from a valid
 reference still are.
@@ -24,6 +25,7 @@ from fvkit.parity.compare import SWEEP_KEY, sweep_comparable
 from fvkit.parity.gate_runner import Gate
 from fvkit.parity.rank_ties import EvalLogits, resolve_rank_ties, resolve_sweep_ties
 from fvkit.parity.tolerances import MIN_INJECTION_LOGIT_CHANGE
+from fvkit.parity.vocab_check import decoding_check
 
 pytestmark = pytest.mark.fvkit_gate("M4")
 
@@ -48,7 +50,9 @@ def test_function_vector(parity, parity_model, lm, gate_context):
     result = parity.pipeline(parity_model)
     edit_layer = gate_context.settings.edit_layer
     failures, changes = injection_guard(result, edit_layer)
-    gate_context.recorder.add(metrics={"injection_max_abs_logit_change": changes})
+    decoding, row = decoding_check(lm, result.function_vector)
+    failures += decoding
+    gate_context.recorder.add(metrics={"injection_max_abs_logit_change": changes}, stage_rows=[row])
     logits_of = EvalLogits(lm, parity.dataset, parity.trials, result.function_vector, edit_layer)
     gate.check(parity.comparable(parity_model), guard_failures=failures,
                adjust=lambda ours, ref: resolve_rank_ties(ours, ref, logits_of))

@@ -128,7 +128,8 @@ GATE_DEFS = (
             exact_stages={"top_heads": ("top_heads",), "zero_shot": ("zero_shot",), "shuffled": ("shuffled",),
                           "baseline": ("baseline",),
                           SWEEP_KEY: tuple(f"{SWEEP_KEY}.{stage}" for stage in SWEEP_STAGES)},
-            tolerances=("FV_REL_TOL", "TOP_HEAD_SCORE_ABS_TOL", "RANK_TIE_REL_TOL", "MIN_INJECTION_LOGIT_CHANGE"),
+            tolerances=("FV_REL_TOL", "TOP_HEAD_SCORE_ABS_TOL", "RANK_TIE_REL_TOL", "VOCAB_LOGITS_REL_TOL",
+                        "MIN_INJECTION_LOGIT_CHANGE"),
             reference_invalid_key="m4"),
     GateDef("M5", "spec_resolution", scope="spec"),
 )

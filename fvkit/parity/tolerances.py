@@ -64,6 +64,15 @@ TOP_HEAD_SCORE_ABS_TOL = 1e-4 + 1e-12
 #: may legitimately swap.
 RANK_TIE_REL_TOL = 1e-5
 
+#: Decoded function vector (M4): fvkit's vocabulary logits of the vector against
+#: the model's own forward pass with the vector as its last hidden state
+#: (fvkit.parity.vocab_check), relative to their largest |logit|. Both apply the
+#: same final norm and output head in float32, on one row shaped differently:
+#: rounding of a few ulps at most (measured: 0, bit for bit, on every tiny zoo
+#: model under transformers 5.24). A skipped or wrong norm moves the logits by
+#: their own size.
+VOCAB_LOGITS_REL_TOL = 1e-5
+
 #: Injection guard (M4): adding the function vector must move the intervened
 #: logits by more than float32 rounding noise of a single forward pass, or the
 #: edit never reached the model (a hook on a path that did not fire, an edit
@@ -78,5 +87,6 @@ TOLERANCES = {
     "FV_REL_TOL": FV_REL_TOL,
     "TOP_HEAD_SCORE_ABS_TOL": TOP_HEAD_SCORE_ABS_TOL,
     "RANK_TIE_REL_TOL": RANK_TIE_REL_TOL,
+    "VOCAB_LOGITS_REL_TOL": VOCAB_LOGITS_REL_TOL,
     "MIN_INJECTION_LOGIT_CHANGE": MIN_INJECTION_LOGIT_CHANGE,
 }
