@@ -99,12 +99,34 @@ def _bos_dropped():
     replace("fvkit.method.token_labels", "token_meta_labels", make)
 
 
+def _without_bos(tokenizer) -> None:
+    """``tokenizer`` adds no special tokens from now on, whatever its caller asks."""
+    cls = type(tokenizer)
+
+    def call(self, *args, **kwargs):
+        return cls.__call__(self, *args, **{**kwargs, "add_special_tokens": False})
+
+    def encode(self, *args, **kwargs):
+        return cls.encode(self, *args, **{**kwargs, "add_special_tokens": False})
+
+    tokenizer.__class__ = type(f"NoBos{cls.__name__}", (cls,), {"__call__": call, "encode": encode})
+
+
 def _bos_text_dropped():
-    def make(original):
+    def make_text(original):
         def bos_text_for(spec):
-            return None  # FAULT: the BOS text is never written before the prompt
+            return None  # FAULT: a bos_text spec's BOS text is never written before the prompt
         return bos_text_for
-    replace("fvkit.method.stage_inputs", "bos_text_for", make)
+    replace("fvkit.method.stage_inputs", "bos_text_for", make_text)
+
+    def make_load(original):
+        def load_model(*args, **kwargs):
+            lm = original(*args, **kwargs)
+            if lm.spec.prepend_bos:
+                _without_bos(lm.tokenizer)  # FAULT: a prepend_bos spec's tokenizer adds no BOS either
+            return lm
+        return load_model
+    replace("fvkit.models.loader", "load_model", make_load)
 
 
 def _inject_layer_off():
@@ -279,7 +301,8 @@ FAULTS = {f.name: f for f in (
     Fault("mean_wrong_dim", "mean activations", "multi-token word averaged over head_dim instead of its tokens",
           _mean_wrong_dim),
     Fault("bos_dropped", "token labels", "the tokenizer's BOS token dropped from the labels", _bos_dropped),
-    Fault("bos_text_dropped", "prompts", "BOS text never written before the prompt", _bos_text_dropped),
+    Fault("bos_text_dropped", "prompts", "BOS never written before the prompt: no BOS text (bos_text specs), "
+          "no tokenizer BOS (prepend_bos specs)", _bos_text_dropped),
     Fault("inject_layer_off", "intervention", "vector injected one layer too high", _inject_layer_off),
     Fault("inject_every_position", "intervention", "vector injected at every position", _inject_every_position),
     Fault("top_heads_ascending", "function vector", "top heads sorted ascending (smallest effects)",
