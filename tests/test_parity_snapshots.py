@@ -47,3 +47,17 @@ def test_missing_or_corrupt_snapshot_never_matches():
 
 def test_one_extension_class_per_gate():
     assert extension_for("M3") is extension_for("M3") and extension_for("M3").gate == "M3"
+
+
+def test_syrupys_diff_names_a_token_mismatchs_bos_cause_with_the_asserted_bos_ids():
+    ext = extension_for("M1")()
+
+    def m1(ids, text):
+        return {"m1": {"prompts": {"mean_activations": [text]}, "token_ids": ids,
+                       "token_labels": [[i, f"t{t}", "x"] for i, t in enumerate(ids)],
+                       "dummy_labels": [[0, "x"]], "idx_map": {"0": 0}, "idx_avg": {}, "split": {}}}
+
+    stored = json.dumps({"format": FORMAT, "environment": {}, "value": m1([7, 8], "Q: a")})
+    asserted = ext.serialize({"value": m1([1, 7, 8], "Q: a"), "bos_ids": [1]})
+    assert not ext.matches(serialized_data=asserted, snapshot_data=stored)
+    assert any("cause: BOS policy" in line for line in ext.diff_lines(asserted, stored))

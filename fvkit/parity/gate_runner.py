@@ -275,8 +275,10 @@ class Gate:
             # Against a stored snapshot the verdict on the numbers is syrupy's own assertion through
             # the tolerant extension (``check`` gives the report its per-stage rows); the provenance
             # checks, which syrupy does not see, add their own failure lines.
-            failures.extend(provenance + source.book.verdict(mine) if source.book is not None
-                            else check.failures())
+            if source.book is not None:
+                failures.extend(provenance + source.book.verdict(mine, self.ctx.bos_ids))
+            else:
+                failures.extend(check.failures())
         self.record(by_source, rows)
         if failures:
             pytest.fail(f"{self.head} FAILED:\n  " + "\n  ".join(failures), pytrace=False)

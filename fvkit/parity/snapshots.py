@@ -67,7 +67,13 @@ class ParitySnapshotExtension(JSONSnapshotExtension):
             return False
         if "environment" in asserted:
             return asserted == stored
-        return compare_gate(self.gate, asserted.get("value", {}), stored.get("value", {}), "snapshot").ok
+        return self.comparison(asserted, stored).ok
+
+    def comparison(self, asserted: dict, stored: dict):
+        """fvkit's asserted part against the stored reference part, with the gate's tolerances
+        (the tokenizer's BOS ids, asserted alongside, only name a token mismatch's cause)."""
+        return compare_gate(self.gate, asserted.get("value", {}), stored.get("value", {}), "snapshot",
+                            tuple(asserted.get("bos_ids") or ()))
 
     def diff_lines(self, serialized_data, snapshot_data):
         """What syrupy shows under a failed assertion: every failing stage with its measured
@@ -80,8 +86,7 @@ class ParitySnapshotExtension(JSONSnapshotExtension):
         if "environment" in asserted:
             yield "the reference's payload differs from the stored one (numbers or environment)"
             return
-        check = compare_gate(self.gate, asserted.get("value", {}), stored.get("value", {}), "snapshot")
-        yield from check.failures() or ["snapshot differs (metadata only)"]
+        yield from self.comparison(asserted, stored).failures() or ["snapshot differs (metadata only)"]
 
 
 _EXTENSIONS: dict = {}
@@ -134,13 +139,13 @@ class SnapshotBook:
                                 f"expected {FORMAT!r}); {fix}")
         return data
 
-    def verdict(self, part: dict) -> list:
+    def verdict(self, part: dict, bos_ids=()) -> list:
         """syrupy's assertion of fvkit's part against the stored reference part: [] when it
         holds, else the failed assertion's header and syrupy's diff (``get_assert_diff``, what
         pytest shows under ``assert snapshot == value``). Never writes: callers only get here
         when not updating snapshots."""
         assertion = self.assertion(name=self.key)
-        if assertion == {"value": part}:
+        if assertion == {"value": part, "bos_ids": list(bos_ids)}:
             return []
         return [f"syrupy: snapshot {self.path.name} == fvkit's {self.gate} numbers failed "
                 f"(tolerances of {self.gate}):"] + ["  " + line for line in assertion.get_assert_diff()]
