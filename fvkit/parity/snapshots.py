@@ -147,8 +147,8 @@ class SnapshotBook:
         assertion = self.assertion(name=self.key)
         if assertion == {"value": part, "bos_ids": list(bos_ids)}:
             return []
-        return [f"syrupy: snapshot {self.path.name} == fvkit's {self.gate} numbers failed "
-                f"(tolerances of {self.gate}):"] + ["  " + line for line in assertion.get_assert_diff()]
+        return [f"syrupy: snapshot {self.path.name} == fvkit's {self.gate} numbers failed:"] + [
+            "  " + line for line in assertion.get_assert_diff()]
 
     def write(self, part: dict, environment: dict, model: str, settings: dict) -> bool:
         """Assert the reference's part; syrupy writes it under ``--snapshot-update``."""
