@@ -38,7 +38,9 @@ from faults import FAULTS  # noqa: E402
 GATES = ("M1", "M2", "M3", "M4", "M5")
 #: Settings with stored snapshots for every tiny model (the ``-mt1-nh5-el1`` snapshot files).
 SUITE_ARGS = ("--max-trials", "1", "--n-top-heads", "5", "--edit-layer", "1", "-p", "no:cacheprovider")
-REPORT = Path("results_fv/antonym/fixed_trials_antonym_t10_s10_seed0/parity_suite_report.json")
+#: Where the suite writes its latest report, whatever the default dataset and trials
+#: (``results_fv/<dataset>/<fixed_trials_id>/``); the copy holds exactly one.
+REPORT_GLOB = "results_fv/*/*/parity_suite_report.json"
 #: A tiny-model run takes about 20 s; a fault that hangs the suite is cut off well after that.
 RUN_TIMEOUT_S = 600
 CAUGHT = ("FAIL", "ERROR")
@@ -81,8 +83,8 @@ def run_one(model: str, fault: str | None, nice: int) -> dict:
         start = time.monotonic()
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
         seconds = time.monotonic() - start
-        report_path = root / REPORT
-        if not report_path.is_file():
+        report_path = next(root.glob(REPORT_GLOB), None)
+        if report_path is None:
             tail = (proc.stdout + proc.stderr)[-2000:]
             return {"fault": fault or CONTROL, "gates": {g: "NO REPORT" for g in GATES}, "causes": {},
                     "exit": proc.returncode, "seconds": seconds, "tail": tail}
