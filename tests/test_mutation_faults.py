@@ -36,3 +36,37 @@ def test_every_fault_installs_on_current_fvkit():
     proc = subprocess.run([sys.executable, "-c", INSTALL_ALL], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "ok"
+
+
+BOS_NEVER_WRITTEN = """
+import faults
+faults.apply("bos_text_dropped")
+from fvkit.models.loader import load_model
+from fvkit.method.stage_inputs import bos_text_for
+from fvkit.parity.spec_smoke import SmokeFailure, bos_policy_smoke
+lm = load_model("tiny-llama")
+assert lm.spec.prepend_bos and lm.tokenizer.bos_token_id is not None
+ids = lm.tokenizer("hot").input_ids
+assert lm.tokenizer.bos_token_id not in ids, ids
+try:
+    bos_policy_smoke(lm)
+except SmokeFailure:
+    pass
+else:
+    raise AssertionError("M5's BOS policy check passed a tokenizer that adds no BOS")
+gpt2 = load_model("tiny-gpt2")
+assert gpt2.spec.bos_text and bos_text_for(gpt2.spec) is None
+print("ok")
+"""
+
+
+def test_bos_text_dropped_is_a_fault_on_prepend_bos_and_bos_text_specs_alike():
+    """On a prepend_bos spec (Llama) the fault takes the tokenizer's BOS away; on a bos_text spec
+    (GPT-2) it drops the BOS text. Either way the prompt the model sees has no BOS."""
+    root = MUTATION.parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(MUTATION)]))
+    env.pop("FVKIT_MUTATION", None)
+    proc = subprocess.run([sys.executable, "-c", BOS_NEVER_WRITTEN], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("ok")
