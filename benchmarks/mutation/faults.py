@@ -93,8 +93,12 @@ def _mean_wrong_dim():
 def _bos_dropped():
     def make(original):
         def token_meta_labels(prompt_data, tokenizer, prepend_bos):
-            # FAULT: the tokenizer's BOS token is forgotten, so every label sits one token early.
-            return original(prompt_data, tokenizer, False)
+            if prepend_bos:
+                # FAULT: the tokenizer's BOS token is forgotten, so every label sits one token early.
+                return original(prompt_data, tokenizer, False)
+            # FAULT: on a bos_text spec the BOS text's label is forgotten the same way.
+            labels, text = original(prompt_data, tokenizer, prepend_bos)
+            return [(i, tok, lab) for (i, tok, _), (_, _, lab) in zip(labels, labels[1:])], text
         return token_meta_labels
     replace("fvkit.method.token_labels", "token_meta_labels", make)
 
@@ -300,7 +304,8 @@ FAULTS = {f.name: f for f in (
     Fault("heads_wrong_axis", "mean activations", "heads split on the wrong axis (head_dim x n_heads)", _heads_wrong_axis),
     Fault("mean_wrong_dim", "mean activations", "multi-token word averaged over head_dim instead of its tokens",
           _mean_wrong_dim),
-    Fault("bos_dropped", "token labels", "the tokenizer's BOS token dropped from the labels", _bos_dropped),
+    Fault("bos_dropped", "token labels", "the BOS token (the tokenizer's, or the BOS text's) dropped from the labels",
+          _bos_dropped),
     Fault("bos_text_dropped", "prompts", "BOS never written before the prompt: no BOS text (bos_text specs), "
           "no tokenizer BOS (prepend_bos specs)", _bos_text_dropped),
     Fault("inject_layer_off", "intervention", "vector injected one layer too high", _inject_layer_off),
