@@ -279,8 +279,6 @@ class Gate:
                 failures.extend(provenance + source.book.verdict(mine, self.ctx.bos_ids))
             else:
                 failures.extend(check.failures())
-            else:
-                failures.extend(check.failures())
         self.record(by_source, rows)
         if failures:
             pytest.fail(f"{self.head} FAILED:\n  " + "\n  ".join(failures), pytrace=False)
