@@ -171,7 +171,7 @@ def cmd_run(args) -> int:
     check_run_settings(lm, ds, trials, **settings)
     print(lm.diagnostics_table(), file=sys.stderr)
     kwargs = {} if args.ie_mode is None else {"ie_mode": args.ie_mode}
-    result = run_pipeline(lm, ds, trials, **settings, **kwargs)
+    result = run_pipeline(lm, ds, trials, **settings, **kwargs, sweep=sweeps_all_layers(args.edit_layer))
     # Imported only now: matplotlib's ~20 MB need not be resident during the model's passes.
     from fvkit.report.run_files import run_artifacts
 

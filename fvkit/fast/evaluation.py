@@ -95,13 +95,15 @@ def clean_pass(lm, inputs):
     return logits, prefix
 
 
-def edited_rows(lm, inputs, prefix: PrefixCache, vec: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
+def edited_rows(lm, inputs, prefix: PrefixCache, vec: torch.Tensor, layers: Sequence[int],
+                reuse: bool = True) -> torch.Tensor:
     """Last-token logits with ``vec`` added to the output of block ``layers[i]`` in row ``i``;
-    the last row is the clean recomputation (the guard's and the tie bound's point of comparison)."""
+    the last row is the clean recomputation (the guard's and the tie bound's point of comparison).
+    ``reuse`` hands the prefix over (its final use)."""
     model, spec = lm.model, lm.spec
     blocks = adapters.resolve_blocks(model, spec)
     norm, head = adapters.resolve_final_norm(model, spec), adapters.resolve_lm_head(model, spec)
-    calls = capture_last_token(model, blocks, inputs, prefix.take(CAPTURE_ROWS, reuse=True), CAPTURE_ROWS,
+    calls = capture_last_token(model, blocks, inputs, prefix.take(CAPTURE_ROWS, reuse=reuse), CAPTURE_ROWS,
                                lm_head=head)
     try:
         return _replay_rows(calls, blocks, norm, head, vec, list(layers))
@@ -137,32 +139,48 @@ def _replay_rows(calls, blocks, norm, head, vec: torch.Tensor, layers: list) -> 
     return torch.stack([by_layer[L] for L in layers] + [logits[0]])
 
 
-def item_ranks(lm, inputs, target: int, fv: torch.Tensor, layers: Sequence[int], ties: str) -> dict:
-    """One prompt: clean rank, per-layer edited ranks and logit changes, cache gap, near ties."""
+def item_ranks(lm, inputs, target: int, fv: torch.Tensor, layers: Sequence[int], ties: str,
+               chunk: Optional[int] = None) -> dict:
+    """One prompt: clean rank, per-layer edited ranks and logit changes, cache gap, near ties.
+    ``chunk`` caps the layers replayed together (all of them by default)."""
     vec = fv.reshape(lm.dims.hidden_size).to(lm.model.dtype)
     clean_logits, prefix = clean_pass(lm, inputs)
-    rows = edited_rows(lm, inputs, prefix, vec, layers)
-    cached_clean = rows[-1]
-    gap = (cached_clean - clean_logits[0]).abs().max().item()
-    ranks, changes, n_ties, reruns = [], [], 0, 0
-    for i, layer in enumerate(layers):
-        edited = rows[i:i + 1]
-        if (edited - cached_clean).abs().max().item() == 0.0:
-            raise FvkitError(f"injecting the function vector at layer {layer} did not change the output; "
-                             f"the vector is zero or the edit was lost")
-        if near_tie(edited, target, noise_bound(edited, gap)):
-            n_ties += 1
-            if ties == "rerun":
-                edited = edited_logits(lm, inputs, layer, fv)
-                reruns += 1
-        ranks.append(token_rank(edited, target))
-        changes.append((edited - clean_logits).abs().max().item())
+    chunk = len(layers) if chunk is None else max(1, int(chunk))
+    ranks, changes, n_ties, reruns, gap = [], [], 0, 0, 0.0
+    for start in range(0, len(layers), chunk):
+        part = layers[start:start + chunk]
+        rows = edited_rows(lm, inputs, prefix, vec, part, reuse=start + chunk >= len(layers))
+        cached_clean = rows[-1]
+        part_gap = (cached_clean - clean_logits[0]).abs().max().item()
+        gap = max(gap, part_gap)
+        for i, layer in enumerate(part):
+            edited = rows[i:i + 1]
+            item = _read_rank(lm, inputs, target, fv, layer, edited, cached_clean, clean_logits, part_gap, ties)
+            ranks.append(item[0])
+            changes.append(item[1])
+            n_ties += item[2]
+            reruns += item[3]
     return {"clean_rank": token_rank(clean_logits, target), "ranks": ranks, "changes": changes, "gap": gap,
             "near_ties": n_ties, "reruns": reruns}
 
 
+def _read_rank(lm, inputs, target, fv, layer, edited, cached_clean, clean_logits, gap, ties) -> tuple:
+    """(rank, largest logit change, near tie 0/1, re-run 0/1) of one edited row."""
+    n_ties = reruns = 0
+    if (edited - cached_clean).abs().max().item() == 0.0:
+        raise FvkitError(f"injecting the function vector at layer {layer} did not change the output; "
+                         f"the vector is zero or the edit was lost")
+    if near_tie(edited, target, noise_bound(edited, gap)):
+        n_ties += 1
+        if ties == "rerun":
+            edited = edited_logits(lm, inputs, layer, fv)
+            reruns += 1
+    return token_rank(edited, target), (edited - clean_logits).abs().max().item(), n_ties, reruns
+
+
 def cached_stage(lm, dataset, trials, stage: str, fv: torch.Tensor, layers: Sequence[int], template,
-                 n: int, ties: str = "rerun", show_progress: bool = True, desc: Optional[str] = None) -> dict:
+                 n: int, ties: str = "rerun", chunk: Optional[int] = None, show_progress: bool = True,
+                 desc: Optional[str] = None) -> dict:
     """Clean ranks and, per layer of ``layers``, edited ranks of the first ``n`` items of ``stage``."""
     if ties not in TIE_POLICIES:
         raise FvkitError(f"unknown near-tie policy '{ties}'; use one of {', '.join(TIE_POLICIES)}")
@@ -176,7 +194,7 @@ def cached_stage(lm, dataset, trials, stage: str, fv: torch.Tensor, layers: Sequ
             data, text = trial_prompt(lm, dataset, trials, stage, j, template)
             target = answer_ids(lm.tokenizer, text, data["query_target"]["output"])[0]
             inputs = lm.tokenizer([text], return_tensors="pt")
-            item = item_ranks(lm, inputs, target, fv, layers, ties)
+            item = item_ranks(lm, inputs, target, fv, layers, ties, chunk)
             clean.append(item["clean_rank"])
             for i in range(len(layers)):
                 edited[i].append(item["ranks"][i])
