@@ -27,8 +27,7 @@ from fvkit.errors import DataError, FvkitError
 from fvkit.method.function_vector import compute_function_vector, select_top_heads
 from fvkit.fast.indirect_effect import fast_trial
 from fvkit.method.indirect_effect import exact_trial, indirect_effects as effects_over_trials
-from fvkit.method.intervene import evaluate_baseline
-from fvkit.fast.run_evaluations import DEFAULT_EVAL_METHOD, run_evaluations
+from fvkit.fast.run_evaluations import DEFAULT_EVAL_METHOD, run_baseline, run_evaluations
 from fvkit.method.prompts import DEFAULT_TEMPLATE, Template
 from fvkit.method.stage_inputs import n_used, trial_prompt
 from fvkit.method.token_labels import dummy_token_labels, slot_index_map, token_meta_labels
@@ -187,7 +186,8 @@ def run_pipeline(lm, dataset, trials, *, n_top_heads: int = DEFAULT_N_TOP_HEADS,
                             ties=eval_ties, show_progress=show_progress)
     timings.update(evals.timings)
     zs, sh = evals.zero_shot, evals.shuffled
-    base = timed("eval_baseline", evaluate_baseline, lm, dataset, trials, template, show_progress=show_progress)
+    base, base_info = timed("eval_baseline", run_baseline, lm, dataset, trials, fv, edit_layer, template,
+                            method=eval_method, ties=eval_ties, show_progress=show_progress)
     settings = {"n_top_heads": n_top_heads, "edit_layer": edit_layer, "max_trials": max_trials,
                 "n_trials_used": n_used(trials.n_trials, max_trials), "n_shots": trials.n_shots,
                 "seed": trials.seed, "ie_mode": ie_mode, "template": template.as_dict()}
@@ -196,7 +196,7 @@ def run_pipeline(lm, dataset, trials, *, n_top_heads: int = DEFAULT_N_TOP_HEADS,
         token_labels=labels, token_ids=tok(text).input_ids, dummy_labels=dummy, idx_map=idx_map,
         mean_activations=mean_acts, indirect_effect=ie, top_heads=heads, function_vector=fv,
         zero_shot=zs, shuffled=sh, baseline=base, timings=timings, diagnostics=lm.diagnostics(),
-        evaluation=evals.info, sweep=evals.sweep,
+        evaluation={**evals.info, "baseline": base_info}, sweep=evals.sweep,
     )
 
 

@@ -38,7 +38,7 @@ import torch
 
 from fvkit.errors import FvkitError
 from fvkit.fast.cache_names import output_cache
-from fvkit.fast.cache import PrefixCache, UnsupportedCache
+from fvkit.fast.cache import PrefixCache, UnsupportedCache, cache_length, drop_last
 from fvkit.fast.indirect_effect import CAPTURE_ROWS, LM_HEAD_ROWS, _whole_blocks
 from fvkit.fast.replay import ReplayUnsupported, capture_last_token
 from fvkit.method.intervene import edited_logits, last_position_logits, token_rank
@@ -208,3 +208,31 @@ def cached_stage(lm, dataset, trials, stage: str, fv: torch.Tensor, layers: Sequ
 
 #: What makes a model unable to use the cached evaluation (callers fall back to whole prompts).
 CACHE_REFUSALS = (UnsupportedCache, ReplayUnsupported)
+
+
+def baseline_item(lm, prompt_inputs, full_inputs, labels, target: int, fv: Optional[torch.Tensor],
+                  layer: Optional[int], ties: str) -> dict:
+    """The clean few-shot item as :func:`fvkit.method.intervene.evaluate_baseline` computes it (one
+    pass over prompt + answer: its loss and the logits before the answer), and, with ``fv``, the
+    rank with the vector at ``layer`` from the same pass's keys and values of the prompt."""
+    model = lm.model
+    prompt_len = prompt_inputs["input_ids"].shape[1]
+    out = model(**full_inputs, labels=labels, use_cache=fv is not None)
+    clean_logits = out.logits[:, prompt_len - 1, :].clone()
+    item = {"clean_rank": token_rank(clean_logits, target), "nll": out.loss.item()}
+    if fv is None:
+        return item
+    cache = output_cache(out)
+    del out  # its logits cover the whole prompt and answer; not kept through the next pass
+    n_tokens = full_inputs["input_ids"].shape[1]
+    if prompt_len < 2 or cache_length(cache) != n_tokens:
+        raise UnsupportedCache(f"the few-shot pass's cache holds {cache_length(cache)} positions, expected {n_tokens}")
+    prefix = PrefixCache(drop_last(cache, n_tokens - prompt_len + 1), prompt_len - 1)
+    if cache_length(prefix._cache) != prompt_len - 1:
+        raise UnsupportedCache(f"{type(cache).__name__} did not crop to the prompt's {prompt_len - 1} positions")
+    vec = fv.reshape(lm.dims.hidden_size).to(model.dtype)
+    rows = edited_rows(lm, prompt_inputs, prefix, vec, [layer])
+    gap = (rows[-1] - clean_logits[0]).abs().max().item()
+    rank, change, n_ties, reruns = _read_rank(lm, prompt_inputs, target, fv, layer, rows[:1], rows[-1],
+                                              clean_logits, gap, ties)
+    return {**item, "rank": rank, "change": change, "gap": gap, "near_ties": n_ties, "reruns": reruns}

@@ -4,6 +4,7 @@
     evals.zero_shot, evals.shuffled     # what evaluate(..., edit_layer=6) returns, per stage
     evals.sweep                         # what layer_sweep(...) returns (None without sweep=True)
     evals.info                          # method, near ties, re-runs, seconds
+    base, info = run_baseline(lm, dataset, trials, fv, edit_layer=6)   # clean few-shot, and with the vector
 
 ``method="cached"`` (the default) runs each evaluation prompt once and reads the
 clean answer, the answer with the vector at the edit layer and, with
@@ -20,12 +21,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
+import torch
+
 from fvkit.errors import FvkitError
-from fvkit.fast.evaluation import CACHE_REFUSALS, TIE_POLICIES, cached_stage
+from fvkit.fast.evaluation import CACHE_REFUSALS, TIE_POLICIES, baseline_item, cached_stage
 from fvkit.fast.sweep import layer_result, layer_sweep
-from fvkit.method.intervene import EVAL_STAGES, evaluate, topk_accuracy
+from fvkit.method.intervene import EVAL_STAGES, evaluate, evaluate_baseline, topk_accuracy
 from fvkit.method.prompts import DEFAULT_TEMPLATE, Template
-from fvkit.method.stage_inputs import n_used
+from fvkit.method.stage_inputs import answer_ids, n_used, trial_prompt
+from fvkit.progress import progress
 
 EVAL_METHODS = ("cached", "exact")
 DEFAULT_EVAL_METHOD = "cached"
@@ -96,3 +101,44 @@ def run_evaluations(lm, dataset, trials, fv, edit_layer: int, template: Template
         out.info = {"method": "exact", "layers": [edit_layer], "fallback_reason": str(err)}
         return out
     return Evaluations(results["zero_shot"], results["shuffled"], info=info, timings=timings)
+
+
+def run_baseline(lm, dataset, trials, fv, edit_layer: int, template: Template = DEFAULT_TEMPLATE, *,
+                 method: str = DEFAULT_EVAL_METHOD, ties: str = "rerun", show_progress: bool = True) -> tuple:
+    """(clean few-shot evaluation, info). ``cached`` adds the ranks with the vector at ``edit_layer``
+    (``intervention_rank_list``/``_topk``), read from the same pass over each prompt and answer;
+    the clean ranks and perplexity are computed exactly as ``evaluate_baseline`` computes them."""
+    if method == "exact":
+        return evaluate_baseline(lm, dataset, trials, template, show_progress=show_progress), {"method": "exact"}
+    try:
+        return _cached_baseline(lm, dataset, trials, fv, edit_layer, template, ties, show_progress)
+    except CACHE_REFUSALS as err:
+        return (evaluate_baseline(lm, dataset, trials, template, show_progress=show_progress),
+                {"method": "exact", "fallback_reason": str(err)})
+
+
+def _cached_baseline(lm, dataset, trials, fv, edit_layer, template, ties, show_progress) -> tuple:
+    tok = lm.tokenizer
+    n = n_used(trials.n_items("baseline"), None)
+    ranks, edited, nlls, change, gap, n_ties, reruns = [], [], [], 0.0, 0.0, 0, 0
+    with torch.no_grad():
+        for j in progress(range(n), desc="eval baseline", enabled=show_progress):
+            data, text = trial_prompt(lm, dataset, trials, "baseline", j, template)
+            answer = data["query_target"]["output"]
+            target = answer_ids(tok, text, answer)[0]
+            prompt = tok([text], return_tensors="pt")
+            full = tok([text + answer], return_tensors="pt")
+            labels = full.input_ids.clone()
+            labels[:, :prompt["input_ids"].shape[1]] = -100
+            item = baseline_item(lm, prompt, full, labels, target, fv, edit_layer, ties)
+            ranks.append(item["clean_rank"])
+            nlls.append(item["nll"])
+            edited.append(item["rank"])
+            change, gap = max(change, item["change"]), max(gap, item["gap"])
+            n_ties += item["near_ties"]
+            reruns += item["reruns"]
+    result = {"clean_rank_list": ranks, "clean_topk": topk_accuracy(ranks), "clean_ppl": float(np.exp(nlls).mean()),
+              "n_items": n, "intervention_rank_list": edited, "intervention_topk": topk_accuracy(edited),
+              "edit_layer": edit_layer, "max_abs_logit_change": change}
+    return result, {"method": "cached", "ties": ties, "near_ties": n_ties, "near_tie_reruns": reruns,
+                    "cached_clean_max_abs_diff": gap}
