@@ -53,6 +53,9 @@ sys.path.insert(0, str(REPO))
 from bench_indirect_effect import load, machine, peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
+#: Each child also leaves its results here as it ends, so an interrupted invocation
+#: loses nothing already measured (``--from-partial`` builds the report from them).
+PARTIAL = Path(tempfile.gettempdir()) / "fvkit-bench-whole-run"
 N_TOP_HEADS = 10
 #: Working-set criterion: at most this fraction of the model's fp32 parameter size.
 WORKING_SET_FRACTION = 0.3
@@ -195,7 +198,13 @@ def reference_worker(args) -> dict:
 
 # --- driver ---------------------------------------------------------------------------------
 
+def partial_file(role: str, model: str) -> Path:
+    return PARTIAL / f"{role}-{model}.json"
+
+
 def child(args, role: str, model: str, extra=()) -> dict:
+    if args.from_partial:
+        return json.loads(partial_file(role, model).read_text())
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", role, "--model", model,
            "--dataset", args.dataset, "--threads", str(args.threads), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1",
@@ -297,6 +306,7 @@ def driver(args) -> int:
 
     report = {"machine": machine(), "dataset": args.dataset}
     with tempfile.TemporaryDirectory(prefix="fvkit-bench-run-") as tmp:
+        tmp = str(PARTIAL) if args.from_partial else tmp
         fv = child(args, "fvkit", args.model, ["--save", tmp])
         ref = child(args, "reference", args.model,
                     ["--save", tmp, "--reference-src", args.reference_src, "--baukit", args.baukit,
@@ -328,15 +338,20 @@ def main(argv=None) -> int:
     p.add_argument("--reference-items", type=int, default=10, help="test items of each reference evaluation")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-dir", default=str(RESULTS))
+    p.add_argument("--from-partial", action="store_true",
+                   help=f"build the report from the children's results left in {PARTIAL}")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--save", default=None, help=argparse.SUPPRESS)
     p.add_argument("--edit-layer", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.worker == "fvkit":
-        print(json.dumps(fvkit_worker(args), default=str))
-        return 0
-    if args.worker == "reference":
-        print(json.dumps(reference_worker(args), default=str))
+    if args.worker in ("fvkit", "reference"):
+        result = json.dumps((fvkit_worker if args.worker == "fvkit" else reference_worker)(args), default=str)
+        PARTIAL.mkdir(parents=True, exist_ok=True)
+        partial_file(args.worker, args.model).write_text(result + "\n")
+        if args.save and args.worker == "fvkit":
+            import shutil
+            shutil.copy(Path(args.save) / "fvkit.pt", PARTIAL / "fvkit.pt")
+        print(result)
         return 0
     if not (args.reference_src and args.baukit):
         p.error("--reference-src and --baukit are needed (or FVKIT_REFERENCE_SRC / FVKIT_BAUKIT)")
