@@ -27,7 +27,7 @@ from fvkit.errors import DataError, FvkitError
 from fvkit.method.function_vector import compute_function_vector, select_top_heads
 from fvkit.fast.indirect_effect import fast_trial
 from fvkit.method.indirect_effect import exact_trial, indirect_effects as effects_over_trials
-from fvkit.method.intervene import evaluate, evaluate_baseline
+from fvkit.fast.run_evaluations import DEFAULT_EVAL_METHOD, run_baseline, run_evaluations
 from fvkit.method.prompts import DEFAULT_TEMPLATE, Template
 from fvkit.method.stage_inputs import n_used, trial_prompt
 from fvkit.method.token_labels import dummy_token_labels, slot_index_map, token_meta_labels
@@ -88,6 +88,10 @@ class PipelineResult:
     baseline: dict
     timings: dict = field(default_factory=dict)
     diagnostics: dict = field(default_factory=dict)
+    #: How the evaluations ran (method, near ties, re-runs); see fvkit.fast.run_evaluations.
+    evaluation: dict = field(default_factory=dict)
+    #: The layer sweep, when the run computed it with its evaluations (``sweep=True``).
+    sweep: Optional[dict] = None
 
     def comparable(self) -> dict:
         """The layout the reference runner returns, with plain Python numbers: ``meta`` and
@@ -149,7 +153,10 @@ def check_run_settings(lm, dataset, trials, *, n_top_heads: int, edit_layer: Opt
 
 def run_pipeline(lm, dataset, trials, *, n_top_heads: int = DEFAULT_N_TOP_HEADS,
                  edit_layer: Optional[int] = None, max_trials: Optional[int] = None, ie_mode: str = DEFAULT_IE_MODE,
-                 template: Template = DEFAULT_TEMPLATE, show_progress: bool = True) -> PipelineResult:
+                 template: Template = DEFAULT_TEMPLATE, show_progress: bool = True, sweep: bool = False,
+                 eval_method: str = DEFAULT_EVAL_METHOD, eval_ties: str = "rerun") -> PipelineResult:
+    """Every stage; ``sweep`` adds the layer sweep, read from the evaluations' own passes
+    (``eval_method``/``eval_ties``: see :mod:`fvkit.fast.run_evaluations`)."""
     edit_layer = check_run_settings(lm, dataset, trials, n_top_heads=n_top_heads, edit_layer=edit_layer,
                                     max_trials=max_trials, template=template)
     timings = {}
@@ -175,11 +182,12 @@ def run_pipeline(lm, dataset, trials, *, n_top_heads: int = DEFAULT_N_TOP_HEADS,
     heads = select_top_heads(ie, n_top_heads)
     fv = compute_function_vector(lm, mean_acts, heads)
     timings["function_vector"] = round(time.perf_counter() - start, 4)
-    zs = timed("eval_zero_shot", evaluate, lm, dataset, trials, "zero_shot", fv, edit_layer, template,
-               show_progress=show_progress)
-    sh = timed("eval_shuffled", evaluate, lm, dataset, trials, "shuffled", fv, edit_layer, template,
-               show_progress=show_progress)
-    base = timed("eval_baseline", evaluate_baseline, lm, dataset, trials, template, show_progress=show_progress)
+    evals = run_evaluations(lm, dataset, trials, fv, edit_layer, template, sweep=sweep, method=eval_method,
+                            ties=eval_ties, show_progress=show_progress)
+    timings.update(evals.timings)
+    zs, sh = evals.zero_shot, evals.shuffled
+    base, base_info = timed("eval_baseline", run_baseline, lm, dataset, trials, fv, edit_layer, template,
+                            method=eval_method, ties=eval_ties, show_progress=show_progress)
     settings = {"n_top_heads": n_top_heads, "edit_layer": edit_layer, "max_trials": max_trials,
                 "n_trials_used": n_used(trials.n_trials, max_trials), "n_shots": trials.n_shots,
                 "seed": trials.seed, "ie_mode": ie_mode, "template": template.as_dict()}
@@ -188,6 +196,7 @@ def run_pipeline(lm, dataset, trials, *, n_top_heads: int = DEFAULT_N_TOP_HEADS,
         token_labels=labels, token_ids=tok(text).input_ids, dummy_labels=dummy, idx_map=idx_map,
         mean_activations=mean_acts, indirect_effect=ie, top_heads=heads, function_vector=fv,
         zero_shot=zs, shuffled=sh, baseline=base, timings=timings, diagnostics=lm.diagnostics(),
+        evaluation={**evals.info, "baseline": base_info}, sweep=evals.sweep,
     )
 
 
@@ -227,7 +236,8 @@ def run_files(result: PipelineResult, extra_args: Optional[dict] = None) -> dict
         "timings.json": text(result.timings),
         "run.json": text({"arguments": extra_args or {}, "model": result.model, "spec": result.spec,
                           "trials_id": result.trials_id, "settings": result.settings,
-                          "diagnostics": result.diagnostics, "versions": package_versions()}),
+                          "diagnostics": result.diagnostics, "evaluation": result.evaluation,
+                          "versions": package_versions()}),
     }
 
 

@@ -5,6 +5,7 @@ import functools
 import pytest
 import torch
 
+import fvkit.fast.evaluation as ev
 import fvkit.fast.sweep as ls
 from fvkit.errors import FvkitError
 from fvkit.method.intervene import EVAL_STAGES, evaluate
@@ -67,14 +68,13 @@ def test_sweep_equals_evaluate_at_every_layer(alias, zoo_model, antonym, antonym
 def test_a_vector_injected_at_the_wrong_layer_is_caught(zoo_model, antonym, antonym_trials, reference_runs,
                                                         monkeypatch):
     lm = zoo_model("tiny-llama")
-    original = ls._RowInjector.__init__
+    original = ev.edited_rows
 
-    def shifted(self, lm_, vec, layers):
-        original(self, lm_, vec, layers)
-        n = len(self.layers)
-        self.row_of = {name: (row + 1) % n for name, row in self.row_of.items()}
+    def shifted(lm_, inputs, prefix, vec, layers, reuse=True):
+        rows = original(lm_, inputs, prefix, vec, layers, reuse)
+        return torch.cat([rows[:-1].roll(1, dims=0), rows[-1:]])   # each layer reads its neighbour's row
 
-    monkeypatch.setattr(ls._RowInjector, "__init__", shifted)
+    monkeypatch.setattr(ev, "edited_rows", shifted)
     sweep = layer_sweep(lm, antonym, antonym_trials, vector(lm), max_items=N_ITEMS, show_progress=False)
     assert any(key == "intervention_rank_list" for *_, key in mismatches(sweep, reference_runs("tiny-llama")))
 
@@ -82,7 +82,7 @@ def test_a_vector_injected_at_the_wrong_layer_is_caught(zoo_model, antonym, anto
 def test_near_ties_are_rerun_as_whole_prompts(zoo_model, antonym, antonym_trials, reference_runs, monkeypatch):
     lm = zoo_model("tiny-gpt2")
     # An enormous noise bound makes every row a near-tie: every rank then comes from a re-run.
-    monkeypatch.setattr(ls, "TIE_NOISE_FACTOR", 1e9)
+    monkeypatch.setattr(ev, "TIE_NOISE_FACTOR", 1e9)
     sweep = layer_sweep(lm, antonym, antonym_trials, vector(lm), max_items=N_ITEMS, show_progress=False)
     assert all(s["near_tie_reruns"] == N_ITEMS * lm.dims.n_layers for s in sweep["stages"].values())
     assert mismatches(sweep, reference_runs("tiny-gpt2")) == []
@@ -104,7 +104,7 @@ def test_a_cache_that_cannot_be_reused_falls_back_to_whole_prompts(zoo_model, an
     def refuse(*args, **kwargs):
         raise UnsupportedCache("cache of type Odd is not supported")
 
-    monkeypatch.setattr(ls.PrefixCache, "from_output", refuse)
+    monkeypatch.setattr(ev.PrefixCache, "from_output", refuse)
     sweep = layer_sweep(lm, antonym, antonym_trials, vector(lm), max_items=N_ITEMS, show_progress=False)
     assert sweep["method"] == "full" and "Odd" in sweep["fallback_reason"]
     assert mismatches(sweep, reference_runs("tiny-gpt2")) == []

@@ -40,7 +40,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("run", help="run every stage on one model and write the stage files")
     p.add_argument("--model", required=True, help="zoo alias, hub id or local path")
     p.add_argument("--model-spec", default=None, help="registered ModelSpec name (default: chosen from the model)")
-    p.add_argument("--dataset", default="antonym", help="task dataset: a name in --data-dir or a JSON file")
+    add_task_arguments(p)
     p.add_argument("--data-dir", default=None, help="directory holding the datasets (default: the checkout's datasets/)")
     p.add_argument("--fixed-trials", default=None,
                    help=f"fixed-trials file (default: datasets/fixed_trials/fixed_trials_<dataset>_t{DEFAULT_N_TRIALS}_"
@@ -60,7 +60,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", default="fp32", help="weights dtype")
     p.add_argument("--quant", default="none", help="quantization")
     p.add_argument("--out", default=None,
-                   help="output directory (default: results_fv/<dataset>/fvkit_run/<model>, in the current directory)")
+                   help="output directory (default: results_fv/<dataset>/fvkit_run/<model>, in the current directory); "
+                        "with several tasks, the folder holding one run folder per task and the summary table")
     p.set_defaults(func=cmd_run)
 
 
@@ -145,49 +146,97 @@ def default_run_dir(dataset_name: str, model: str) -> Path:
 
 
 def cmd_run(args) -> int:
-    from fvkit.models.bos_policy import check_bos_policy
-    from fvkit.models.loader import load_model
-    from fvkit.pipeline import check_max_trials, check_run_dir, check_run_settings, run_pipeline, write_run_outputs
+    from fvkit.cli.tasks import run_tasks, task_names
 
-    # Every input and the output folder are checked before the model loads:
-    # a mistake ends in seconds, not after the whole computation.
-    check_seed(args.seed)
-    parse_edit_layer(args.edit_layer)
-    ds = load_task_dataset(args.dataset, args.data_dir)
-    if args.out is None:
-        args.out = str(default_run_dir(ds.name, args.model))
-    check_run_dir(args.out)
-    trials = resolve_trials(ds, args.fixed_trials, args.seed, Path(args.out).parent)
+    names = task_names(args)
+    if len(names) > 1:
+        return run_tasks(args, names)
+    args.dataset = names[0]
+    return run_one(args)
+
+
+def prepare_task(args, dataset_name: str, out=None):
+    """(dataset, trials, output folder) of one task, every input checked before any model loads."""
+    from fvkit.pipeline import check_max_trials, check_run_dir
+
+    ds = load_task_dataset(dataset_name, args.data_dir)
+    out = str(default_run_dir(ds.name, args.model)) if out is None else str(out)
+    check_run_dir(out)
+    trials = resolve_trials(ds, args.fixed_trials, args.seed, Path(out).parent)
     trials.check_dataset(ds, args.fixed_trials or trials.id)
     check_max_trials(trials, args.max_trials)
+    return ds, trials, out
+
+
+def load_checked_model(args):
+    from fvkit.models.bos_policy import check_bos_policy
+    from fvkit.models.loader import load_model
+
     lm = load_model(args.model, model_spec=args.model_spec, device=args.device, dtype=args.dtype,
                     quant=args.quant, parity=True)
     # A spec that contradicts the tokenizer's BOS would run to the end and label the
     # first prompt token as BOS; refuse it before any stage runs.
     check_bos_policy(lm)
-    n_top_heads = fitted_top_heads(args.n_top_heads, lm)
-    settings = dict(n_top_heads=n_top_heads, edit_layer=parse_edit_layer(args.edit_layer),
-                    max_trials=args.max_trials)
-    check_run_settings(lm, ds, trials, **settings)
-    print(lm.diagnostics_table(), file=sys.stderr)
+    return lm
+
+
+def run_settings(args, lm) -> dict:
+    return dict(n_top_heads=fitted_top_heads(args.n_top_heads, lm), edit_layer=parse_edit_layer(args.edit_layer),
+                max_trials=args.max_trials)
+
+
+def run_task(args, lm, ds, trials, out):
+    """One task on a loaded model: every stage, the figures and the run folder; returns (result, sweep or None)."""
+    from fvkit.pipeline import run_pipeline, write_run_outputs
+
+    settings = run_settings(args, lm)
     kwargs = {} if args.ie_mode is None else {"ie_mode": args.ie_mode}
-    result = run_pipeline(lm, ds, trials, **settings, **kwargs)
+    result = run_pipeline(lm, ds, trials, **settings, **kwargs, sweep=sweeps_all_layers(args.edit_layer))
     # Imported only now: matplotlib's ~20 MB need not be resident during the model's passes.
     from fvkit.report.run_files import run_artifacts
 
     files = run_artifacts(lm, ds, trials, result, sweep=sweeps_all_layers(args.edit_layer))
-    out = write_run_outputs(result, args.out, extra_args=vars(args) | {"func": None}, extra_files=files)
+    written = write_run_outputs(result, out, extra_args=vars(args) | {"func": None, "dataset": ds.name},
+                                extra_files=files)
+    sweep = json.loads(files["layer_sweep.json"]) if "layer_sweep.json" in files else None
+    print_summary(result, trials, sweep, written)
+    return result, sweep
+
+
+def print_summary(result, trials, sweep, out) -> None:
     zs, sh = result.zero_shot, result.shuffled
-    print(f"top heads ({n_top_heads}): {result.top_heads}")
+    print(f"top heads ({result.settings['n_top_heads']}): {result.top_heads}")
     print(f"layer {result.settings['edit_layer']}: zero-shot top-1: {zs['clean_topk'][0][1]:.3f} -> {zs['intervention_topk'][0][1]:.3f}; "
           f"shuffled top-1: {sh['clean_topk'][0][1]:.3f} -> {sh['intervention_topk'][0][1]:.3f}; "
           f"clean {trials.n_shots}-shot top-1: {result.baseline['clean_topk'][0][1]:.3f}")
-    if "layer_sweep.json" in files:
-        sweep = json.loads(files["layer_sweep.json"])
+    if sweep is not None:
         for stage in ("zero_shot", "shuffled"):
             best = sweep["best_layer"][stage]
             st = sweep["stages"][stage]
             print(f"layer sweep {stage}: best layer {best}, top-1 {st['clean_topk'][0][1]:.3f} -> "
                   f"{st['intervention_topk'][best][0][1]:.3f} ({sweep['seconds']:.1f}s for {sweep['n_layers']} layers)")
     print(f"wrote {out}")
+
+
+def run_one(args) -> int:
+    from fvkit.pipeline import check_run_settings
+
+    # Every input and the output folder are checked before the model loads:
+    # a mistake ends in seconds, not after the whole computation.
+    check_seed(args.seed)
+    parse_edit_layer(args.edit_layer)
+    ds, trials, out = prepare_task(args, args.dataset, args.out)
+    args.out = out
+    lm = load_checked_model(args)
+    check_run_settings(lm, ds, trials, **run_settings(args, lm))
+    print(lm.diagnostics_table(), file=sys.stderr)
+    run_task(args, lm, ds, trials, out)
     return 0
+
+
+def add_task_arguments(p) -> None:
+    p.add_argument("--dataset", action="append", default=None,
+                   help="task dataset: a name in --data-dir or a JSON file (default: antonym); repeat it to run "
+                        "several tasks on one model load")
+    p.add_argument("--tasks", default=None,
+                   help="file naming one task dataset per line (# starts a comment); added to --dataset")

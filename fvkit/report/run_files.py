@@ -84,10 +84,13 @@ def run_artifacts(lm, dataset, trials, result, sweep: bool = False, template: Te
                   show_progress: bool = True) -> dict:
     files = {}
     sweep_result = None
-    if sweep:
+    if sweep and getattr(result, "sweep", None) is not None:
+        sweep_result = result.sweep   # computed with the run's evaluations, from the same passes
+    elif sweep:
         sweep_result = layer_sweep(lm, dataset, trials, result.function_vector, template,
                                    show_progress=show_progress)
         result.timings["layer_sweep"] = sweep_result["seconds"]
+    if sweep_result is not None:
         files["layer_sweep.json"] = _json_bytes(sweep_result)
     entry = report_entry(result, dataset.name, lm, sweep_result)
     files["cie_heatmap.png"] = entry["heatmap_png"]

@@ -1,0 +1,238 @@
+"""Evaluation from one clean pass per prompt: the clean answer, the vector at one layer or at every layer.
+
+    res = cached_stage(lm, dataset, trials, "zero_shot", fv, layers=[6])
+    res["clean_rank_list"], res["intervention_rank_lists"][0]   # ranks with the vector at layer 6
+    res["near_ties"], res["near_tie_reruns"]                    # rank reads within float noise of a tie
+
+The vector changes only the hidden state at the last position, and a causal
+model's earlier positions never see the last one. So each prompt is run whole
+once: its last-position logits are the clean answer, and its keys and values
+(all positions but the last) are kept. The last token alone is then re-run
+through the decoder blocks on that prefix (:mod:`fvkit.fast.replay`), one batch
+row per evaluated layer plus one clean row: layer ``L``'s row joins at block
+``L`` from the clean run's input to that block, gets the vector added to that
+block's output, and runs on; nothing below an edited layer is recomputed and
+the output head runs once for all rows. One layer costs one prompt pass plus a
+one-token pass instead of two prompt passes; every layer of the sweep comes
+from the same prompt pass.
+
+The one-token rows compute the same numbers through differently shaped
+attention products, so their logits differ from a whole-prompt pass by float32
+rounding. That cannot move a rank unless another token's logit lies within that
+noise of the target's (a *near tie*). ``ties="rerun"`` re-runs each such read as
+a whole prompt, exactly as :func:`fvkit.method.intervene.evaluate` runs it, so the
+rank lists equal per-layer ``evaluate`` calls; ``ties="report"`` keeps the cached
+rank and only counts it. Both count the near ties.
+
+A model whose blocks cannot be replayed one by one, or whose cache cannot be
+cut, raises :class:`~fvkit.fast.replay.ReplayUnsupported` /
+:class:`~fvkit.fast.cache.UnsupportedCache`; callers fall back to whole-prompt
+passes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from fvkit.errors import FvkitError
+from fvkit.fast.cache_names import output_cache
+from fvkit.fast.cache import PrefixCache, UnsupportedCache, cache_length, drop_last
+from fvkit.fast.indirect_effect import CAPTURE_ROWS, LM_HEAD_ROWS, _whole_blocks
+from fvkit.fast.replay import ReplayUnsupported, capture_last_token
+from fvkit.method.intervene import edited_logits, last_position_logits, token_rank
+from fvkit.method.stage_inputs import answer_ids, trial_prompt
+from fvkit.models import adapters
+from fvkit.models.tracer import EditInput, first_tensor
+from fvkit.progress import progress
+
+TIE_POLICIES = ("rerun", "report")
+
+#: How far the one-token rows' logits may be from a whole-prompt pass's, as a
+#: multiple of the gap measured on the clean row of the same batch. Edited rows
+#: go through the same kernels as the clean row; their largest gap was at most
+#: 1.5x the clean row's on every tiny architecture and 2.7x on SmolLM2-135M
+#: (30 layers), so 8x leaves a threefold margin over the worst seen.
+TIE_NOISE_FACTOR = 8.0
+#: Floor of that noise bound in float32 ulps of the row's largest |logit|, for
+#: prompts whose clean row happens to agree bit for bit.
+TIE_NOISE_ULPS = 4
+
+#: Positions the output head reads in the clean prompt pass. Matrix products
+#: round a partial block of rows differently (see fvkit.fast.indirect_effect's
+#: BATCH_ROW_MULTIPLE); a whole block of the last positions gives the last row's
+#: logits bit for bit as the whole-prompt pass does, at a fraction of its cost.
+CLEAN_HEAD_POSITIONS = 4
+
+
+def noise_bound(logits: torch.Tensor, clean_gap: float) -> float:
+    ulp = torch.finfo(torch.float32).eps * logits.abs().max().item()
+    return max(TIE_NOISE_FACTOR * clean_gap, TIE_NOISE_ULPS * ulp)
+
+
+def near_tie(logits: torch.Tensor, target: int, bound: float) -> bool:
+    """Some other token's logit within twice the noise bound of the target's (both may move)."""
+    row = logits.reshape(-1)
+    close = (row - row[target]).abs() <= 2 * bound
+    return int(close.sum().item()) > 1
+
+
+def _last_positions(lm_head, n: int):
+    """Let the output head read only the last ``n`` positions of every row."""
+    return EditInput(lm_head, lambda x: x[:, -n:, :] if x.dim() == 3 else x)
+
+
+def clean_pass(lm, inputs):
+    """(clean last-position logits, a one-row prefix cache) from one whole-prompt pass."""
+    model = lm.model
+    head = adapters.resolve_lm_head(model, lm.spec)
+    n_tokens = inputs["input_ids"].shape[1]
+    with _last_positions(head, min(CLEAN_HEAD_POSITIONS, n_tokens)):
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=True)
+    logits = last_position_logits(out)
+    prefix = PrefixCache.from_output(output_cache(out), n_tokens)
+    return logits, prefix
+
+
+def edited_rows(lm, inputs, prefix: PrefixCache, vec: torch.Tensor, layers: Sequence[int],
+                reuse: bool = True) -> torch.Tensor:
+    """Last-token logits with ``vec`` added to the output of block ``layers[i]`` in row ``i``;
+    the last row is the clean recomputation (the guard's and the tie bound's point of comparison).
+    ``reuse`` hands the prefix over (its final use)."""
+    model, spec = lm.model, lm.spec
+    blocks = adapters.resolve_blocks(model, spec)
+    norm, head = adapters.resolve_final_norm(model, spec), adapters.resolve_lm_head(model, spec)
+    calls = capture_last_token(model, blocks, inputs, prefix.take(CAPTURE_ROWS, reuse=reuse), CAPTURE_ROWS,
+                               lm_head=head)
+    try:
+        return _replay_rows(calls, blocks, norm, head, vec, list(layers))
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as err:
+        # A block that cannot be called on its own with its recorded arguments: whole prompts instead.
+        raise ReplayUnsupported(f"replaying the decoder blocks one by one failed ({type(err).__name__}: {err})") from err
+
+
+def _replay_rows(calls, blocks, norm, head, vec: torch.Tensor, layers: list) -> torch.Tensor:
+    n_layers = len(blocks)
+    first = min(layers)
+    row_of = {L: i for i, L in enumerate(layers)}
+    hidden = None
+    with calls.replaying():
+        for layer in range(first, n_layers):
+            joining = []
+            if layer == first:
+                joining.append(calls.hidden(layer)[:1])          # the clean row, kept as row 0 until the end
+            if layer in row_of:
+                joining.append(calls.hidden(layer)[:1])
+            if joining:
+                hidden = torch.cat(([hidden] if hidden is not None else []) + joining)
+            n_rows = hidden.shape[0]
+            hidden = first_tensor(calls.call_block(blocks, layer, _whole_blocks(hidden)))[:n_rows].clone()
+            if layer in row_of:
+                hidden[-1, -1] += vec.to(hidden.dtype)            # the row that joined at this block
+        states = norm(hidden)[:, -1, :]
+    logits = torch.cat([head(_whole_blocks(states[lo:lo + LM_HEAD_ROWS]))[:len(states[lo:lo + LM_HEAD_ROWS])]
+                        for lo in range(0, states.shape[0], LM_HEAD_ROWS)])
+    # Rows joined in layer order after the clean row 0: reorder to layers' order, clean last.
+    order = sorted(row_of, key=lambda L: L)
+    by_layer = {L: logits[1 + i] for i, L in enumerate(order)}
+    return torch.stack([by_layer[L] for L in layers] + [logits[0]])
+
+
+def item_ranks(lm, inputs, target: int, fv: torch.Tensor, layers: Sequence[int], ties: str,
+               chunk: Optional[int] = None) -> dict:
+    """One prompt: clean rank, per-layer edited ranks and logit changes, cache gap, near ties.
+    ``chunk`` caps the layers replayed together (all of them by default)."""
+    vec = fv.reshape(lm.dims.hidden_size).to(lm.model.dtype)
+    clean_logits, prefix = clean_pass(lm, inputs)
+    chunk = len(layers) if chunk is None else max(1, int(chunk))
+    ranks, changes, n_ties, reruns, gap = [], [], 0, 0, 0.0
+    for start in range(0, len(layers), chunk):
+        part = layers[start:start + chunk]
+        rows = edited_rows(lm, inputs, prefix, vec, part, reuse=start + chunk >= len(layers))
+        cached_clean = rows[-1]
+        part_gap = (cached_clean - clean_logits[0]).abs().max().item()
+        gap = max(gap, part_gap)
+        for i, layer in enumerate(part):
+            edited = rows[i:i + 1]
+            item = _read_rank(lm, inputs, target, fv, layer, edited, cached_clean, clean_logits, part_gap, ties)
+            ranks.append(item[0])
+            changes.append(item[1])
+            n_ties += item[2]
+            reruns += item[3]
+    return {"clean_rank": token_rank(clean_logits, target), "ranks": ranks, "changes": changes, "gap": gap,
+            "near_ties": n_ties, "reruns": reruns}
+
+
+def _read_rank(lm, inputs, target, fv, layer, edited, cached_clean, clean_logits, gap, ties) -> tuple:
+    """(rank, largest logit change, near tie 0/1, re-run 0/1) of one edited row."""
+    n_ties = reruns = 0
+    if (edited - cached_clean).abs().max().item() == 0.0:
+        raise FvkitError(f"injecting the function vector at layer {layer} did not change the output; "
+                         f"the vector is zero or the edit was lost")
+    if near_tie(edited, target, noise_bound(edited, gap)):
+        n_ties += 1
+        if ties == "rerun":
+            edited = edited_logits(lm, inputs, layer, fv)
+            reruns += 1
+    return token_rank(edited, target), (edited - clean_logits).abs().max().item(), n_ties, reruns
+
+
+def cached_stage(lm, dataset, trials, stage: str, fv: torch.Tensor, layers: Sequence[int], template,
+                 n: int, ties: str = "rerun", chunk: Optional[int] = None, show_progress: bool = True,
+                 desc: Optional[str] = None) -> dict:
+    """Clean ranks and, per layer of ``layers``, edited ranks of the first ``n`` items of ``stage``."""
+    if ties not in TIE_POLICIES:
+        raise FvkitError(f"unknown near-tie policy '{ties}'; use one of {', '.join(TIE_POLICIES)}")
+    layers = list(layers)
+    if not layers:
+        raise FvkitError("cached evaluation needs at least one layer")
+    clean, edited, changes = [], [[] for _ in layers], [0.0] * len(layers)
+    gap, n_ties, reruns = 0.0, 0, 0
+    with torch.no_grad():
+        for j in progress(range(n), desc=desc or f"eval {stage}", enabled=show_progress):
+            data, text = trial_prompt(lm, dataset, trials, stage, j, template)
+            target = answer_ids(lm.tokenizer, text, data["query_target"]["output"])[0]
+            inputs = lm.tokenizer([text], return_tensors="pt")
+            item = item_ranks(lm, inputs, target, fv, layers, ties, chunk)
+            clean.append(item["clean_rank"])
+            for i in range(len(layers)):
+                edited[i].append(item["ranks"][i])
+                changes[i] = max(changes[i], item["changes"][i])
+            gap = max(gap, item["gap"])
+            n_ties += item["near_ties"]
+            reruns += item["reruns"]
+    return {"clean_rank_list": clean, "intervention_rank_lists": edited, "max_abs_logit_change": changes,
+            "cached_clean_max_abs_diff": gap, "near_ties": n_ties, "near_tie_reruns": reruns}
+
+
+#: What makes a model unable to use the cached evaluation (callers fall back to whole prompts).
+CACHE_REFUSALS = (UnsupportedCache, ReplayUnsupported)
+
+
+def baseline_item(lm, prompt_inputs, full_inputs, labels, target: int, fv: Optional[torch.Tensor],
+                  layer: Optional[int], ties: str) -> dict:
+    """The clean few-shot item as :func:`fvkit.method.intervene.evaluate_baseline` computes it (one
+    pass over prompt + answer: its loss and the logits before the answer), and, with ``fv``, the
+    rank with the vector at ``layer`` from the same pass's keys and values of the prompt."""
+    model = lm.model
+    prompt_len = prompt_inputs["input_ids"].shape[1]
+    out = model(**full_inputs, labels=labels, use_cache=fv is not None)
+    clean_logits = out.logits[:, prompt_len - 1, :].clone()
+    item = {"clean_rank": token_rank(clean_logits, target), "nll": out.loss.item()}
+    if fv is None:
+        return item
+    cache = output_cache(out)
+    del out  # its logits cover the whole prompt and answer; not kept through the next pass
+    n_tokens = full_inputs["input_ids"].shape[1]
+    if prompt_len < 2 or cache_length(cache) != n_tokens:
+        raise UnsupportedCache(f"the few-shot pass's cache holds {cache_length(cache)} positions, expected {n_tokens}")
+    prefix = PrefixCache(drop_last(cache, n_tokens - prompt_len + 1), prompt_len - 1)
+    if cache_length(prefix._cache) != prompt_len - 1:
+        raise UnsupportedCache(f"{type(cache).__name__} did not crop to the prompt's {prompt_len - 1} positions")
+    vec = fv.reshape(lm.dims.hidden_size).to(model.dtype)
+    rows = edited_rows(lm, prompt_inputs, prefix, vec, [layer])
+    gap = (rows[-1] - clean_logits[0]).abs().max().item()
+    rank, change, n_ties, reruns = _read_rank(lm, prompt_inputs, target, fv, layer, rows[:1], rows[-1],
+                                              clean_logits, gap, ties)
+    return {**item, "rank": rank, "change": change, "gap": gap, "near_ties": n_ties, "reruns": reruns}
