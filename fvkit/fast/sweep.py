@@ -41,6 +41,7 @@ from fvkit.fast.cache import PrefixCache, UnsupportedCache, last_token_inputs
 from fvkit.progress import progress
 from fvkit.method.prompts import DEFAULT_TEMPLATE, Template
 from fvkit.method.stage_inputs import answer_ids, n_used, trial_prompt
+from fvkit.models.placement import to_like
 from fvkit.models.tracer import TraceDict, first_tensor, replace_first_tensor
 
 METHODS = ("auto", "cached", "full")
@@ -88,7 +89,7 @@ class _RowInjector:
 
     def _edit(self, output, name):
         hidden = first_tensor(output).clone()
-        hidden[self.row_of[name], -1] += self.vec
+        hidden[self.row_of[name], -1] += to_like(self.vec, hidden)  # the block's device and dtype
         return replace_first_tensor(output, hidden)
 
     def __enter__(self):

@@ -214,18 +214,22 @@ def module_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def module_dtype(module: torch.nn.Module) -> torch.dtype:
-    """The floating dtype ``module`` computes in: its first floating parameter's (a quantized
-    layer keeps integer weights and computes in its floating parts), float32 if none."""
-    for tensor in (*module.parameters(), *module.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.float32
+def module_dtype(module: torch.nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype ``module`` computes in: its weight's when that is floating (an offloaded one
+    keeps its dtype on ``meta``), else ``default`` (a quantized layer stores integers)."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight.dtype
+    if weight is None:
+        for tensor in module.parameters():
+            if tensor.is_floating_point():
+                return tensor.dtype
+    return default
 
 
-def to_module(tensor: torch.Tensor, module: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """``tensor`` on the device ``module`` computes on, in ``dtype`` (default: the module's)."""
-    return tensor.to(device=module_device(module), dtype=dtype or module_dtype(module))
+def to_module(tensor: torch.Tensor, module: torch.nn.Module, default_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``tensor`` on the device ``module`` computes on, in the dtype it computes in."""
+    return tensor.to(device=module_device(module), dtype=module_dtype(module, default_dtype))
 
 
 def to_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
