@@ -18,6 +18,7 @@ from fvkit.method.fixed_trials import FixedTrials, trials_id
 from fvkit.method.run_defaults import (DEFAULT_EDIT_LAYER_TEXT, DEFAULT_N_SHOTS, DEFAULT_N_TOP_HEADS, DEFAULT_N_TRIALS,
                                        DEFAULT_IE_MODE, DEFAULT_SEED, IE_MODES)
 from fvkit.output_location import check_output_file
+from fvkit.cli.device_options import add_device_group, placement_kwargs, with_threads
 
 DEFAULT_TRIALS_DIR = DEFAULT_DATA_DIR / "fixed_trials"
 #: numpy.random.RandomState accepts seeds below 2**32.
@@ -56,12 +57,10 @@ def add_parser(subparsers) -> None:
                         "(layer_sweep.json, layer_sweep.png) while the stage files use the default layer")
     p.add_argument("--ie-mode", choices=IE_MODES, default=None,
                    help=f"indirect-effect computation (default: {DEFAULT_IE_MODE})")
-    p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--dtype", default="fp32", help="weights dtype")
-    p.add_argument("--quant", default="none", help="quantization")
+    add_device_group(p)
     p.add_argument("--out", default=None,
                    help="output directory (default: results_fv/<dataset>/fvkit_run/<model>, in the current directory)")
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=with_threads(cmd_run))
 
 
 def check_seed(seed: int) -> None:
@@ -153,6 +152,7 @@ def cmd_run(args) -> int:
     # a mistake ends in seconds, not after the whole computation.
     check_seed(args.seed)
     parse_edit_layer(args.edit_layer)
+    where = placement_kwargs(args)
     ds = load_task_dataset(args.dataset, args.data_dir)
     if args.out is None:
         args.out = str(default_run_dir(ds.name, args.model))
@@ -160,8 +160,7 @@ def cmd_run(args) -> int:
     trials = resolve_trials(ds, args.fixed_trials, args.seed, Path(args.out).parent)
     trials.check_dataset(ds, args.fixed_trials or trials.id)
     check_max_trials(trials, args.max_trials)
-    lm = load_model(args.model, model_spec=args.model_spec, device=args.device, dtype=args.dtype,
-                    quant=args.quant, parity=True)
+    lm = load_model(args.model, model_spec=args.model_spec, **where)
     # A spec that contradicts the tokenizer's BOS would run to the end and label the
     # first prompt token as BOS; refuse it before any stage runs.
     check_bos_policy(lm)
