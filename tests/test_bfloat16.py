@@ -1,0 +1,62 @@
+"""SmolLM2-135M in bfloat16 finds the heads it finds in float32.
+
+Outside parity mode a model may run in bfloat16. Its activations carry 8 bits of
+mantissa instead of 24, so effects move, but the heads that carry the task must
+stay the same: the function vector is built from them.
+"""
+
+import pytest
+import torch
+
+from fvkit.method.activations import mean_head_activations
+from fvkit.method.function_vector import select_top_heads
+from fvkit.models.loader import load_model
+from fvkit.pipeline import indirect_effects
+
+TRIALS = 3
+N_TOP_HEADS = 10
+
+#: Largest bfloat16-vs-float32 difference of the trial-mean indirect effects, as a
+#: fraction of the largest float32 mean effect. bfloat16 keeps 8 bits of mantissa
+#: (eps 7.8e-3) in every activation of 30 layers; measured on antonym, 10 trials:
+#: 3.9e-2 (docs/devices.md). Twice that leaves room for other trials and kernels,
+#: while effects read at a wrong head, row or position (drift ~1) still fail.
+BF16_MEAN_IE_REL_TOL = 0.08
+
+
+@pytest.fixture(scope="module")
+def effects(smollm2_available, antonym, antonym_trials):
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        lm = load_model("smollm2-135m", dtype=dtype, parity=dtype == "fp32")
+        mean = mean_head_activations(lm, antonym, antonym_trials, max_trials=TRIALS, show_progress=False)
+        out[dtype] = indirect_effects(lm, antonym, antonym_trials, mean, max_trials=TRIALS, mode="fast",
+                                      show_progress=False)
+        del lm
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+def test_bfloat16_finds_the_float32_top_heads(effects):
+    """Every head clearly inside float32's top ten is in bfloat16's top ten, and bfloat16 picks no
+    head clearly outside it; "clearly" means farther from the tenth score than bfloat16's drift.
+    (On antonym, 10 trials, the lists share 9 heads: the tenth place goes to heads 2e-4 apart.)"""
+    fp32, bf16 = effects["fp32"].mean(0), effects["bf16"].mean(0)
+    noise = BF16_MEAN_IE_REL_TOL * float(fp32.abs().max())
+    cut = float(fp32.flatten().topk(N_TOP_HEADS).values[-1])
+    top = {dtype: {(layer, head) for layer, head, _ in select_top_heads(ie, N_TOP_HEADS)}
+           for dtype, ie in effects.items()}
+    surely_in = {(l, h) for l, h in top["fp32"] if float(fp32[l, h]) > cut + noise}
+    assert surely_in and surely_in <= top["bf16"]
+    assert all(float(fp32[l, h]) >= cut - noise for l, h in top["bf16"])
+    assert len(top["bf16"] & top["fp32"]) >= N_TOP_HEADS - 2
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+def test_bfloat16_indirect_effect_drift(effects):
+    fp32, bf16 = effects["fp32"].mean(0), effects["bf16"].mean(0)
+    drift = float((bf16 - fp32).abs().max() / fp32.abs().max())
+    assert 0 < drift <= BF16_MEAN_IE_REL_TOL, drift   # 0 would mean the model never left float32
+    assert bf16.dtype == torch.float32   # effects are stored as the float32 path stores them
