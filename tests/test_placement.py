@@ -175,3 +175,28 @@ def test_inputs_follow_a_model_placed_on_another_device():
     model(input_ids=torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 2))
     assert model.seen == (torch.device("meta"), torch.device("meta"))
     handle.remove()
+
+
+# --- fvkit run ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-memory", "cpu=1GB"], "add --device-map auto"),
+    (["--dtype", "fp8"], "unknown dtype 'fp8'"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--quant", "4bit"], "4bit"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "device 'cuda' is not available")]))
+def test_run_refuses_a_bad_placement_before_any_work(tmp_path, capsys, args, message):
+    from fvkit.cli.main import main
+
+    out = tmp_path / "out"
+    assert main(["run", "--model", "tiny-gpt2", "--max-trials", "1", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and err[-1].startswith("fvkit run: error:")
+    assert not out.exists() and not any(tmp_path.iterdir())
+
+
+def test_run_json_says_where_the_model_ran(zoo_model):
+    d = zoo_model("tiny-gpt2").diagnostics()   # run.json's "diagnostics"
+    assert (d["device"], d["dtype"], d["quant"], d["device_map"]) == ("cpu", "fp32", "none", None)
+    assert d["threads"] == torch.get_num_threads()
+    assert all(layer["out_proj_device"] == "cpu" for layer in d["layers"])
