@@ -10,6 +10,10 @@ equal the plain model's.
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
+
+from fvkit.errors import FvkitError
 
 from fvkit.fast.sweep import layer_sweep
 from fvkit.models import adapters, placement
@@ -49,9 +53,16 @@ def offloading_max_memory(alias: str) -> int:
 def plain_and_dispatched(request, tmp_path_factory):
     alias = request.param
     plain = load_model(alias)
-    dispatched = load_model(alias, parity=False, device_map="auto",
-                            max_memory={"cpu": offloading_max_memory(alias)},
-                            offload_dir=str(tmp_path_factory.mktemp(f"offload-{alias}")))
+    try:
+        dispatched = load_model(alias, parity=False, device_map="auto",
+                                max_memory={"cpu": offloading_max_memory(alias)},
+                                offload_dir=str(tmp_path_factory.mktemp(f"offload-{alias}")))
+    except FvkitError as err:
+        # transformers 4.x stores no offloaded copy of tiny-gpt2's head, which shares the
+        # embedding's weight: the loader says so before any work (see missing_offloaded_weights).
+        if alias == "tiny-gpt2" and "without storing a copy" in str(err) and Version(transformers.__version__).major < 5:
+            pytest.skip(str(err))
+        raise
     return plain, dispatched
 
 

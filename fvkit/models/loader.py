@@ -397,6 +397,15 @@ def _load(name_or_path, model_spec, settings: Placement) -> LoadedModel:
     device_map = placement.device_map_summary(model) if settings.device_map else None
     if device_map is not None:
         device = str(placement.input_device(model))
+        missing = placement.missing_offloaded_weights(model)
+        if missing:
+            import transformers
+
+            raise FvkitError(
+                f"model '{name_or_path}': transformers {transformers.__version__} offloaded "
+                f"{', '.join(missing)} without storing a copy (a weight shared with another module), "
+                f"so it cannot be loaded when its module runs; give --max-memory room to keep it in "
+                f"memory, or use a newer transformers (5.x stores it)")
     placement.follow_model_inputs(model)
     model.eval()
     model.requires_grad_(False)

@@ -250,6 +250,31 @@ def device_map_summary(model: torch.nn.Module) -> Optional[dict]:
     return {name: (f"cuda:{dev}" if isinstance(dev, int) else str(dev)) for name, dev in mapping.items()}
 
 
+def missing_offloaded_weights(model: torch.nn.Module) -> list:
+    """Offloaded parameters accelerate has no stored copy of (it would fail when their module runs).
+
+    transformers 4.x writes no offloaded copy of a weight the output head shares with
+    the input embedding (GPT-2's ``lm_head.weight``), so the head's first call raises a
+    KeyError deep inside accelerate; the names are read from the offload index alone,
+    without loading any weight.
+    """
+    missing = []
+    for name, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        weights = getattr(hook, "weights_map", None)
+        if not getattr(hook, "offload", False) or weights is None:
+            continue
+        prefix = getattr(weights, "prefix", "")
+        stored = set(getattr(getattr(weights, "dataset", weights), "all_keys", ()))
+        if not stored:
+            continue
+        recurse = bool(getattr(hook, "place_submodules", False))
+        for param_name, _ in module.named_parameters(recurse=recurse):
+            if prefix + param_name not in stored:
+                missing.append(f"{name}.{param_name}" if name else param_name)
+    return missing
+
+
 def input_device(model: torch.nn.Module) -> torch.device:
     """Where token ids must be for ``model``: its input embedding's device."""
     get = getattr(model, "get_input_embeddings", None)
