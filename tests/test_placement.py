@@ -114,7 +114,7 @@ class _Hook:
         self.execution_device = device
 
 
-def test_module_device_follows_acceleratess_record():
+def test_module_device_follows_accelerates_record():
     linear = torch.nn.Linear(2, 2)
     assert placement.module_device(linear) == torch.device("cpu")
     linear._hf_hook = _Hook(0)   # accelerate writes a GPU as its index
