@@ -18,6 +18,7 @@ from fvkit.method.fixed_trials import FixedTrials, trials_id
 from fvkit.method.run_defaults import (DEFAULT_EDIT_LAYER_TEXT, DEFAULT_N_SHOTS, DEFAULT_N_TOP_HEADS, DEFAULT_N_TRIALS,
                                        DEFAULT_IE_MODE, DEFAULT_SEED, IE_MODES)
 from fvkit.output_location import check_output_file
+from fvkit.cli.device_options import add_device_group, placement_kwargs, with_threads
 
 DEFAULT_TRIALS_DIR = DEFAULT_DATA_DIR / "fixed_trials"
 #: numpy.random.RandomState accepts seeds below 2**32.
@@ -56,13 +57,11 @@ def add_parser(subparsers) -> None:
                         "(layer_sweep.json, layer_sweep.png) while the stage files use the default layer")
     p.add_argument("--ie-mode", choices=IE_MODES, default=None,
                    help=f"indirect-effect computation (default: {DEFAULT_IE_MODE})")
-    p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--dtype", default="fp32", help="weights dtype")
-    p.add_argument("--quant", default="none", help="quantization")
+    add_device_group(p)
     p.add_argument("--out", default=None,
                    help="output directory (default: results_fv/<dataset>/fvkit_run/<model>, in the current directory); "
                         "with several tasks, the folder holding one run folder per task and the summary table")
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=with_threads(cmd_run))
 
 
 def check_seed(seed: int) -> None:
@@ -172,8 +171,7 @@ def load_checked_model(args):
     from fvkit.models.bos_policy import check_bos_policy
     from fvkit.models.loader import load_model
 
-    lm = load_model(args.model, model_spec=args.model_spec, device=args.device, dtype=args.dtype,
-                    quant=args.quant, parity=True)
+    lm = load_model(args.model, model_spec=args.model_spec, **placement_kwargs(args))
     # A spec that contradicts the tokenizer's BOS would run to the end and label the
     # first prompt token as BOS; refuse it before any stage runs.
     check_bos_policy(lm)
@@ -225,6 +223,7 @@ def run_one(args) -> int:
     # a mistake ends in seconds, not after the whole computation.
     check_seed(args.seed)
     parse_edit_layer(args.edit_layer)
+    placement_kwargs(args)
     ds, trials, out = prepare_task(args, args.dataset, args.out)
     args.out = out
     lm = load_checked_model(args)

@@ -61,12 +61,14 @@ def summary_dir(args) -> Path:
 def run_tasks(args, names: list) -> int:
     from fvkit.cli.pipeline import (check_seed, load_checked_model, parse_edit_layer, prepare_task, run_settings,
                                     run_task)
+    from fvkit.cli.device_options import placement_kwargs
     from fvkit.method.data import atomic_write_bytes
     from fvkit.pipeline import check_run_settings
     from fvkit.report.task_summary import summary_files, summary_row
 
     check_seed(args.seed)
     parse_edit_layer(args.edit_layer)
+    placement_kwargs(args)
     tasks = []
     for name in names:
         out = None if args.out is None else Path(args.out) / Path(name).stem

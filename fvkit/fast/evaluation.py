@@ -44,6 +44,7 @@ from fvkit.fast.replay import ReplayUnsupported, capture_last_token
 from fvkit.method.intervene import edited_logits, last_position_logits, token_rank
 from fvkit.method.stage_inputs import answer_ids, trial_prompt
 from fvkit.models import adapters
+from fvkit.models.placement import to_like
 from fvkit.models.tracer import EditInput, first_tensor
 from fvkit.progress import progress
 
@@ -129,7 +130,7 @@ def _replay_rows(calls, blocks, norm, head, vec: torch.Tensor, layers: list) -> 
             n_rows = hidden.shape[0]
             hidden = first_tensor(calls.call_block(blocks, layer, _whole_blocks(hidden)))[:n_rows].clone()
             if layer in row_of:
-                hidden[-1, -1] += vec.to(hidden.dtype)            # the row that joined at this block
+                hidden[-1, -1] += to_like(vec, hidden)            # the row that joined at this block (its device and dtype)
         states = norm(hidden)[:, -1, :]
     logits = torch.cat([head(_whole_blocks(states[lo:lo + LM_HEAD_ROWS]))[:len(states[lo:lo + LM_HEAD_ROWS])]
                         for lo in range(0, states.shape[0], LM_HEAD_ROWS)])

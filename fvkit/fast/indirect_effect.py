@@ -114,6 +114,7 @@ def relative_drift(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check_clean_row(logits: torch.Tensor, clean_logits: torch.Tensor, layer: int, strategy: str) -> None:
+    clean_logits = clean_logits.to(logits.device)  # the output head may run elsewhere than the model's output lands
     scale = float(clean_logits.abs().max().clamp_min(1.0))
     drift = float((logits - clean_logits).abs().max()) / scale
     if not drift <= CLEAN_ROW_REL_TOL:
@@ -154,7 +155,8 @@ def _run_pass(lm, calls, blocks, setup, mean_acts, first: int, last: int, group:
         if layer < last:
             clean = calls.hidden(layer)[:1]
             clean = clean.expand(group, *clean.shape[1:])
-            hidden = clean if hidden is None else torch.cat([hidden, clean])
+            # Under a device map the previous block may have run on another device.
+            hidden = clean if hidden is None else torch.cat([hidden.to(clean.device), clean])
             patch = head_patch(mean_acts, layer, setup.last_slots, dims.n_heads, dims.head_dim,
                                first_row=(layer - first) * group)
             edit = EditInput(adapters.resolve_out_proj(model, spec, layer), patch)

@@ -52,7 +52,10 @@ def head_inputs(lm, inputs) -> torch.Tensor:
         lm.model(**inputs)
     if td.not_fired:
         raise FvkitError(f"hooks on {td.not_fired} never ran; the spec's out-projection path is not on the forward path")
-    per_layer = [split_heads(td[n].input, lm.dims.n_heads, lm.dims.head_dim) for n in names]
+    # Layers may run on different devices and in half precision: the stack is kept on the
+    # CPU in float32, where the means are taken (a no-op for a float32 CPU model).
+    per_layer = [split_heads(td[n].input.to(device="cpu", dtype=torch.float32), lm.dims.n_heads, lm.dims.head_dim)
+                 for n in names]
     return torch.vstack(per_layer).permute(0, 2, 1, 3)
 
 

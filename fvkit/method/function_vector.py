@@ -17,6 +17,7 @@ import torch
 
 from fvkit.models import adapters
 from fvkit.errors import FvkitError
+from fvkit.models.placement import to_module
 
 #: Decimals of the scores in the head list (the reference's rounding).
 SCORE_DECIMALS = 4
@@ -41,5 +42,8 @@ def compute_function_vector(lm, mean_acts: torch.Tensor, top_heads: list) -> tor
             o_proj = adapters.resolve_out_proj(lm.model, lm.spec, layer)
             x = torch.zeros(width)
             x[head * dims.head_dim:(head + 1) * dims.head_dim] = mean_acts[layer, head, -1]
-            fv += o_proj(x.reshape(1, 1, width).to(lm.model.dtype))
+            # Computed where the out-projection is (a GPU, disk-offloaded weights loaded by
+            # accelerate's hook), in its dtype; summed on the CPU in float32 like the reference.
+            out = o_proj(to_module(x.reshape(1, 1, width), o_proj, default_dtype=lm.model.dtype))
+            fv += out.to(device=fv.device, dtype=fv.dtype)
     return fv.reshape(1, dims.hidden_size)

@@ -20,6 +20,7 @@ import torch
 
 from fvkit.errors import FvkitError
 from fvkit.models import adapters
+from fvkit.models.placement import to_like
 
 
 def head_patch(mean_acts: torch.Tensor, layer: int, slots: Sequence[int], n_heads: int, head_dim: int,
@@ -36,9 +37,10 @@ def head_patch(mean_acts: torch.Tensor, layer: int, slots: Sequence[int], n_head
         x = x.clone()
         view = x.view(*x.shape[:-1], n_heads, head_dim)
         # The reference patches once per token labelled as the last one: with several
-        # such slots, the last one wins.
+        # such slots, the last one wins. The mean activations stay on the CPU in float32;
+        # the values go where the out-projection's input is (a GPU, half precision).
         for slot in slots:
-            view[rows, -1, heads] = mean_acts[layer, heads, slot].to(x.dtype)
+            view[rows.to(x.device), -1, heads.to(x.device)] = to_like(mean_acts[layer, heads, slot], x)
         return x
 
     return fn

@@ -25,6 +25,7 @@ from fvkit.errors import FvkitError
 from fvkit.progress import progress
 from fvkit.method.prompts import DEFAULT_TEMPLATE, Template
 from fvkit.method.stage_inputs import answer_ids, n_used, trial_prompt
+from fvkit.models.placement import to_like
 from fvkit.models.tracer import Trace, first_tensor, replace_first_tensor
 
 EVAL_STAGES = ("zero_shot", "shuffled")
@@ -38,7 +39,7 @@ def inject(lm, layer: int, vector: torch.Tensor, position: int = -1):
 
     def add(output):
         hidden = first_tensor(output).clone()
-        hidden[:, position] += vec.to(hidden.dtype)
+        hidden[:, position] += to_like(vec, hidden)  # the block's device and dtype, wherever it runs
         return replace_first_tensor(output, hidden)
 
     name = adapters.block_name(lm.spec, layer)

@@ -3,6 +3,8 @@
     lm = load_model("tiny-llama")                  # zoo alias
     lm = load_model("/path/to/checkpoint")         # local directory
     lm = load_model("gpt2", device="cuda", dtype="fp16", parity=False)
+    lm = load_model("big/model", device="cuda", dtype="bf16", device_map="auto",
+                    max_memory="0=20GiB,cpu=60GiB", offload_dir="/tmp/offload", parity=False)
     print(lm.diagnostics_table())
     d = describe_model("tiny-llama")               # spec and dimensions from the config, no weights
 
@@ -17,8 +19,10 @@ A model whose architecture the installed transformers release does not have
 :class:`fvkit.errors.UnsupportedReleaseError` before anything is built or loaded.
 
 Parity mode (the default) reproduces the reference's numbers only on CPU in
-float32 without quantization; anything else is refused with
-:class:`fvkit.errors.ParityModeError`.
+float32 without quantization or device map; anything else is refused with
+:class:`fvkit.errors.ParityModeError`. Outside it, :mod:`fvkit.models.placement`
+checks the device, dtype, quantization and accelerate's placement options before
+any weight is read, and makes CPU-tokenized inputs reach the model.
 """
 
 from __future__ import annotations
@@ -36,11 +40,10 @@ from fvkit.errors import FvkitError, ParityModeError, SpecError
 from fvkit.models.config import ModelDims, dims_from_config
 from fvkit.models.parity_setting import PARITY_DEVICE, PARITY_DTYPE, PARITY_QUANT
 from fvkit.models.release import check_release
+from fvkit.models import placement
+from fvkit.models.placement import DTYPES, QUANTS, Placement
 from fvkit.models.spec import ModelSpec, find_spec, get_spec
 from fvkit.models.tokenizers import adds_bos
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-QUANTS = ("none", "8bit", "4bit")
 
 #: How many models :func:`load_model` has loaded in this process (tests use it to
 #: check that a session shares its models instead of reloading them).
@@ -82,6 +85,8 @@ class LoadedModel:
     weights_sha256: Optional[str] = None
     load_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    #: accelerate's module -> device map when the model is spread over devices, else None.
+    device_map: Optional[dict] = None
 
     def out_proj_names(self) -> list:
         return [adapters.out_proj_name(self.spec, layer) for layer in range(self.dims.n_layers)]
@@ -103,6 +108,7 @@ class LoadedModel:
                 "out_proj": adapters.out_proj_name(self.spec, layer),
                 "out_proj_class": type(module).__name__,
                 "out_proj_in_features": adapters.out_proj_in_features(module),
+                "out_proj_device": str(placement.module_device(module)),
             })
         return {
             "name": self.name,
@@ -118,6 +124,8 @@ class LoadedModel:
             "dtype": self.dtype,
             "device": self.device,
             "quant": self.quant,
+            "device_map": self.device_map,
+            "threads": torch.get_num_threads(),
             "transformers": transformers.__version__,
             "torch": torch.__version__,
             "weights_sha256": self.weights_sha256,
@@ -137,6 +145,8 @@ class LoadedModel:
             ("BOS policy", f"spec prepend_bos={d['spec_prepend_bos']}, tokenizer adds BOS: "
                            f"{'yes' if d['tokenizer_adds_bos'] else 'no'}, bos_text={d['bos_text']!r}"),
             ("dtype / device / quant", f"{d['dtype']} / {d['device']} / {d['quant']}"),
+            ("device map", _map_text(d["device_map"])),
+            ("threads", str(d["threads"])),
             ("transformers / torch", f"{d['transformers']} / {d['torch']}"),
             ("weights sha256", d["weights_sha256"] or "(not a zoo model)"),
             ("load time", f"{d['load_seconds']} s"),
@@ -152,8 +162,22 @@ class LoadedModel:
         return "\n".join(lines)
 
 
-def check_parity_settings(device: str, dtype: str, quant: str) -> None:
+def _map_text(device_map: Optional[dict]) -> str:
+    """``cuda:0 x31, disk x2`` for a dispatched model; ``none`` for one on a single device."""
+    if not device_map:
+        return "none"
+    counts = {}
+    for device in device_map.values():
+        counts[device] = counts.get(device, 0) + 1
+    return ", ".join(f"{device} x{n}" for device, n in counts.items())
+
+
+def check_parity_settings(device: str, dtype: str, quant: str, device_map: Optional[str] = None) -> None:
     """Refuse, with the fix, any setting under which the reference's numbers differ."""
+    if device_map is not None:
+        raise ParityModeError(
+            f"parity mode runs the whole model on {PARITY_DEVICE}; got device_map={device_map}: drop "
+            f"--device-map, or leave parity mode (parity=False) for exploratory runs")
     wrong = [(name, value, fix) for name, value, fix in (
         ("device", device, PARITY_DEVICE), ("dtype", dtype, PARITY_DTYPE), ("quant", quant, PARITY_QUANT))
         if value != fix]
@@ -164,23 +188,6 @@ def check_parity_settings(device: str, dtype: str, quant: str) -> None:
             f"defined for CPU float32 without quantization; pass --{name} {fix}, or leave parity "
             f"mode (parity=False) for exploratory runs"
         )
-
-
-def _check_settings(device: str, dtype: str, quant: str) -> None:
-    if dtype not in DTYPES:
-        raise FvkitError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
-    if quant not in QUANTS:
-        raise FvkitError(f"unknown quant '{quant}'; choose one of {', '.join(QUANTS)}")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise FvkitError(f"unknown device '{device}'; use e.g. cpu, cuda, cuda:1 or mps") from None
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise FvkitError(f"device '{device}' is not available on this machine ({reason}); "
-                         f"use --device cpu") from None
 
 
 def _resolve_source(name_or_path: str):
@@ -253,12 +260,8 @@ def _pick_spec(name: str, source: str, entry, config, model_spec: Optional[str])
 def _quant_kwargs(quant: str) -> dict:
     if quant == "none":
         return {}
-    try:
-        from transformers import BitsAndBytesConfig
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise FvkitError(f"quant={quant} needs the bitsandbytes package and a CUDA device; "
-                         f"run `pip install bitsandbytes`, or use --quant none") from None
+    from transformers import BitsAndBytesConfig
+
     if quant == "8bit":
         return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
     return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")}
@@ -310,13 +313,21 @@ def quiet_progress_bars():
 
 
 def load_model(name_or_path: str, model_spec: Optional[str] = None, device: str = "cpu",
-               dtype: str = "fp32", quant: str = "none", parity: bool = True) -> LoadedModel:
-    """Load a model for fvkit (see module docstring)."""
+               dtype: str = "fp32", quant: str = "none", parity: bool = True, device_map: Optional[str] = None,
+               max_memory=None, offload_dir: Optional[str] = None) -> LoadedModel:
+    """Load a model for fvkit (see module docstring).
+
+    ``device_map`` (``"auto"``, ...), ``max_memory`` (``{0: "20GiB", "cpu": "60GiB"}`` or
+    ``"0=20GiB,cpu=60GiB"``) and ``offload_dir`` are accelerate's placement options for a model
+    larger than one device; ``dtype`` takes fvkit's short names or torch's (``bfloat16``).
+    """
+    settings = Placement.from_options(device=device, dtype=dtype, quant=quant, device_map=device_map,
+                                      max_memory=max_memory, offload_dir=offload_dir)
     if parity:
-        check_parity_settings(device, dtype, quant)
-    _check_settings(device, dtype, quant)
+        check_parity_settings(settings.device, settings.dtype, settings.quant, settings.device_map)
+    settings.check()
     with quiet_progress_bars():
-        return _load(name_or_path, model_spec, device, dtype, quant)
+        return _load(name_or_path, model_spec, settings)
 
 
 @dataclass(frozen=True)
@@ -360,7 +371,7 @@ def describe_model(name_or_path: str, model_spec: Optional[str] = None) -> Model
                             config=config)
 
 
-def _load(name_or_path, model_spec, device, dtype, quant) -> LoadedModel:
+def _load(name_or_path, model_spec, settings: Placement) -> LoadedModel:
     global LOAD_COUNT
     import time
 
@@ -374,11 +385,28 @@ def _load(name_or_path, model_spec, device, dtype, quant) -> LoadedModel:
     # memory-mapped file, 5.x builds the model on the meta device); with the flag, 4.49's
     # resident set came out the same or higher (benchmarks/bench_run_memory.py).
     # The config describe_model already read, so it is not fetched and parsed again.
+    device, dtype, quant = settings.device, settings.dtype, settings.quant
+    where = settings.from_pretrained_kwargs()
+    if quant != "none" and not where:
+        where = {"device_map": {"": device}}  # bitsandbytes quantizes while placing the weights
     model = AutoModelForCausalLM.from_pretrained(
-        source, config=described.config, attn_implementation="eager", **dtype_kwargs(DTYPES[dtype]),
-        **_quant_kwargs(quant))
-    if quant == "none":
+        source, config=described.config, attn_implementation="eager", **dtype_kwargs(settings.torch_dtype),
+        **_quant_kwargs(quant), **where)
+    if not where:
         model = model.to(device)
+    device_map = placement.device_map_summary(model) if settings.device_map else None
+    if device_map is not None:
+        device = str(placement.input_device(model))
+        missing = placement.missing_offloaded_weights(model)
+        if missing:
+            import transformers
+
+            raise FvkitError(
+                f"model '{name_or_path}': transformers {transformers.__version__} offloaded "
+                f"{', '.join(missing)} without storing a copy (a weight shared with another module), "
+                f"so it cannot be loaded when its module runs; give --max-memory room to keep it in "
+                f"memory, or use a newer transformers (5.x stores it)")
+    placement.follow_model_inputs(model)
     model.eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -386,7 +414,8 @@ def _load(name_or_path, model_spec, device, dtype, quant) -> LoadedModel:
 
     digest = None
     metadata = zoo.read_metadata(source) if os.path.isdir(source) else None
-    if metadata and metadata.get("weights_sha256") and dtype == "fp32" and quant == "none":
+    # An offloaded model's weights are read from disk only while a module runs: no hash then.
+    if metadata and metadata.get("weights_sha256") and dtype == "fp32" and quant == "none" and not device_map:
         digest = zoo.weights_sha256(model)
         if digest != metadata["weights_sha256"]:
             raise FvkitError(
@@ -397,4 +426,4 @@ def _load(name_or_path, model_spec, device, dtype, quant) -> LoadedModel:
     LOAD_COUNT += 1
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, dims=dims, name=name_or_path,
                        source=source, device=device, dtype=dtype, quant=quant,
-                       weights_sha256=digest, load_seconds=time.time() - start)
+                       weights_sha256=digest, load_seconds=time.time() - start, device_map=device_map)

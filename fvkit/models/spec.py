@@ -12,6 +12,11 @@ The built-in specs come from the family files in :mod:`fvkit.models.architecture
 (one file per architecture, which also holds its zoo models and reference
 branch); :func:`register` adds others at run time.
 
+Outside parity mode (a GPU, half precision, a model spread by accelerate) the
+modules a spec names are used where they were placed: fvkit asks each one for
+its device and dtype (:mod:`fvkit.models.placement`) and puts what it creates
+for that module there, never assuming one device for the whole model.
+
 ``prepend_bos`` keeps the reference's meaning: True says *the tokenizer adds a
 BOS token by itself*, so no BOS text is written into the prompt; False says it
 does not, so ``bos_text`` is written at the start of every prompt.

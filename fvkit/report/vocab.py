@@ -15,6 +15,7 @@ import torch
 
 from fvkit.models import adapters
 from fvkit.errors import FvkitError
+from fvkit.models.placement import to_module
 
 #: Probabilities are reported to this many decimals (the reference's decoding rounds to 5).
 PROB_DECIMALS = 5
@@ -27,12 +28,12 @@ def vector_logits(lm, fv: torch.Tensor) -> torch.Tensor:
         raise FvkitError(f"function vector has {fv.numel()} entries, the model's hidden size is {hidden}")
     norm = adapters.resolve_final_norm(lm.model, lm.spec)
     head = adapters.resolve_lm_head(lm.model, lm.spec)
-    param = next(head.parameters(), None)
-    dtype = param.dtype if param is not None else torch.float32
-    device = param.device if param is not None else torch.device("cpu")
     with torch.no_grad():
-        x = fv.reshape(1, 1, hidden).to(device=device, dtype=dtype)
-        logits = head(norm(x)).reshape(-1).float()
+        # Where the final norm runs and in its dtype (an offloaded module's weights are on
+        # ``meta`` between calls); accelerate's hook moves the result on to the head.
+        first = norm if any(True for _ in norm.parameters()) else head  # a model without final norm
+        x = to_module(fv.reshape(1, 1, hidden), first, default_dtype=lm.model.dtype)
+        logits = head(norm(x)).reshape(-1).float().cpu()
     cap = getattr(lm.model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
