@@ -28,3 +28,7 @@ class SnapshotError(FvkitError):
 
 class DataWarning(UserWarning):
     """Data that is usable but probably not what was meant (duplicate rows, for one)."""
+
+
+class InjectionWarning(DataWarning):
+    """An injected vector too small against the residual stream to change any prediction."""

@@ -89,6 +89,15 @@ def resolve_out_proj(model: torch.nn.Module, spec: ModelSpec, layer: int) -> tor
     return get_submodule(attn, spec.out_proj_path_in_attn, spec=spec, field="out_proj_path_in_attn")
 
 
+def resolve_attn_output_norm(model: torch.nn.Module, spec: ModelSpec, layer: int) -> torch.nn.Module:
+    """The norm block ``layer`` applies to its attention output (the spec's ``attn_output_norm``)."""
+    if spec.attn_output_norm is None:
+        raise SpecError(f"ModelSpec '{spec.name}' declares no attn_output_norm: its blocks add the "
+                        f"out-projection's output to the residual stream as it is")
+    block = resolve_block(model, spec, layer)
+    return get_submodule(block, spec.attn_output_norm, spec=spec, field="attn_output_norm")
+
+
 def resolve_final_norm(model: torch.nn.Module, spec: ModelSpec) -> torch.nn.Module:
     return get_submodule(model, spec.final_norm_path, spec=spec, field="final_norm_path")
 
@@ -107,6 +116,10 @@ def attn_name(spec: ModelSpec, layer: int) -> str:
 
 def out_proj_name(spec: ModelSpec, layer: int) -> str:
     return f"{attn_name(spec, layer)}.{spec.out_proj_path_in_attn}"
+
+
+def attn_output_norm_name(spec: ModelSpec, layer: int) -> str:
+    return f"{block_name(spec, layer)}.{spec.attn_output_norm}"
 
 
 def is_conv1d(module) -> bool:

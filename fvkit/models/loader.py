@@ -276,6 +276,9 @@ def resolve_all_layers(model: torch.nn.Module, spec: ModelSpec, dims: ModelDims)
                 f"features, not n_heads*head_dim = {dims.n_heads}*{dims.head_dim} = "
                 f"{dims.attn_width}; the out_proj path or the config's head geometry is wrong"
             )
+        if spec.attn_output_norm is not None:
+            # A wrong norm path fails at load, not after the whole run.
+            adapters.resolve_attn_output_norm(model, spec, layer)
     adapters.resolve_final_norm(model, spec)
     adapters.resolve_lm_head(model, spec)
 

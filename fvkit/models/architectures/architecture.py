@@ -75,6 +75,11 @@ class ModelSpec:
     architectures: tuple = ()
     model_id_patterns: tuple = ()
     description: str = ""
+    #: Dotted path, inside a block, of the norm that the block applies to the attention
+    #: output before adding it to the residual stream (Gemma 2 and 3:
+    #: ``post_attention_layernorm``); None where the out-projection's output is added
+    #: as it is. Only the vector "as the block writes it" uses it, never the parity gates.
+    attn_output_norm: Optional[str] = None
 
     def validate(self) -> "ModelSpec":
         if not isinstance(self.name, str) or not self.name.strip():
@@ -98,6 +103,13 @@ class ModelSpec:
                         f"ModelSpec '{self.name}': field '{fname}'={value!r} has an empty "
                         f"path component; write it like 'model.layers'"
                     )
+        if self.attn_output_norm is not None and (
+                not isinstance(self.attn_output_norm, str)
+                or any(not part.strip() for part in self.attn_output_norm.split("."))):
+            raise SpecError(
+                f"ModelSpec '{self.name}': field 'attn_output_norm'={self.attn_output_norm!r} must be None or "
+                f"a dotted module path inside a block (e.g. 'post_attention_layernorm')"
+            )
         if not isinstance(self.prepend_bos, bool):
             raise SpecError(f"ModelSpec '{self.name}': field 'prepend_bos' must be True or False")
         if not self.prepend_bos and not self.bos_text:
