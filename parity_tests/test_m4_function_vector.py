@@ -48,7 +48,11 @@ def test_function_vector(parity, parity_model, lm, gate_context):
     result = parity.pipeline(parity_model)
     edit_layer = gate_context.settings.edit_layer
     failures, changes = injection_guard(result, edit_layer)
-    gate_context.recorder.add(metrics={"injection_max_abs_logit_change": changes})
+    # The vector's size against the residual stream, and the warning when it is below 1%:
+    # an injection that small shows no effect whatever the heads do.
+    gate_context.recorder.add(metrics={"injection_max_abs_logit_change": changes,
+                                       "vector_scale": result.vector_scale.get("function_vector")},
+                              notes=result.scale_warnings() or None)
     logits_of = EvalLogits(lm, parity.dataset, parity.trials, result.function_vector, edit_layer)
     gate.check(parity.comparable(parity_model), guard_failures=failures,
                adjust=lambda ours, ref: resolve_rank_ties(ours, ref, logits_of))
