@@ -231,7 +231,8 @@ RANDOM_WEIGHTS_TEXT = ("Random weights (a zoo recipe, not a trained checkpoint):
 TRAINED_TEXT = ("Trained checkpoint: the accuracies and effects below are what the gates compared with the "
                 "reference's.")
 #: The legend under every table that may hold a "-" cell.
-DASH_LEGEND = "-: no number (the gate did not run for this model, or no reference result was available)."
+DASH_LEGEND = ("-: no reference number (no live reference run or stored snapshot for these settings, or a row "
+               "the reference's M4 result does not hold, such as the layer sweep's best layer).")
 
 
 def _results_table(metrics: dict, reference: dict) -> str:
