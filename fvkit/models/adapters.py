@@ -89,11 +89,11 @@ def resolve_out_proj(model: torch.nn.Module, spec: ModelSpec, layer: int) -> tor
     return get_submodule(attn, spec.out_proj_path_in_attn, spec=spec, field="out_proj_path_in_attn")
 
 
-def resolve_attn_output_norm(model: torch.nn.Module, spec: ModelSpec, layer: int) -> torch.nn.Module:
-    """The norm block ``layer`` applies to its attention output (the spec's ``attn_output_norm``)."""
+def resolve_attn_output_norm(model: torch.nn.Module, spec: ModelSpec, layer: int):
+    """The norm a block applies to its attention output (``spec.attn_output_norm``), or None
+    where the spec declares none."""
     if spec.attn_output_norm is None:
-        raise SpecError(f"ModelSpec '{spec.name}' declares no attn_output_norm: its blocks add the "
-                        f"out-projection's output to the residual stream as it is")
+        return None
     block = resolve_block(model, spec, layer)
     return get_submodule(block, spec.attn_output_norm, spec=spec, field="attn_output_norm")
 
@@ -118,8 +118,9 @@ def out_proj_name(spec: ModelSpec, layer: int) -> str:
     return f"{attn_name(spec, layer)}.{spec.out_proj_path_in_attn}"
 
 
-def attn_output_norm_name(spec: ModelSpec, layer: int) -> str:
-    return f"{block_name(spec, layer)}.{spec.attn_output_norm}"
+def attn_output_norm_name(spec: ModelSpec, layer: int):
+    """Dotted name of ``layer``'s attention-output norm, or None where the spec declares none."""
+    return None if spec.attn_output_norm is None else f"{block_name(spec, layer)}.{spec.attn_output_norm}"
 
 
 def is_conv1d(module) -> bool:

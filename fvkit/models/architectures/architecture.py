@@ -58,6 +58,15 @@ class ModelSpec:
     ``prepend_bos`` keeps the reference's meaning: True says *the tokenizer adds
     a BOS token by itself*, so no BOS text is written into the prompt; False
     says it does not, so ``bos_text`` is written at the start of every prompt.
+
+    ``attn_output_norm`` is the path, inside a block, of a norm the block applies
+    to the attention output before adding it to the residual stream (Gemma 2/3's
+    ``post_attention_layernorm``), or None where the out-projection's output is
+    added as it is (every other family). The reference builds the function vector
+    from out-projection outputs alone, so parity numbers never use it; it lets
+    fvkit also build the vector as the block writes it. A name is not enough to
+    declare it: LLaMA-style blocks use ``post_attention_layernorm`` for the norm
+    *before the MLP*, which reads the residual stream, not the attention output.
     """
 
     name: str
@@ -72,14 +81,10 @@ class ModelSpec:
     n_heads: Optional[int] = None
     head_dim: Optional[int] = None
     hidden_size: Optional[int] = None
+    attn_output_norm: Optional[str] = None
     architectures: tuple = ()
     model_id_patterns: tuple = ()
     description: str = ""
-    #: Dotted path, inside a block, of the norm that the block applies to the attention
-    #: output before adding it to the residual stream (Gemma 2 and 3:
-    #: ``post_attention_layernorm``); None where the out-projection's output is added
-    #: as it is. Only the vector "as the block writes it" uses it, never the parity gates.
-    attn_output_norm: Optional[str] = None
 
     def validate(self) -> "ModelSpec":
         if not isinstance(self.name, str) or not self.name.strip():
@@ -104,11 +109,11 @@ class ModelSpec:
                         f"path component; write it like 'model.layers'"
                     )
         if self.attn_output_norm is not None and (
-                not isinstance(self.attn_output_norm, str)
+                not isinstance(self.attn_output_norm, str) or "|" in self.attn_output_norm
                 or any(not part.strip() for part in self.attn_output_norm.split("."))):
             raise SpecError(
-                f"ModelSpec '{self.name}': field 'attn_output_norm'={self.attn_output_norm!r} must be None or "
-                f"a dotted module path inside a block (e.g. 'post_attention_layernorm')"
+                f"ModelSpec '{self.name}': field 'attn_output_norm'={self.attn_output_norm!r} must be "
+                f"None or one dotted module path inside a block (e.g. 'post_attention_layernorm')"
             )
         if not isinstance(self.prepend_bos, bool):
             raise SpecError(f"ModelSpec '{self.name}': field 'prepend_bos' must be True or False")
@@ -222,12 +227,12 @@ class ZooEntry:
         if self.source == "random" and (self.gguf is not None or not self.config):
             raise SpecError(f"{where}: zoo model '{self.alias}' is built from a config "
                             f"(source='random'), so it needs a non-empty config and no gguf")
-        if self.trained and self.source == "random":
-            raise SpecError(f"{where}: zoo model '{self.alias}' is built with random weights "
-                            f"(source='random'), so it cannot be trained=True")
         if self.source not in ("random", "gguf"):
             raise SpecError(f"{where}: zoo model '{self.alias}' has source '{self.source}'; "
                             f"use 'random' (built from config) or 'gguf'")
+        if self.trained and self.source == "random":
+            raise SpecError(f"{where}: zoo model '{self.alias}' is built with random weights "
+                            f"(source='random'), so it cannot be trained=True")
         return self
 
 
