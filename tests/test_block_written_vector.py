@@ -208,3 +208,35 @@ def test_a_full_size_vector_does_not_warn(zoo_model, antonym, few_trials):
                               show_progress=False)
     assert result.scale_warnings() == []
     assert result.vector_scale["function_vector"]["ratio"] > MIN_VECTOR_TO_RESIDUAL
+
+
+@pytest.mark.filterwarnings("ignore::fvkit.errors.InjectionWarning")
+def test_fvkit_run_writes_both_vectors_and_the_page_shows_them(tiny_gemma2, few_trials, tmp_path, monkeypatch,
+                                                               capsys):
+    from fvkit.cli.main import main
+    from fvkit.models import spec as model_spec
+
+    model_dir = tmp_path / "tiny-gemma2"
+    tiny_gemma2.model.save_pretrained(model_dir)
+    tiny_gemma2.tokenizer.save_pretrained(model_dir)
+    monkeypatch.setitem(model_spec._REGISTRY, GEMMA2_SPEC.name, GEMMA2_SPEC)
+    trials_file = tmp_path / "trials.json"
+    few_trials.save(trials_file)
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(model_dir), "--model-spec", GEMMA2_SPEC.name, "--fixed-trials",
+                 str(trials_file), "--max-trials", "1", "--n-top-heads", "4", "--edit-layer", "1",
+                 "--ie-mode", "exact", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "block written vector: norm" in printed and "vector as the block writes it" in printed
+    for name in ("block_written_vector.pt", "eval_block_written.json"):
+        assert (out / name).is_file()
+    run = json.loads((out / "run.json").read_text())
+    assert set(run["vector_scale"]) == {"function_vector", "block_written_vector"}
+    assert run["block_written_vector"]["attn_output_norm"] == "post_attention_layernorm"
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "Vector size against the residual stream" in page and "The vector as the block writes it" in page
+    assert "mean L2 norm of the output of block 1 at the last token" in page
+    # This random Gemma 2's reference-defined vector is below 1% of its residual stream.
+    assert run["vector_scale"]["function_vector"]["negligible"]
+    assert run["warnings"] and run["warnings"][0].startswith("the reference-defined function vector has norm")
+    assert "warning: the reference-defined function vector has norm" in page
