@@ -3,6 +3,7 @@
 import dataclasses
 import html
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,3 +77,16 @@ def test_no_best_layer_when_every_layer_ties():
 def test_gate_table_explains_dash_cells():
     page = render_html({"summary": {"tiny-llama": {"M1": "PASS"}, "tiny-gpt2": {"M2": "PASS"}}})
     assert '<td class="none">-</td>' in page and "-: the gate did not run for this model" in page
+
+
+def test_the_page_reads_the_reference_from_the_stored_m4_snapshot(tmp_path):
+    from fvkit.parity.session import M4_SNAPSHOT_DIR, stored_m4_reference
+
+    root = Path(__file__).resolve().parents[1]
+    stored = sorted((root / M4_SNAPSHOT_DIR).glob("test_function_vector[[]tiny-llama[]]*.json"))
+    assert stored, "tiny-llama's M4 snapshots are committed"
+    value = stored_m4_reference(stored[0])
+    assert {"top_heads", "zero_shot", "shuffled", "baseline"} <= set(value)
+    assert stored_m4_reference(tmp_path / "absent.json") is None
+    (tmp_path / "bad.json").write_text("{not json")
+    assert stored_m4_reference(tmp_path / "bad.json") is None
