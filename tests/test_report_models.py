@@ -10,7 +10,7 @@ import torch
 
 from fvkit.errors import SpecError
 from fvkit.models.zoo import ZOO, is_trained
-from fvkit.report.page import DASH_LEGEND, RANDOM_WEIGHTS_TEXT, TRAINED_TEXT, render_html
+from fvkit.report.page import DASH_LEGEND, RANDOM_WEIGHTS_TEXT, TRAINED_TEXT, WITH_REFERENCE_TEXT, render_html
 from fvkit.report.run_files import report_entry, run_metrics, sweep_ties
 
 topk = lambda a: [[1, a], [2, a], [3, a]]
@@ -49,7 +49,7 @@ def test_trained_and_random_sections_say_what_they_prove():
     page = render_html({}, models)
     trained, tiny = _section(page, "smollm2-135m"), _section(page, "tiny-llama")
     said = lambda text: html.escape(text, quote=True)
-    assert said(TRAINED_TEXT) in trained and said(RANDOM_WEIGHTS_TEXT) not in trained
+    assert said(TRAINED_TEXT + WITH_REFERENCE_TEXT) in trained and said(RANDOM_WEIGHTS_TEXT) not in trained
     assert said(RANDOM_WEIGHTS_TEXT) in tiny and said(TRAINED_TEXT) not in tiny
     # The reference's accuracies beside fvkit's, with the legend for '-' cells.
     assert "<th>fvkit</th><th>reference</th>" in trained

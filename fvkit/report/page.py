@@ -228,8 +228,9 @@ def _figure(data: Optional[bytes], alt: str, caption: str) -> str:
 RANDOM_WEIGHTS_TEXT = ("Random weights (a zoo recipe, not a trained checkpoint): every accuracy is 0 and the "
                        "indirect effects are float noise, so this section tests plumbing only, that fvkit "
                        "computes what the reference computes, not that the method finds anything.")
-TRAINED_TEXT = ("Trained checkpoint: the accuracies and effects below are what the gates compared with the "
-                "reference's.")
+TRAINED_TEXT = "Trained checkpoint: its accuracies and indirect effects carry signal."
+#: Added where the reference's numbers stand beside fvkit's.
+WITH_REFERENCE_TEXT = " The reference's numbers (its live run, else its stored M4 snapshot) stand beside fvkit's."
 #: The legend under every table that may hold a "-" cell.
 DASH_LEGEND = ("-: no reference number (no live reference run or stored snapshot for these settings, or a row "
                "the reference's M4 result does not hold, such as the layer sweep's best layer).")
@@ -299,7 +300,10 @@ def _block_written_section(info: dict) -> str:
 def _model_section(name: str, info: dict, entry: dict) -> str:
     parts = [f'<div class="model"><h2>{_e(name)}</h2>']
     if "trained" in info:
-        parts.append(f"<p class='meta'>{_e(TRAINED_TEXT if info['trained'] else RANDOM_WEIGHTS_TEXT)}</p>")
+        text = TRAINED_TEXT if info["trained"] else RANDOM_WEIGHTS_TEXT
+        if info["trained"] and (info.get("reference") or {}).get("metrics"):
+            text += WITH_REFERENCE_TEXT
+        parts.append(f"<p class='meta'>{_e(text)}</p>")
     metrics = info.get("metrics") or {}
     if metrics:
         parts.append(_results_table(metrics, info.get("reference")))
