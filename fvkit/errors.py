@@ -37,3 +37,6 @@ class UnsupportedReleaseError(FvkitError):
 class DataWarning(UserWarning):
     """Data that is usable but probably not what was meant (duplicate rows, for one)."""
 
+
+class InjectionWarning(DataWarning):
+    """An injected vector too small against the residual stream to change any prediction."""

@@ -24,7 +24,9 @@ from fvkit import __version__
 from fvkit.models import adapters
 from fvkit.method.activations import mean_head_activations
 from fvkit.errors import DataError, FvkitError
+from fvkit.method.block_vector import block_written_vector
 from fvkit.method.function_vector import compute_function_vector, select_top_heads
+from fvkit.method.vector_scale import negligible_text, residual_norms, vector_scale, warn_if_negligible
 from fvkit.fast.indirect_effect import fast_trial
 from fvkit.method.indirect_effect import exact_trial, indirect_effects as effects_over_trials
 from fvkit.fast.run_evaluations import DEFAULT_EVAL_METHOD, run_baseline, run_evaluations
@@ -48,9 +50,15 @@ RUN_FILES = (
 #: sweep ones only with ``--edit-layer all``.
 ARTIFACT_FILES = ("cie_heatmap.png", "decoded_tokens.json", "report.html")
 SWEEP_FILES = ("layer_sweep.json", "layer_sweep.png")
+#: Files of the vector as the block writes it (:mod:`fvkit.method.block_vector`), only
+#: where the spec declares an attention-output norm.
+BLOCK_WRITTEN_FILES = ("block_written_vector.pt", "eval_block_written.json")
 #: Every name a run directory may hold: anything else is the user's, and a
 #: directory holding it is never replaced.
-KNOWN_RUN_FILES = RUN_FILES + ARTIFACT_FILES + SWEEP_FILES
+KNOWN_RUN_FILES = RUN_FILES + ARTIFACT_FILES + SWEEP_FILES + BLOCK_WRITTEN_FILES
+#: How reports name the two vectors.
+REFERENCE_VECTOR = "the reference-defined function vector"
+BLOCK_WRITTEN_VECTOR = "the function vector as the block writes it"
 
 
 #: ``--ie-mode`` -> the function computing one trial's (n_layers, n_heads) effects.
@@ -92,6 +100,18 @@ class PipelineResult:
     evaluation: dict = field(default_factory=dict)
     #: The layer sweep, when the run computed it with its evaluations (``sweep=True``).
     sweep: Optional[dict] = None
+    #: "function_vector" (and "block_written_vector" when built) -> the vector's norm
+    #: against the residual stream at the edit layer (:func:`fvkit.method.vector_scale.vector_scale`).
+    vector_scale: dict = field(default_factory=dict)
+    #: The vector as the block writes it and its evaluations, or None (the spec declares no
+    #: attention-output norm, or the run did not ask for it). Never part of ``comparable()``.
+    block_written: Optional[dict] = None
+
+    def scale_warnings(self) -> list:
+        """One line per vector below MIN_VECTOR_TO_RESIDUAL of the residual stream."""
+        names = {"function_vector": REFERENCE_VECTOR, "block_written_vector": BLOCK_WRITTEN_VECTOR}
+        return [negligible_text(scale, names.get(key, key)) for key, scale in self.vector_scale.items()
+                if scale.get("negligible")]
 
     def comparable(self) -> dict:
         """The layout the reference runner returns, with plain Python numbers: ``meta`` and
@@ -154,9 +174,12 @@ def check_run_settings(lm, dataset, trials, *, n_top_heads: int, edit_layer: Opt
 def run_pipeline(lm, dataset, trials, *, n_top_heads: int = DEFAULT_N_TOP_HEADS,
                  edit_layer: Optional[int] = None, max_trials: Optional[int] = None, ie_mode: str = DEFAULT_IE_MODE,
                  template: Template = DEFAULT_TEMPLATE, show_progress: bool = True, sweep: bool = False,
-                 eval_method: str = DEFAULT_EVAL_METHOD, eval_ties: str = "rerun") -> PipelineResult:
+                 eval_method: str = DEFAULT_EVAL_METHOD, eval_ties: str = "rerun",
+                 block_written: bool = False) -> PipelineResult:
     """Every stage; ``sweep`` adds the layer sweep, read from the evaluations' own passes
-    (``eval_method``/``eval_ties``: see :mod:`fvkit.fast.run_evaluations`)."""
+    (``eval_method``/``eval_ties``: see :mod:`fvkit.fast.run_evaluations`); ``block_written``
+    also builds and evaluates the vector as the block writes it where the spec declares an
+    attention-output norm (``fvkit run`` does, the parity gates do not)."""
     edit_layer = check_run_settings(lm, dataset, trials, n_top_heads=n_top_heads, edit_layer=edit_layer,
                                     max_trials=max_trials, template=template)
     timings = {}
@@ -188,6 +211,21 @@ def run_pipeline(lm, dataset, trials, *, n_top_heads: int = DEFAULT_N_TOP_HEADS,
     zs, sh = evals.zero_shot, evals.shuffled
     base, base_info = timed("eval_baseline", run_baseline, lm, dataset, trials, fv, edit_layer, template,
                             method=eval_method, ties=eval_ties, show_progress=show_progress)
+    norms = timed("residual_norm", residual_norms, lm, dataset, trials, edit_layer, template)
+    scales = {"function_vector": vector_scale(fv, norms, edit_layer)}
+    warn_if_negligible(scales["function_vector"], REFERENCE_VECTOR)
+    written = None
+    if block_written and lm.spec.attn_output_norm is not None:
+        start = time.perf_counter()
+        fv_block = block_written_vector(lm, mean_acts, heads)
+        timings["block_written_vector"] = round(time.perf_counter() - start, 4)
+        scales["block_written_vector"] = vector_scale(fv_block, norms, edit_layer)
+        warn_if_negligible(scales["block_written_vector"], BLOCK_WRITTEN_VECTOR)
+        written = {"attn_output_norm": lm.spec.attn_output_norm, "vector": fv_block}
+        block_evals = run_evaluations(lm, dataset, trials, fv_block, edit_layer, template, method=eval_method,
+                                      ties=eval_ties, show_progress=show_progress)
+        timings.update({f"{k}_block_written": v for k, v in block_evals.timings.items()})
+        written.update(zero_shot=block_evals.zero_shot, shuffled=block_evals.shuffled)
     settings = {"n_top_heads": n_top_heads, "edit_layer": edit_layer, "max_trials": max_trials,
                 "n_trials_used": n_used(trials.n_trials, max_trials), "n_shots": trials.n_shots,
                 "seed": trials.seed, "ie_mode": ie_mode, "template": template.as_dict()}
@@ -197,6 +235,7 @@ def run_pipeline(lm, dataset, trials, *, n_top_heads: int = DEFAULT_N_TOP_HEADS,
         mean_activations=mean_acts, indirect_effect=ie, top_heads=heads, function_vector=fv,
         zero_shot=zs, shuffled=sh, baseline=base, timings=timings, diagnostics=lm.diagnostics(),
         evaluation={**evals.info, "baseline": base_info}, sweep=evals.sweep,
+        vector_scale=scales, block_written=written,
     )
 
 
@@ -221,7 +260,7 @@ def _tensor_bytes(tensor) -> bytes:
 def run_files(result: PipelineResult, extra_args: Optional[dict] = None) -> dict:
     """File name -> bytes of the stage files of a run (``run.json`` among them)."""
     text = lambda obj: json_text(obj).encode("utf-8")
-    return {
+    files = {
         "mean_activations.pt": _tensor_bytes(result.mean_activations),
         "indirect_effect.pt": _tensor_bytes(result.indirect_effect),
         "function_vector.pt": _tensor_bytes(result.function_vector),
@@ -237,7 +276,35 @@ def run_files(result: PipelineResult, extra_args: Optional[dict] = None) -> dict
         "run.json": text({"arguments": extra_args or {}, "model": result.model, "spec": result.spec,
                           "trials_id": result.trials_id, "settings": result.settings,
                           "diagnostics": result.diagnostics, "evaluation": result.evaluation,
+                          "vector_scale": result.vector_scale, "warnings": result.scale_warnings(),
+                          **({"block_written_vector": block_written_summary(result)} if result.block_written else {}),
                           "versions": package_versions()}),
+    }
+    if result.block_written:
+        files["block_written_vector.pt"] = _tensor_bytes(result.block_written["vector"])
+        files["eval_block_written.json"] = text({stage: result.block_written[stage]
+                                                 for stage in ("zero_shot", "shuffled")})
+    return files
+
+
+def top1_lift(evaluation: dict) -> dict:
+    """Top-1 accuracy without and with a vector, and the difference."""
+    clean, edited = evaluation["clean_topk"][0][1], evaluation["intervention_topk"][0][1]
+    return {"top1_no_vector": clean, "top1_with_vector": edited, "lift": edited - clean}
+
+
+def block_written_summary(result: PipelineResult) -> dict:
+    """run.json's account of both vectors: how each was built and what each did, side by side."""
+    written = result.block_written
+    return {
+        "about": ("per layer, the top heads' out-projection output passed through the block's own "
+                  f"attention-output norm ({written['attn_output_norm']}), summed over layers; evaluated "
+                  "beside the reference-defined vector, never part of a parity comparison"),
+        "attn_output_norm": written["attn_output_norm"],
+        "zero_shot": {"function_vector": top1_lift(result.zero_shot),
+                      "block_written_vector": top1_lift(written["zero_shot"])},
+        "shuffled": {"function_vector": top1_lift(result.shuffled),
+                     "block_written_vector": top1_lift(written["shuffled"])},
     }
 
 

@@ -52,7 +52,11 @@ def test_function_vector(parity, parity_model, lm, gate_context):
     failures, changes = injection_guard(result, edit_layer)
     decoding, row = decoding_check(lm, result.function_vector)
     failures += decoding
-    gate_context.recorder.add(metrics={"injection_max_abs_logit_change": changes}, stage_rows=[row])
+    # The vector's size against the residual stream, and the warning when it is below 1%:
+    # an injection that small shows no effect whatever the heads do.
+    gate_context.recorder.add(metrics={"injection_max_abs_logit_change": changes,
+                                       "vector_scale": result.vector_scale.get("function_vector")},
+                              stage_rows=[row], notes=result.scale_warnings() or None)
     logits_of = EvalLogits(lm, parity.dataset, parity.trials, result.function_vector, edit_layer)
     gate.check(parity.comparable(parity_model), guard_failures=failures,
                adjust=lambda ours, ref: resolve_rank_ties(ours, ref, logits_of))

@@ -189,7 +189,8 @@ def run_task(args, lm, ds, trials, out):
 
     settings = run_settings(args, lm)
     kwargs = {} if args.ie_mode is None else {"ie_mode": args.ie_mode}
-    result = run_pipeline(lm, ds, trials, **settings, **kwargs, sweep=sweeps_all_layers(args.edit_layer))
+    result = run_pipeline(lm, ds, trials, **settings, **kwargs, sweep=sweeps_all_layers(args.edit_layer),
+                          block_written=True)
     # Imported only now: matplotlib's ~20 MB need not be resident during the model's passes.
     from fvkit.report.run_files import run_artifacts
 
@@ -207,6 +208,14 @@ def print_summary(result, trials, sweep, out) -> None:
     print(f"layer {result.settings['edit_layer']}: zero-shot top-1: {zs['clean_topk'][0][1]:.3f} -> {zs['intervention_topk'][0][1]:.3f}; "
           f"shuffled top-1: {sh['clean_topk'][0][1]:.3f} -> {sh['intervention_topk'][0][1]:.3f}; "
           f"clean {trials.n_shots}-shot top-1: {result.baseline['clean_topk'][0][1]:.3f}")
+    for key, scale in result.vector_scale.items():
+        print(f"{key.replace('_', ' ')}: norm {scale['vector_norm']:.4g} = {scale['ratio']:.3%} of the residual "
+              f"stream ({scale['residual_norm']:.4g}, mean over {scale['n_prompts']} evaluation prompts' last token)")
+    if result.block_written:
+        bw = result.block_written
+        print(f"vector as the block writes it (through {bw['attn_output_norm']}), layer {result.settings['edit_layer']}: "
+              f"zero-shot top-1: {bw['zero_shot']['clean_topk'][0][1]:.3f} -> {bw['zero_shot']['intervention_topk'][0][1]:.3f}; "
+              f"shuffled top-1: {bw['shuffled']['clean_topk'][0][1]:.3f} -> {bw['shuffled']['intervention_topk'][0][1]:.3f}")
     if sweep is not None:
         for stage in ("zero_shot", "shuffled"):
             best = sweep["best_layer"][stage]

@@ -96,6 +96,13 @@ def get_entry(alias: str) -> ZooEntry:
         raise FvkitError(f"'{alias}' is not a zoo model; zoo models: {', '.join(ZOO)}") from None
 
 
+def is_trained(name: str) -> bool:
+    """Whether ``name`` has trained weights: a zoo model's ``trained`` field; a model from the
+    hub or a local folder is taken as a released checkpoint, hence trained."""
+    entry = ZOO.get(name)
+    return True if entry is None else entry.trained
+
+
 # --- Deterministic weights ------------------------------------------------------------
 
 def _uniform(seed: str, n: int) -> np.ndarray:

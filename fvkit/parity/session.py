@@ -13,6 +13,7 @@ order pytest runs the gates in.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -61,6 +62,20 @@ class ModelSettings:
         if self.sweep:
             out["layer_sweep"] = True
         return out
+
+
+#: Where syrupy keeps gate M4's snapshots, under the session's root directory.
+M4_SNAPSHOT_DIR = Path("parity_tests") / "__snapshots__" / "test_m4_function_vector"
+
+
+def stored_m4_reference(path: Path) -> Optional[dict]:
+    """The reference's M4 numbers in a stored snapshot; None when there is none or it cannot be
+    read (the page then shows fvkit's numbers alone; the gate itself reports a bad snapshot)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8")).get("value")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def model_id(name: str) -> str:
@@ -293,9 +308,19 @@ class ParitySession:
         from fvkit.report.page import pack_entry
         from fvkit.report.run_files import report_entry
 
-        entry = report_entry(self.pipeline(name), self.dataset.name, self.model(name), self._sweeps.get(name))
+        entry = report_entry(self.pipeline(name), self.dataset.name, self.model(name), self._sweeps.get(name),
+                             reference=self.reference_result(name))
         self._paged[name] = shown
         return pack_entry(entry)
+
+    def reference_result(self, name: str) -> Optional[dict]:
+        """The reference's M4 numbers (top heads, evaluations) for the page, beside fvkit's: the
+        live run's when this session made a valid one, else the stored snapshot for these settings."""
+        live = self._live.get(name)
+        if live and not (live.get("meta") or {}).get("invalid") and live.get("zero_shot"):
+            return live
+        return stored_m4_reference(self.rootdir / M4_SNAPSHOT_DIR /
+                                   f"test_function_vector[{model_id(name)}][{self.settings_for(name).key}].json")
 
     def has_pipeline(self, name: str) -> bool:
         return name in self._pipelines

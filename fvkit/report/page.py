@@ -137,7 +137,8 @@ def _gate_table(report: dict) -> str:
                 causes.append(f"<h3>{_e(model)} {_e(gate)}: {label}</h3>"
                               f'<pre class="{cls}">{_e(cause)}</pre>')
     return (f"<h2>Gates</h2><table><tr><th>model</th>{head}</tr>{''.join(body)}</table>"
-            + "".join(causes))
+            f"<p class='meta'>-: the gate did not run for this model (not selected, or the session "
+            f"stopped before it).</p>" + "".join(causes))
 
 
 def _drift_table(report: dict) -> str:
@@ -227,18 +228,92 @@ def _figure(data: Optional[bytes], alt: str, caption: str) -> str:
             f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 
+#: What a tiny model's section says first: its numbers test plumbing, not the method.
+RANDOM_WEIGHTS_TEXT = ("Random weights (a zoo recipe, not a trained checkpoint): every accuracy is 0 and the "
+                       "indirect effects are float noise, so this section tests plumbing only, that fvkit "
+                       "computes what the reference computes, not that the method finds anything.")
+TRAINED_TEXT = "Trained checkpoint: its accuracies and indirect effects carry signal."
+#: Added where the reference's numbers stand beside fvkit's.
+WITH_REFERENCE_TEXT = " The reference's numbers (its live run, else its stored M4 snapshot) stand beside fvkit's."
+#: The legend under every table that may hold a "-" cell.
+DASH_LEGEND = ("-: no reference number (no live reference run or stored snapshot for these settings, or a row "
+               "the reference's M4 result does not hold, such as the layer sweep's best layer).")
+
+
+def _results_table(metrics: dict, reference: dict) -> str:
+    """fvkit's accuracies, and the reference's beside them when there are any."""
+    ref = (reference or {}).get("metrics") or {}
+    if not ref:
+        return _kv_table(metrics, "Results")
+    rows = "".join(f"<tr><th>{_e(k)}</th><td class='num'>{_num(v)}</td>"
+                   f"<td class='num'>{_num(ref[k]) if k in ref else '-'}</td></tr>" for k, v in metrics.items())
+    return ("<h3>Results: fvkit and the reference</h3><table><tr><th>accuracy</th><th>fvkit</th>"
+            f"<th>reference</th></tr>{rows}</table><p class='meta'>{_e(DASH_LEGEND)}</p>")
+
+
+def _heads_table(info: dict) -> str:
+    heads = info.get("head_effects") or [list(h) + [None] for h in info.get("top_heads") or []]
+    if not heads:
+        return ""
+    ref_heads = ((info.get("reference") or {}).get("top_heads")) or []
+    ref_rank = {(int(h[0]), int(h[1])): i for i, h in enumerate(ref_heads, start=1)}
+    ref_col = "<th>rank in the reference's list</th>" if ref_heads else ""
+    rows = []
+    for i, h in enumerate(heads, start=1):
+        effect = h[3] if len(h) > 3 and h[3] is not None else (h[2] if len(h) > 2 else None)
+        cell = f"<td class='num'>{ref_rank.get((int(h[0]), int(h[1])), '-')}</td>" if ref_heads else ""
+        rows.append(f"<tr><td class='num'>{i}</td><td class='num'>{_e(h[0])}</td><td class='num'>{_e(h[1])}</td>"
+                    f"<td class='num'>{_num(effect)}</td>{cell}</tr>")
+    legend = (f"<p class='meta'>Mean indirect effect over trials, unrounded; values below 1e-3 in scientific "
+              f"notation.{' -: not among the reference top heads.' if ref_heads else ''}</p>")
+    return ("<h3>Top heads</h3><table><tr><th>rank</th><th>layer</th><th>head</th>"
+            f"<th>mean indirect effect</th>{ref_col}</tr>{''.join(rows)}</table>" + legend)
+
+
+def _scale_section(info: dict) -> str:
+    """Each vector's norm against the residual stream at the edit layer, and the < 1% warning."""
+    scales = info.get("vector_scale") or {}
+    if not scales:
+        return ""
+    names = {"function_vector": "reference-defined", "block_written_vector": "as the block writes it"}
+    rows = "".join(f"<tr><th>{_e(names.get(k, k))}</th><td class='num'>{_num(v['vector_norm'])}</td>"
+                   f"<td class='num'>{_num(v['residual_norm'])}</td><td class='num'>{v['ratio']:.3%}</td></tr>"
+                   for k, v in scales.items())
+    how = next(iter(scales.values())).get("measured", "")
+    warnings = "".join(f'<pre class="cause">warning: {_e(w)}</pre>' for w in info.get("warnings") or [])
+    return ("<h3>Vector size against the residual stream</h3><table><tr><th>vector</th><th>norm</th>"
+            f"<th>residual stream norm</th><th>ratio</th></tr>{rows}</table><p class='meta'>{_e(how)}</p>"
+            + warnings)
+
+
+def _block_written_section(info: dict) -> str:
+    written = info.get("block_written")
+    if not written:
+        return ""
+    rows = []
+    for stage, label in (("zero_shot", "zero-shot"), ("shuffled", "shuffled-label")):
+        ref, block = written[stage]["function_vector"], written[stage]["block_written_vector"]
+        rows.append(f"<tr><th>{label} top-1</th><td class='num'>{_num(ref['top1_no_vector'])}</td>"
+                    f"<td class='num'>{_num(ref['top1_with_vector'])}</td>"
+                    f"<td class='num'>{_num(block['top1_with_vector'])}</td></tr>")
+    return ("<h3>The vector as the block writes it</h3><table><tr><th>stage</th><th>no vector</th>"
+            "<th>reference-defined vector</th><th>as the block writes it</th></tr>" + "".join(rows)
+            + f"</table><p class='meta'>{_e(written.get('about', ''))}</p>")
+
+
 def _model_section(name: str, info: dict, entry: dict) -> str:
     parts = [f'<div class="model"><h2>{_e(name)}</h2>']
+    if "trained" in info:
+        text = TRAINED_TEXT if info["trained"] else RANDOM_WEIGHTS_TEXT
+        if info["trained"] and (info.get("reference") or {}).get("metrics"):
+            text += WITH_REFERENCE_TEXT
+        parts.append(f"<p class='meta'>{_e(text)}</p>")
     metrics = info.get("metrics") or {}
     if metrics:
-        parts.append(_kv_table(metrics, "Results"))
-    heads = info.get("top_heads") or []
-    if heads:
-        cells = "".join(f"<tr><td class='num'>{i}</td><td class='num'>{_e(h[0])}</td><td class='num'>{_e(h[1])}</td>"
-                        f"<td class='num'>{_num(h[2]) if len(h) > 2 else ''}</td></tr>"
-                        for i, h in enumerate(heads, start=1))
-        parts.append("<h3>Top heads</h3><table><tr><th>rank</th><th>layer</th><th>head</th>"
-                     f"<th>mean indirect effect</th></tr>{cells}</table>")
+        parts.append(_results_table(metrics, info.get("reference")))
+    parts.append(_scale_section(info))
+    parts.append(_block_written_section(info))
+    parts.append(_heads_table(info))
     parts.append(_figure(info.get("heatmap_png"), f"indirect-effect heatmap of {name}",
                          "Mean indirect effect of each attention head; top heads boxed."))
     parts.append(_figure(info.get("sweep_png"), f"layer sweep of {name}",

@@ -211,6 +211,10 @@ class ZooEntry:
     weights_sha256: str = ""
     default_parity: bool = False
     gguf: Optional[GgufSource] = None
+    #: True for a released, trained checkpoint (its accuracies and effects carry signal);
+    #: False for weights drawn at random from a recipe, which test plumbing only. Reports
+    #: read it to say which is which; it does not enter the build or its hash.
+    trained: bool = False
 
     @property
     def add_bos_token(self) -> bool:
@@ -256,6 +260,9 @@ class ZooEntry:
         if self.source not in ("random", "gguf"):
             raise SpecError(f"{where}: zoo model '{self.alias}' has source '{self.source}'; "
                             f"use 'random' (built from config) or 'gguf'")
+        if self.trained and self.source == "random":
+            raise SpecError(f"{where}: zoo model '{self.alias}' is built with random weights "
+                            f"(source='random'), so it cannot be trained=True")
         return self
 
 

