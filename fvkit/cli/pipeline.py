@@ -1,7 +1,7 @@
 """``fvkit trials`` and ``fvkit run``.
 
     fvkit trials --dataset datasets/antonym.json --n-trials 10 --n-shots 10 --seed 0 --out FILE
-    fvkit run --model tiny-gpt2     # every default: antonym, its shipped trials, results_fv/antonym/fvkit_run/tiny-gpt2
+    fvkit run --model tiny-gpt2     # every default: present-past, its shipped trials, results_fv/present-past/fvkit_run/tiny-gpt2
     fvkit run --model tiny-gpt2 --dataset antonym --fixed-trials FILE --n-top-heads 9 --edit-layer 1 --out DIR
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 from fvkit.method.data import DEFAULT_DATA_DIR, load_task_dataset
 from fvkit.errors import FvkitError
 from fvkit.method.fixed_trials import FixedTrials, trials_id
-from fvkit.method.run_defaults import (DEFAULT_EDIT_LAYER_TEXT, DEFAULT_N_SHOTS, DEFAULT_N_TOP_HEADS, DEFAULT_N_TRIALS,
-                                       DEFAULT_IE_MODE, DEFAULT_SEED, IE_MODES)
+from fvkit.method.run_defaults import (DEFAULT_DATASET, DEFAULT_EDIT_LAYER_TEXT, DEFAULT_N_SHOTS, DEFAULT_N_TOP_HEADS,
+                                       DEFAULT_N_TRIALS, DEFAULT_IE_MODE, DEFAULT_SEED, IE_MODES)
 from fvkit.output_location import check_output_file
 
 DEFAULT_TRIALS_DIR = DEFAULT_DATA_DIR / "fixed_trials"
@@ -40,7 +40,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("run", help="run every stage on one model and write the stage files")
     p.add_argument("--model", required=True, help="zoo alias, hub id or local path")
     p.add_argument("--model-spec", default=None, help="registered ModelSpec name (default: chosen from the model)")
-    p.add_argument("--dataset", default="antonym", help="task dataset: a name in --data-dir or a JSON file")
+    p.add_argument("--dataset", default=DEFAULT_DATASET, help="task dataset: a name in --data-dir or a JSON file")
     p.add_argument("--data-dir", default=None, help="directory holding the datasets (default: the checkout's datasets/)")
     p.add_argument("--fixed-trials", default=None,
                    help=f"fixed-trials file (default: datasets/fixed_trials/fixed_trials_<dataset>_t{DEFAULT_N_TRIALS}_"

@@ -18,7 +18,7 @@ from typing import Optional
 import pytest
 
 # Parity runs on exactly one numeric setting, the reference's own (see fvkit.models.parity_setting).
-from fvkit.method.run_defaults import DEFAULT_EDIT_LAYER_TEXT, DEFAULT_N_TOP_HEADS, DEFAULT_SEED
+from fvkit.method.run_defaults import DEFAULT_DATASET, DEFAULT_EDIT_LAYER_TEXT, DEFAULT_N_TOP_HEADS, DEFAULT_SEED
 from fvkit.models.architectures.architecture import DEFAULT_REFERENCE_TRANSFORMERS
 from fvkit.models.parity_setting import PARITY_DEVICE, PARITY_DTYPE, PARITY_QUANT
 
@@ -26,7 +26,6 @@ from fvkit.models.parity_setting import PARITY_DEVICE, PARITY_DTYPE, PARITY_QUAN
 DTYPE_ALIASES = {"fp32": "fp32", "float32": "fp32", "torch.float32": "fp32"}
 QUANT_ALIASES = {"none": "none", "no": "none", "": "none"}
 
-DEFAULT_DATASET = "antonym"
 #: The transformers release the reference pins (its fv_environment.yml); each model's
 #: own release is declared by its architecture (fvkit.parity.reference_release), and
 #: its snapshots are written only under that release.

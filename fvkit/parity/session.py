@@ -301,11 +301,13 @@ class ParitySession:
         return name in self._pipelines
 
     def comparable(self, name: str) -> dict:
-        """fvkit's comparable result dict; M1 also gets the trials' split, the draw the
-        reference's loader makes, so the gate checks that the trials replay it."""
+        """fvkit's comparable result dict; M1 also gets the trials' split and every stage's
+        draws as word pairs, so the gate checks them against the split the reference's
+        loader made and the pairs the reference's stages sampled."""
         if name not in self._comparable:
             result = self.pipeline(name).comparable()
             result["m1"]["split"] = {k: list(v) for k, v in self.trials.split.items()}
+            result["m1"]["draws"] = self.trials.draws(self.dataset, self.options.max_trials)
             self._comparable[name] = result
         return self._comparable[name]
 
