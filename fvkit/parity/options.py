@@ -55,7 +55,9 @@ OPTIONS = (
                              f"'{SWEEP_ALL}' also "
                              "checks the zero-shot and shuffled-label evaluations at every layer (the layer sweep) "
                              "while the other stages use the default layer"),
-    ("ie-mode", "string", f"indirect-effect modes M3 checks: {', '.join(IE_MODES)} (default: {DEFAULT_IE_MODE}); the "
+    ("ie-mode", "string", f"indirect-effect modes M3 checks: {', '.join(IE_MODES)} (default: {DEFAULT_IE_MODE} on the "
+                          "tiny zoo models, fast on real checkpoints, whose fast effects are compared with the "
+                          "reference's exact ones); the "
                           "function vector is built from the exact mode's effects when it runs. 'fast' saves the "
                           "exact mode's one forward pass per head on large models"),
     ("seed", "string", f"seed for drawing trials when no trials file is used (default: {DEFAULT_SEED}); "
@@ -125,6 +127,9 @@ class ParityOptions:
     edit_layer: Optional[int] = None
     sweep: bool = False
     ie_modes: tuple = IE_MODES[DEFAULT_IE_MODE]
+    #: Whether --ie-mode was given; without it real checkpoints check the fast mode only
+    #: (see ParitySession.ie_modes_for).
+    ie_mode_given: bool = False
     seed: int = DEFAULT_SEED
     seed_given: bool = False
     fail_fast: bool = False
@@ -152,6 +157,7 @@ class ParityOptions:
             opts.sweep = True
         else:
             opts.edit_layer = _int(config, "edit-layer", minimum=None, alternatives=f" or '{SWEEP_ALL}'")
+        opts.ie_mode_given = raw_value(config, "ie-mode") is not None
         mode = str(raw_value(config, "ie-mode") or DEFAULT_IE_MODE).strip().lower()
         if mode not in IE_MODES:
             raise pytest.UsageError(f"--ie-mode must be one of {', '.join(IE_MODES)}, got {mode!r}")
