@@ -38,7 +38,7 @@ from faults import FAULTS  # noqa: E402
 GATES = ("M1", "M2", "M3", "M4", "M5")
 #: Settings with stored snapshots for every tiny model (the ``-mt1-nh5-el1`` snapshot files).
 SUITE_ARGS = ("--max-trials", "1", "--n-top-heads", "5", "--edit-layer", "1", "-p", "no:cacheprovider")
-REPORT = Path("results_fv/antonym/fixed_trials_antonym_t10_s10_seed0/parity_suite_report.json")
+REPORT = Path("results_fv/present-past/fixed_trials_present-past_t10_s10_seed0/parity_suite_report.json")
 #: A tiny-model run takes about 20 s; a fault that hangs the suite is cut off well after that.
 RUN_TIMEOUT_S = 600
 CAUGHT = ("FAIL", "ERROR")
