@@ -87,6 +87,8 @@ class PipelineResult:
     token_ids: list
     dummy_labels: list
     idx_map: dict
+    #: {label: (first, last)}: the multi-token demonstration words averaged into one slot.
+    idx_avg: dict
     mean_activations: torch.Tensor
     indirect_effect: torch.Tensor
     top_heads: list
@@ -123,6 +125,7 @@ class PipelineResult:
                 "token_ids": list(self.token_ids),
                 "dummy_labels": [list(x) for x in self.dummy_labels],
                 "idx_map": {str(k): v for k, v in self.idx_map.items()},
+                "idx_avg": {str(k): [int(a), int(b)] for k, (a, b) in self.idx_avg.items()},
             },
             "mean_activations": self.mean_activations.tolist(),
             "indirect_effect": self.indirect_effect.tolist(),
@@ -194,7 +197,7 @@ def run_pipeline(lm, dataset, trials, *, n_top_heads: int = DEFAULT_N_TOP_HEADS,
     data, _ = trial_prompt(lm, dataset, trials, "mean_activations", 0, template)
     labels, text = token_meta_labels(data, tok, lm.spec.prepend_bos)
     dummy = dummy_token_labels(trials.n_shots, tok, lm.spec.prepend_bos, lm.spec.bos_text, template)
-    idx_map, _ = slot_index_map(labels, dummy)
+    idx_map, idx_avg = slot_index_map(labels, dummy)
     prompts = stage_prompts(lm, dataset, trials, max_trials, template)
 
     mean_acts = timed("mean_activations", mean_head_activations, lm, dataset, trials, template,
@@ -231,7 +234,7 @@ def run_pipeline(lm, dataset, trials, *, n_top_heads: int = DEFAULT_N_TOP_HEADS,
                 "seed": trials.seed, "ie_mode": ie_mode, "template": template.as_dict()}
     return PipelineResult(
         model=lm.name, spec=lm.spec.name, trials_id=trials.id, settings=settings, prompts=prompts,
-        token_labels=labels, token_ids=tok(text).input_ids, dummy_labels=dummy, idx_map=idx_map,
+        token_labels=labels, token_ids=tok(text).input_ids, dummy_labels=dummy, idx_map=idx_map, idx_avg=idx_avg,
         mean_activations=mean_acts, indirect_effect=ie, top_heads=heads, function_vector=fv,
         zero_shot=zs, shuffled=sh, baseline=base, timings=timings, diagnostics=lm.diagnostics(),
         evaluation={**evals.info, "baseline": base_info}, sweep=evals.sweep,

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 TRIALS = REPO / "datasets/fixed_trials/fixed_trials_antonym_t10_s10_seed0.json"
 #: The zoo cache as seen before pytester points HOME at a temporary directory.
 REAL_CACHE = zoo.cache_root()
-QUICK = ["--model", "tiny-gpt2", "--max-trials", "1", "--n-top-heads", "4", "--edit-layer", "1"]
+QUICK = ["--model", "tiny-gpt2", "--dataset", "antonym", "--max-trials", "1", "--n-top-heads", "4", "--edit-layer", "1"]
 
 
 def cli(argv) -> int:
@@ -296,7 +296,7 @@ def test_bad_parity_option_is_one_line_and_changes_nothing(suite_copy, case, arg
     values = {"DIR": str(root), "NEGATIVE": str(root / "negative.json")}
     args = [values.get(a, a) for a in args]
     before = snapshot(root / "results_fv")
-    result = suite_copy.runpytest_subprocess("parity_tests", "--model", "tiny-gpt2", "--data-dir",
+    result = suite_copy.runpytest_subprocess("parity_tests", "--model", "tiny-gpt2", "--dataset", "antonym", "--data-dir",
                                              str(REPO / "datasets"), "-p", "no:cacheprovider", *args, timeout=300)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     err = [line for line in result.stderr.lines if line.strip()]

@@ -135,7 +135,7 @@ def test_trials_with_out_writes_there(tmp_path):
 def test_run_default_top_heads_fit_the_model_and_the_summary_names_the_layer(tmp_path):
     proc = run("fvkit run --model tiny-gpt2", cwd=tmp_path)     # the command, as written
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert (tmp_path / "results_fv" / "antonym" / "fvkit_run" / "tiny-gpt2" / "run.json").is_file()
+    assert (tmp_path / "results_fv" / "present-past" / "fvkit_run" / "tiny-gpt2" / "run.json").is_file()
     assert "top heads (9):" in proc.stdout          # tiny-gpt2 has 3 x 3 heads, fewer than the default 10
     assert re.search(r"^layer 1: zero-shot top-1", proc.stdout, re.M)
 

@@ -105,7 +105,7 @@ def test_an_import_error_of_the_fast_path_fails_m3_and_a_corrupt_snapshot_errors
         shutil.copy(REPO / name, pytester.path / name)
     pytester.makepyfile(break_fast_path=BREAK_FAST_PATH)
     snap = next((pytester.path / "parity_tests/__snapshots__/test_m2_mean_activations").glob(
-        "test_mean_activations[[]tiny-gpt2[]]*mt1-nh5-el1*.json"))
+        "test_mean_activations[[]tiny-gpt2[]]*present-past*mt1-nh5-el1*.json"))
     snap.write_text(snap.read_text()[:200])
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(pytester.path), os.environ.get("PYTHONPATH", "")]))
     result = pytester.runpytest_subprocess("parity_tests", "--data-dir", str(REPO / "datasets"), "-p", "no:cacheprovider",
@@ -114,7 +114,7 @@ def test_an_import_error_of_the_fast_path_fails_m3_and_a_corrupt_snapshot_errors
     out = result.stdout.str()
     result.assert_outcomes(failed=2)
     assert "fvkit's fast indirect-effect path failed to import: ImportError: cannot import name 'replay_heads'" in out
-    report = json.loads(next(pytester.path.glob(f"results_fv/antonym/*/{REPORT_NAME}")).read_text())
+    report = json.loads(next(pytester.path.glob(f"results_fv/present-past/*/{REPORT_NAME}")).read_text())
     gates = report["models"]["tiny-gpt2"]["gates"]
     assert gates["M2"]["status"] == "ERROR" and snap.name in gates["M2"]["cause"]
     assert gates["M3"]["status"] == "FAIL"

@@ -349,7 +349,7 @@ def test_perturbed_out_projection_fails_m2_m3_m4(suite, tmp_path):
     for gate in ("M2 mean_activations", "M3 indirect_effect [exact]", "M3 indirect_effect [fast]",
                  "M4 function_vector", "M4 function_vector [layer sweep]"):
         assert f"{gate} for tiny-gpt2" in out and "FAILED" in out
-    report = json.loads(next(suite.path.glob(f"results_fv/antonym/*/{REPORT_NAME}")).read_text())
+    report = json.loads(next(suite.path.glob(f"results_fv/present-past/*/{REPORT_NAME}")).read_text())
     assert report["summary"]["tiny-gpt2"] == {"M1": "PASS", "M2": "FAIL", "M3": "FAIL", "M4": "FAIL"}
     drift = report["models"]["tiny-gpt2"]["gates"]["M2"]["tests"][0]["metrics"]["M2"]["snapshot"]["drifts"][0]
     assert drift["rel_drift"] > drift["tolerance"] and drift["worst_index"]
@@ -364,7 +364,7 @@ def test_layer_sweep_is_checked_against_the_reference_and_shown_on_the_page(suit
     reference sweep, and the page carries the sweep figure beside the heatmap."""
     result = run_suite(suite, "--model", "tiny-qwen2", *QUICK[:4], "--edit-layer", "all", "-k", "function_vector")
     result.assert_outcomes(passed=2)
-    out_dir = next(suite.path.glob("results_fv/antonym/*/"))
+    out_dir = next(suite.path.glob("results_fv/present-past/*/"))
     report = json.loads((out_dir / REPORT_NAME).read_text())
     tests = {t["test"]: t for t in report["models"]["tiny-qwen2"]["gates"]["M4"]["tests"]}
     sweep = tests["test_layer_sweep"]
@@ -380,7 +380,7 @@ def test_each_model_is_loaded_once_per_session(suite):
     """Every gate of two models plus M5 on every registered spec: the loader runs once per model."""
     result = run_suite(suite, "--model", "tiny-llama", "--model", "tiny-gpt2", *QUICK)
     assert result.ret == pytest.ExitCode.OK, result.stdout.str()[-3000:]
-    report = json.loads(next(suite.path.glob(f"results_fv/antonym/*/{REPORT_NAME}")).read_text())
+    report = json.loads(next(suite.path.glob(f"results_fv/present-past/*/{REPORT_NAME}")).read_text())
     for model in ("tiny-llama", "tiny-gpt2"):
         settings = report["models"][model]["settings"]
         assert settings["model_loads_this_process"] == 1, (model, settings)

@@ -20,10 +20,10 @@ def session(**opts) -> ParitySession:
 
 def test_defaults_use_the_shipped_trials_and_cap_top_heads():
     ps = session()
-    assert ps.trials.id == "fixed_trials_antonym_t10_s10_seed0" and ps.notes == []
+    assert ps.trials.id == "fixed_trials_present-past_t10_s10_seed0" and ps.notes == []
     s = ps.settings_for("tiny-x")
     assert (s.n_trials_used, s.n_top_heads, s.edit_layer) == (10, 6, 1)
-    assert s.key == "fixed_trials_antonym_t10_s10_seed0-mt10-nh6-el1"
+    assert s.key == "fixed_trials_present-past_t10_s10_seed0-mt10-nh6-el1"
     assert "n_top_heads capped at 6" in s.notes[0]
 
 
@@ -43,7 +43,7 @@ def test_seed_is_noted_when_a_trials_file_overrides_it():
 
 def test_without_a_trials_file_the_seed_draws_new_trials():
     ps = session(fixed_trials="generate", seed=3, seed_given=True)
-    assert ps.trials.id == "fixed_trials_antonym_t10_s10_seed3" and ps.trials.seed == 3
+    assert ps.trials.id == "fixed_trials_present-past_t10_s10_seed3" and ps.trials.seed == 3
     assert "drawn now with seed 3" in ps.notes[0]
 
 
@@ -84,3 +84,12 @@ def test_model_spec_applies_to_the_models_it_accompanies_only():
     # M5 checks the other specs on their zoo models, each under its own spec.
     assert ps.spec_for("tiny-mistral") is None
     assert ps.model_info("tiny-mistral").spec == "mistral"
+
+
+def test_tiny_models_check_both_ie_modes_and_real_checkpoints_only_fast_unless_asked():
+    ps = session()
+    assert ps.ie_modes_for("tiny-llama") == ("exact", "fast") and ps.pipeline_ie_mode("tiny-llama") == "exact"
+    assert ps.ie_modes_for("smollm2-135m") == ("fast",) and ps.pipeline_ie_mode("smollm2-135m") == "fast"
+    assert ps.ie_modes_for("/some/checkpoint") == ("fast",)
+    asked = session(ie_modes=("exact", "fast"), ie_mode_given=True)
+    assert asked.ie_modes_for("smollm2-135m") == ("exact", "fast")

@@ -133,6 +133,18 @@ def test_reference_split_and_prompts_are_the_fixed_trials(reference_results, sma
             assert prompt_follows_trial(prompt, demos, query), (stage, i, prompt)
 
 
+@pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-llama"])
+def test_recorded_draws_are_the_references_own_and_equal_the_fixed_trials(reference_results, small_dataset,
+                                                                          small_trials, alias):
+    draws = reference_results[alias]["m1"]["draws"]
+    assert {stage: len(d) for stage, d in draws.items()} == {
+        stage: len(p) for stage, p in reference_results[alias]["m1"]["prompts"].items()}
+    # Shuffled stages record the labels as the prompt shows them, not the clean pairs.
+    assert draws == small_trials.draws(small_dataset, MAX_TRIALS)
+    other = FixedTrials.make(small_dataset, n_trials=N_TRIALS, n_shots=N_SHOTS, seed=1)
+    assert draws != other.draws(small_dataset, MAX_TRIALS)
+
+
 def test_prompt_check_fails_on_other_draws(reference_results, small_dataset):
     other = FixedTrials.make(small_dataset, n_trials=N_TRIALS, n_shots=N_SHOTS, seed=1)
     prompts = reference_results["tiny-gpt2"]["m1"]["prompts"]["mean_activations"]

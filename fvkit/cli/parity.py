@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from fvkit.method.data import DEFAULT_DATA_DIR
+from fvkit.method.run_defaults import DEFAULT_DATASET
 from fvkit.errors import FvkitError
 
 #: The repository checkout fvkit runs from (parity_tests/ lives beside the package).
@@ -31,7 +32,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model_spec", "--model-spec", dest="model_spec", default=None,
                    help="registered ModelSpec for the --model models (default: chosen from each model)")
     p.add_argument("--dataset_name", "--dataset", dest="dataset", default=None,
-                   help="task dataset: a name in --data_dir or a JSON file (default: antonym)")
+                   help=f"task dataset: a name in --data_dir or a JSON file (default: {DEFAULT_DATASET})")
     p.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None,
                    help="directory holding the datasets (default: the checkout's datasets/)")
     p.add_argument("--fixed_trials_path", "--fixed-trials", dest="fixed_trials_path", default=None,

@@ -1,7 +1,7 @@
 """``fvkit trials`` and ``fvkit run``.
 
     fvkit trials --dataset datasets/antonym.json --n-trials 10 --n-shots 10 --seed 0 --out FILE
-    fvkit run --model tiny-gpt2     # every default: antonym, its shipped trials, results_fv/antonym/fvkit_run/tiny-gpt2
+    fvkit run --model tiny-gpt2     # every default: present-past, its shipped trials, results_fv/present-past/fvkit_run/tiny-gpt2
     fvkit run --model tiny-gpt2 --dataset antonym --fixed-trials FILE --n-top-heads 9 --edit-layer 1 --out DIR
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 from fvkit.method.data import DEFAULT_DATA_DIR, load_task_dataset
 from fvkit.errors import FvkitError
 from fvkit.method.fixed_trials import FixedTrials, trials_id
-from fvkit.method.run_defaults import (DEFAULT_EDIT_LAYER_TEXT, DEFAULT_N_SHOTS, DEFAULT_N_TOP_HEADS, DEFAULT_N_TRIALS,
-                                       DEFAULT_IE_MODE, DEFAULT_SEED, IE_MODES)
+from fvkit.method.run_defaults import (DEFAULT_DATASET, DEFAULT_EDIT_LAYER_TEXT, DEFAULT_N_SHOTS, DEFAULT_N_TOP_HEADS,
+                                       DEFAULT_N_TRIALS, DEFAULT_IE_MODE, DEFAULT_SEED, IE_MODES)
 from fvkit.output_location import check_output_file
 from fvkit.cli.device_options import add_device_group, placement_kwargs, with_threads
 
@@ -244,7 +244,7 @@ def run_one(args) -> int:
 
 def add_task_arguments(p) -> None:
     p.add_argument("--dataset", action="append", default=None,
-                   help="task dataset: a name in --data-dir or a JSON file (default: antonym); repeat it to run "
+                   help=f"task dataset: a name in --data-dir or a JSON file (default: {DEFAULT_DATASET}); repeat it to run "
                         "several tasks on one model load")
     p.add_argument("--tasks", default=None,
                    help="file naming one task dataset per line (# starts a comment); added to --dataset")

@@ -16,10 +16,8 @@ import sys
 from pathlib import Path
 
 from fvkit.errors import FvkitError
+from fvkit.method.run_defaults import DEFAULT_DATASET
 from fvkit.output_location import check_output_file
-
-DEFAULT_TASK = "antonym"
-
 
 def read_task_file(path) -> list:
     path = Path(path)
@@ -36,11 +34,11 @@ def read_task_file(path) -> list:
 
 
 def task_names(args) -> list:
-    """--dataset values, then --tasks file lines; antonym when neither is given."""
+    """--dataset values, then --tasks file lines; the default dataset when neither is given."""
     names = list(args.dataset or [])
     if getattr(args, "tasks", None):
         names += read_task_file(args.tasks)
-    names = names or [DEFAULT_TASK]
+    names = names or [DEFAULT_DATASET]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise FvkitError(f"task {', '.join(repeated)} is given more than once; name each task once")

@@ -252,3 +252,19 @@ class FixedTrials:
             outputs = [outputs[k] for k in trial.label_order]
         q = dataset.rows[self.split[QUERY_SPLIT[stage]][trial.query]]
         return list(zip(inputs, outputs)), (q["input"], q["output"])
+
+    def draws(self, dataset: TaskDataset, max_trials: Optional[int] = None) -> dict:
+        """Every stage's prompts as word pairs, in the layout the reference runner records
+        from the reference's own sampling: ``{stage: [{"demos": [[input, output], ...],
+        "query": [input, output]}, ...]}``, demonstrations in prompt order with the labels
+        the prompt shows; the trial stages hold their first ``max_trials`` trials."""
+        out = {}
+        for stage in STAGES:
+            n = self.n_items(stage)
+            if max_trials is not None and stage in CAPPED_STAGES:
+                n = min(n, max_trials)
+            out[stage] = []
+            for i in range(n):
+                demos, query = self.pairs(stage, i, dataset)
+                out[stage].append({"demos": [[str(a), str(b)] for a, b in demos], "query": [str(query[0]), str(query[1])]})
+        return out

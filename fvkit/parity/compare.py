@@ -152,6 +152,11 @@ def compare_m1(gate: GateDef, ours: dict, ref: dict, source: str, bos_ids=()) ->
                                    _token_repr(ours, index), _token_repr(ref, index))
         elif key == "prompts":
             cause = "prompt text (template, BOS text or fixed trials)"
+        elif key == "draws":
+            cause = ("fixed trials (the trials file does not give the pairs the reference's own sampling drew; "
+                     "regenerate it with `fvkit trials`)")
+        elif key == "idx_avg":
+            cause = "slot index map (which multi-token words are averaged into one slot)"
         check.mismatches.append(mm.at(f"m1.{key}", cause))
     return check
 

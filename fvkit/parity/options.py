@@ -18,7 +18,7 @@ from typing import Optional
 import pytest
 
 # Parity runs on exactly one numeric setting, the reference's own (see fvkit.models.parity_setting).
-from fvkit.method.run_defaults import DEFAULT_EDIT_LAYER_TEXT, DEFAULT_N_TOP_HEADS, DEFAULT_SEED
+from fvkit.method.run_defaults import DEFAULT_DATASET, DEFAULT_EDIT_LAYER_TEXT, DEFAULT_N_TOP_HEADS, DEFAULT_SEED
 from fvkit.models.architectures.architecture import DEFAULT_REFERENCE_TRANSFORMERS
 from fvkit.models.parity_setting import PARITY_DEVICE, PARITY_DTYPE, PARITY_QUANT
 
@@ -26,7 +26,6 @@ from fvkit.models.parity_setting import PARITY_DEVICE, PARITY_DTYPE, PARITY_QUAN
 DTYPE_ALIASES = {"fp32": "fp32", "float32": "fp32", "torch.float32": "fp32"}
 QUANT_ALIASES = {"none": "none", "no": "none", "": "none"}
 
-DEFAULT_DATASET = "antonym"
 #: The transformers release the reference pins (its fv_environment.yml); each model's
 #: own release is declared by its architecture (fvkit.parity.reference_release), and
 #: its snapshots are written only under that release.
@@ -56,7 +55,9 @@ OPTIONS = (
                              f"'{SWEEP_ALL}' also "
                              "checks the zero-shot and shuffled-label evaluations at every layer (the layer sweep) "
                              "while the other stages use the default layer"),
-    ("ie-mode", "string", f"indirect-effect modes M3 checks: {', '.join(IE_MODES)} (default: {DEFAULT_IE_MODE}); the "
+    ("ie-mode", "string", f"indirect-effect modes M3 checks: {', '.join(IE_MODES)} (default: {DEFAULT_IE_MODE} on the "
+                          "tiny zoo models, fast on real checkpoints, whose fast effects are compared with the "
+                          "reference's exact ones); the "
                           "function vector is built from the exact mode's effects when it runs. 'fast' saves the "
                           "exact mode's one forward pass per head on large models"),
     ("seed", "string", f"seed for drawing trials when no trials file is used (default: {DEFAULT_SEED}); "
@@ -126,6 +127,9 @@ class ParityOptions:
     edit_layer: Optional[int] = None
     sweep: bool = False
     ie_modes: tuple = IE_MODES[DEFAULT_IE_MODE]
+    #: Whether --ie-mode was given; without it real checkpoints check the fast mode only
+    #: (see ParitySession.ie_modes_for).
+    ie_mode_given: bool = False
     seed: int = DEFAULT_SEED
     seed_given: bool = False
     fail_fast: bool = False
@@ -153,6 +157,7 @@ class ParityOptions:
             opts.sweep = True
         else:
             opts.edit_layer = _int(config, "edit-layer", minimum=None, alternatives=f" or '{SWEEP_ALL}'")
+        opts.ie_mode_given = raw_value(config, "ie-mode") is not None
         mode = str(raw_value(config, "ie-mode") or DEFAULT_IE_MODE).strip().lower()
         if mode not in IE_MODES:
             raise pytest.UsageError(f"--ie-mode must be one of {', '.join(IE_MODES)}, got {mode!r}")

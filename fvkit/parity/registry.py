@@ -31,9 +31,10 @@ from fvkit.errors import FvkitError
 
 # --- result layout shared by fvkit's pipeline and the reference runner ------------------------
 #: Keys of the ``m1`` sub-dict M1 compares. ``split`` is the train/valid/test split the
-#: reference's loader drew (fvkit's side: the fixed-trials file's), so the trials are
-#: checked to replay its sampling.
-M1_KEYS = ("prompts", "token_ids", "token_labels", "dummy_labels", "idx_map", "split")
+#: reference's loader drew and ``draws`` the word pairs each of its stages sampled
+#: (fvkit's side: the fixed-trials file's), so the trials are checked against the
+#: reference's own sampling. ``idx_avg`` holds the multi-token words averaged into one slot.
+M1_KEYS = ("draws", "prompts", "token_ids", "token_labels", "dummy_labels", "idx_map", "idx_avg", "split")
 #: Evaluation stages and the keys of each that must equal the reference's exactly.
 EVAL_KEYS = MappingProxyType({
     "zero_shot": ("clean_rank_list", "intervention_rank_list", "clean_topk", "intervention_topk"),

@@ -269,20 +269,37 @@ class ParitySession:
                              tuple(notes), sweep=opts.sweep)
 
     # --- computed once per model -------------------------------------------------------
-    @property
-    def pipeline_ie_mode(self) -> str:
+    def ie_modes_for(self, name: str) -> tuple:
+        """The indirect-effect modes M3 checks on ``name``: --ie-mode's when given; otherwise
+        both on the tiny zoo models and only ``fast`` on real checkpoints. The exact mode
+        costs one whole forward pass per head and trial (2,700 on SmolLM2-135M at the
+        default settings, tens of minutes on a 2-core CPU), and fast against the
+        reference's exact effects is the comparison that matters there."""
+        if self.options.ie_mode_given or self.is_tiny(name):
+            return self.options.ie_modes
+        return ("fast",)
+
+    @staticmethod
+    def is_tiny(name: str) -> bool:
+        """Whether ``name`` is a zoo model built from a recipe with random weights."""
+        from fvkit.models.architectures import zoo_recipes
+        entry = zoo_recipes().get(name)
+        return entry is not None and entry.source == "random"
+
+    def pipeline_ie_mode(self, name: str) -> str:
         """The indirect-effect mode the pipeline's later stages build on: exact whenever
         M3 checks it, so top heads and vector rest on the reference's own structure."""
-        return "exact" if "exact" in self.options.ie_modes else self.options.ie_modes[0]
+        modes = self.ie_modes_for(name)
+        return "exact" if "exact" in modes else modes[0]
 
     def pipeline(self, name: str):
-        """fvkit's result for every stage, once per model (see ``pipeline_ie_mode``)."""
+        """fvkit's result for every stage, once per model (see :meth:`pipeline_ie_mode`)."""
         if name not in self._pipelines:
             from fvkit.pipeline import run_pipeline
             s = self.settings_for(name)
             self._pipelines[name] = run_pipeline(
                 self.model(name), self.dataset, self.trials, n_top_heads=s.n_top_heads, edit_layer=s.edit_layer,
-                max_trials=self.options.max_trials, ie_mode=self.pipeline_ie_mode, show_progress=False)
+                max_trials=self.options.max_trials, ie_mode=self.pipeline_ie_mode(name), show_progress=False)
         return self._pipelines[name]
 
     def layer_sweep(self, name: str) -> dict:
@@ -326,17 +343,19 @@ class ParitySession:
         return name in self._pipelines
 
     def comparable(self, name: str) -> dict:
-        """fvkit's comparable result dict; M1 also gets the trials' split, the draw the
-        reference's loader makes, so the gate checks that the trials replay it."""
+        """fvkit's comparable result dict; M1 also gets the trials' split and every stage's
+        draws as word pairs, so the gate checks them against the split the reference's
+        loader made and the pairs the reference's stages sampled."""
         if name not in self._comparable:
             result = self.pipeline(name).comparable()
             result["m1"]["split"] = {k: list(v) for k, v in self.trials.split.items()}
+            result["m1"]["draws"] = self.trials.draws(self.dataset, self.options.max_trials)
             self._comparable[name] = result
         return self._comparable[name]
 
     def indirect_effect(self, name: str, mode: str):
         """(tensor, seconds) of the indirect effect in ``mode``; the pipeline's own mode comes from it."""
-        if mode == self.pipeline_ie_mode:
+        if mode == self.pipeline_ie_mode(name):
             result = self.pipeline(name)
             return result.indirect_effect, result.timings.get("indirect_effect", 0.0)
         if (name, mode) not in self._ie:

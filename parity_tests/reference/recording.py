@@ -1,8 +1,11 @@
-"""Recording what the reference actually built: prompts, token data and split.
+"""Recording what the reference actually built: draws, prompts, token data and split.
 
 The stage modules star-import ``word_pairs_to_prompt_data`` from ``prompt_utils``;
-the name is swapped in each stage module's namespace for a wrapper that records
-``create_prompt(prompt_data)`` for the stage being run. Token labels, dummy labels
+the name is swapped in each stage module's namespace for a wrapper that records,
+for the stage being run, ``create_prompt(prompt_data)`` and the draw the prompt
+was built from: the demonstration pairs in prompt order (labels as the reference
+permuted them) and the query pair, taken from the returned ``prompt_data``, so
+they are the reference's own sampling, not a replay of it. Token labels, dummy labels
 and the index map are taken from the first call of their functions in the
 mean_activations stage, and the split from the row indices of the frames that
 ``train_test_split`` returns inside ``load_dataset``. Every swap is undone when the
@@ -23,12 +26,29 @@ from .loading import ReferenceModules
 LABEL_STAGE = "mean_activations"
 
 
+def _word(text, spaced: bool) -> str:
+    """A word as the dataset holds it: ``word_pairs_to_prompt_data`` prepends one space
+    to every input and output (``prepend_space``, on in every stage call)."""
+    text = str(text)
+    return text[1:] if spaced and text.startswith(" ") else text
+
+
+def prompt_draw(prompt_data: dict, spaced: bool = True) -> dict:
+    """One prompt's draw: ``{"demos": [[input, output], ...], "query": [input, output]}``,
+    the demonstrations in prompt order with the labels the prompt shows."""
+    demos = [[_word(ex["input"], spaced), _word(ex["output"], spaced)] for ex in prompt_data.get("examples") or []]
+    qt = prompt_data.get("query_target")
+    query = None if qt is None else [_word(qt["input"], spaced), _word(qt["output"], spaced)]
+    return {"demos": demos, "query": query}
+
+
 class Recorder:
     """Collects the prompts, token labels and split the reference built, per stage."""
 
     def __init__(self):
         self.stage: Optional[str] = None
         self.prompts: dict = {}
+        self.draws: dict = {}
         self.token_labels = None
         self.label_prompt = None
         self.dummy_labels = None
@@ -41,6 +61,7 @@ class Recorder:
         self.stage = stage
         if stage is not None:
             self.prompts.setdefault(stage, [])
+            self.draws.setdefault(stage, [])
 
     def in_label_stage(self) -> bool:
         # M1 compares the first mean_activations prompt only.
@@ -53,6 +74,7 @@ class Recorder:
             token_ids = [int(t) for t in tokenizer(self.label_prompt).input_ids]
         return {
             "prompts": {s: self.prompts[s] for s in PROMPT_STAGES if s in self.prompts},
+            "draws": {s: self.draws[s] for s in PROMPT_STAGES if s in self.draws},
             "token_labels": None if self.token_labels is None else
             [[int(i), str(tok), str(lab)] for i, tok, lab in self.token_labels],
             "token_ids": token_ids,
@@ -81,6 +103,7 @@ def _record_prompts(stack: contextlib.ExitStack, refs: ReferenceModules, rec: Re
         prompt_data = make_prompt_data(*args, **kwargs)
         if rec.stage is not None:
             rec.prompts[rec.stage].append(create_prompt(prompt_data))
+            rec.draws[rec.stage].append(prompt_draw(prompt_data, kwargs.get("prepend_space", True)))
         return prompt_data
 
     # Swapped in the stage modules' namespaces only: this records stage prompts but not
