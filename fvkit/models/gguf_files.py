@@ -18,16 +18,15 @@ same per-file lock as any concurrent builder.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import hashlib
 import importlib
 import importlib.util
 import os
 import tempfile
-from typing import Iterator
 
 from fvkit.errors import FvkitError
+from fvkit.file_lock import exclusive_lock
 from fvkit.models.architectures.architecture import GgufSource
 
 #: Sub-folder of the fvkit cache that holds joined GGUF files.
@@ -45,17 +44,6 @@ def _cache_root() -> str:
 def assembled_path(source: GgufSource) -> str:
     """Where ``source``'s joined file lives in the cache (it may not exist yet)."""
     return os.path.join(_cache_root(), GGUF_CACHE_DIR, source.pip_name, source.filename)
-
-
-@contextlib.contextmanager
-def _lock(path: str) -> Iterator[None]:
-    # One joiner per file: a second process (an xdist worker) waits, then finds the file.
-    with open(path, "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _sha256(path: str) -> str:
@@ -90,7 +78,7 @@ def ensure_assembled(source: GgufSource, alias: str) -> str:
     final = assembled_path(source)
     folder = os.path.dirname(final)
     os.makedirs(folder, exist_ok=True)
-    with _lock(os.path.join(folder, f".{source.filename}.lock")):
+    with exclusive_lock(os.path.join(folder, f".{source.filename}.lock")):
         if os.path.isfile(final):
             if expected is None or _sha256(final) == expected:
                 return final

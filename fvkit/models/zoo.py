@@ -36,9 +36,7 @@ conversion of it differs between releases.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import fcntl
 import hashlib
 import json
 import math
@@ -47,12 +45,13 @@ import re
 import shutil
 import tempfile
 import time
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from fvkit.errors import FvkitError
+from fvkit.file_lock import exclusive_lock
 from fvkit.models.adapters import is_conv1d
 from fvkit.models.architectures import (all_architectures, architecture_of, default_parity_models,
                                         zoo_recipes)
@@ -245,17 +244,6 @@ def read_metadata(directory: str) -> Optional[dict]:
         return json.load(fh)
 
 
-@contextlib.contextmanager
-def _lock(path: str) -> Iterator[None]:
-    # One builder per model: pytest-xdist workers that need the same model wait here.
-    with open(path, "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def ensure_built(alias: str) -> str:
     """Directory of ``alias``'s checkpoint, building it first if needed."""
     entry = get_entry(alias)
@@ -264,7 +252,7 @@ def ensure_built(alias: str) -> str:
     if read_metadata(final) is not None:
         return final
     os.makedirs(os.path.dirname(final), exist_ok=True)
-    with _lock(os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.lock")):
+    with exclusive_lock(os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.lock")):
         if read_metadata(final) is not None:
             return final
         if os.path.exists(final):
