@@ -26,9 +26,9 @@ from fvkit.pipeline import run_pipeline
 ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOTS = ROOT / "parity_tests" / "__snapshots__"
 DATASET = "present-past"
-#: The real models with stored reference snapshots (gemma3-270m joins once its snapshots exist),
+#: The real models with stored reference snapshots,
 #: each with the fixture that skips it when its checkpoint package is not installed.
-REAL_MODELS = {"smollm2-135m": "smollm2_available"}
+REAL_MODELS = {"smollm2-135m": "smollm2_available", "gemma3-270m": "gemma3_available"}
 #: The perturbation: 0.1% on one head's slice of one out-projection.
 SCALE = 1.001
 #: Snapshot file per gate (M3: the fast mode, which real checkpoints check).
