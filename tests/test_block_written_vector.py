@@ -223,8 +223,8 @@ def test_fvkit_run_writes_both_vectors_and_the_page_shows_them(tiny_gemma2, few_
     trials_file = tmp_path / "trials.json"
     few_trials.save(trials_file)
     out = tmp_path / "run"
-    assert main(["run", "--model", str(model_dir), "--model-spec", GEMMA2_SPEC.name, "--fixed-trials",
-                 str(trials_file), "--max-trials", "1", "--n-top-heads", "4", "--edit-layer", "1",
+    assert main(["run", "--model", str(model_dir), "--model-spec", GEMMA2_SPEC.name, "--dataset", "antonym",
+                 "--fixed-trials", str(trials_file), "--max-trials", "1", "--n-top-heads", "4", "--edit-layer", "1",
                  "--ie-mode", "exact", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "block written vector: norm" in printed and "vector as the block writes it" in printed

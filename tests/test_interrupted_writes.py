@@ -107,8 +107,8 @@ def test_sigterm_during_a_real_run_keeps_the_earlier_run(tmp_path):
         (out / name).write_bytes(data)
     trials = REPO / "datasets/fixed_trials/fixed_trials_antonym_t10_s10_seed0.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "fvkit.cli", "run", "--model", "tiny-gpt2", "--n-top-heads", "4", "--fixed-trials",
-                             str(trials), "--out", str(out)], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "fvkit.cli", "run", "--model", "tiny-gpt2", "--n-top-heads", "4", "--dataset", "antonym",
+                             "--fixed-trials", str(trials), "--out", str(out)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     # Wait until the model is loaded (its table is printed), so the signal lands in the computation.
     deadline = time.monotonic() + 120

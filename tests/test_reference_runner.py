@@ -277,6 +277,7 @@ def head_split_run(refs, zoo_model, small_dataset, small_trials):
                               injected_vector=lambda: calls.append(1) or ours.function_vector)
     comparable = ours.comparable()
     comparable["m1"]["split"] = {k: list(v) for k, v in small_trials.split.items()}   # as the parity session adds it
+    comparable["m1"]["draws"] = small_trials.draws(small_dataset, MAX_TRIALS)               # likewise
     return result, comparable, ours.function_vector, calls
 
 

@@ -48,7 +48,7 @@ def test_run_writes_every_stage_file(run_dir):
 ])
 def test_bad_input_is_one_clear_line_and_no_output(tmp_path, capsys, args, message):
     out = tmp_path / "out"
-    base = {"--model": "tiny-gpt2", "--fixed-trials": TRIALS, "--max-trials": "1"}
+    base = {"--model": "tiny-gpt2", "--dataset": "antonym", "--fixed-trials": TRIALS, "--max-trials": "1"}
     for flag, value in zip(args[::2], args[1::2]):
         base[flag] = value
     argv = ["run", "--out", str(out)] + [x for kv in base.items() for x in kv]
