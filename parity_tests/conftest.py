@@ -97,7 +97,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[UNAVAILABLE_KEY] = unavailable
     config.stash[UNSUPPORTED_KEY] = unsupported
     config.stash[REPORTED_KEY] = set()
-    report_state(config).bind(ps.dataset.name, ps.trials.id, ps.describe(), notes=ps.notes)
+    report_state(config).bind(ps.dataset.name, ps.trials.id, ps.describe(),
+                              notes=ps.notes + left_out_notes(ps, {**unavailable, **unsupported}))
 
 
 def plugin_active(config: pytest.Config) -> bool:
@@ -188,10 +189,42 @@ def _valid_models(metafunc) -> list:
     return valid
 
 
+#: The checks some gate tests exist for only on some models (``@pytest.mark.fvkit_check``).
+PARTIAL_CHECKS = ("exact", "fast", "sweep")
+
+
+def left_out_notes(ps: ParitySession, blocked: dict) -> list:
+    """One sentence per check this run leaves out on some models, naming them. Made at
+    configure time, so that xdist's controller, which collects nothing, reports it too."""
+    left_out = {}
+    for name in ps.model_names:
+        if name in blocked:
+            continue   # its tests fail or skip at setup, saying why
+        for check in PARTIAL_CHECKS:
+            try:
+                why = ps.not_checked(name, check)
+            except FvkitError:
+                break      # settings the model cannot take: a collection error names them
+            if why:
+                left_out.setdefault(why, []).append(model_id(name))
+    return [f"not checked in this run on {', '.join(models)}: {why}" for why, models in left_out.items()]
+
+
+def _checked_models(metafunc, names: list) -> list:
+    """The models a test marked ``fvkit_check(what)`` exists for (see :func:`left_out_notes`).
+    A model that fails or skips at setup keeps its test, which says why."""
+    mark = metafunc.definition.get_closest_marker("fvkit_check")
+    if mark is None:
+        return names
+    ps = parity_session(metafunc.config)
+    blocked = {**unavailable_models(metafunc.config), **unsupported_models(metafunc.config)}
+    return [n for n in names if n in blocked or not ps.not_checked(n, mark.args[0])]
+
+
 def pytest_generate_tests(metafunc) -> None:
     if "parity_model" in metafunc.fixturenames:
         params = [pytest.param(name, id=param_id(model_id(name)), marks=pytest.mark.fvkit_model(model_id(name)))
-                  for name in _valid_models(metafunc)]
+                  for name in _checked_models(metafunc, _valid_models(metafunc))]
         metafunc.parametrize("parity_model", params, indirect=True, scope="session")
     if "spec_case" in metafunc.fixturenames:
         # Ids name spec and model ("llama:tiny-llama"): -k selects either, and xdist

@@ -4,10 +4,11 @@
 
 ``exact`` patches one head per full forward pass, as the reference does;
 ``fast`` reuses the clean pass and recomputes the last position only. Each mode
-must be within IE_REL_TOL of the largest absolute reference effect. The fast
-mode is skipped only when fvkit itself reports it unavailable
-(NotImplementedError), and either mode when ``--ie-mode`` leaves it out (real
-checkpoints check the fast mode only unless ``--ie-mode`` is given); an
+must be within IE_REL_TOL of the largest absolute reference effect. A mode
+that ``--ie-mode`` leaves out has no test (real checkpoints check the fast mode
+only unless ``--ie-mode`` is given; the report names what was left out). The
+fast mode is skipped only when fvkit itself reports it unavailable
+(NotImplementedError); an
 ImportError from fvkit's fast path is a failure, and so is a fast path that
 gave up its block replay for the whole-model fallback
 (:mod:`fvkit.parity.fast_strategy`).
@@ -21,24 +22,15 @@ from fvkit.parity.gate_runner import Gate
 pytestmark = pytest.mark.fvkit_gate("M3")
 
 
-def skip_unless_checked(parity, name: str, mode: str) -> None:
-    modes = parity.ie_modes_for(name)
-    if mode not in modes:
-        why = (f"--ie-mode {'/'.join(modes)}" if parity.options.ie_mode_given else
-               "a real checkpoint checks the fast mode against the reference's exact effects unless --ie-mode "
-               "says otherwise (--ie-mode both adds fvkit's exact mode)")
-        pytest.skip(f"{why}: the {mode} mode is not checked in this run")
-
-
+@pytest.mark.fvkit_check("exact")
 def test_indirect_effect(parity, parity_model, gate_context):
-    skip_unless_checked(parity, parity_model, "exact")
     gate = Gate("M3", gate_context, label="exact")
     gate.prepare()
     gate.check(parity.comparable(parity_model))
 
 
+@pytest.mark.fvkit_check("fast")
 def test_indirect_effect_fast(parity, parity_model, gate_context):
-    skip_unless_checked(parity, parity_model, "fast")
     gate = Gate("M3", gate_context, label="fast")
     gate.prepare()
     try:

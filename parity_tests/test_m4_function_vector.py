@@ -13,7 +13,7 @@ numbers invalid (transformers releases whose blocks return a plain tensor make
 its hook a no-op), they are not compared; stored snapshots from a valid
 reference still are.
 
-With ``--edit-layer all`` the layer sweep (zero-shot and shuffled-label
+With ``--edit-layer all``, and on the real checkpoints by default, the layer sweep (zero-shot and shuffled-label
 evaluations with the vector at every layer, fvkit's cached one-token passes)
 must give the reference's per-layer rank lists, as its ``--edit_layer -1`` run
 computes them with whole prompts.
@@ -62,9 +62,8 @@ def test_function_vector(parity, parity_model, lm, gate_context):
                adjust=lambda ours, ref: resolve_rank_ties(ours, ref, logits_of))
 
 
+@pytest.mark.fvkit_check("sweep")
 def test_layer_sweep(parity, parity_model, lm, gate_context):
-    if not gate_context.settings.sweep:
-        pytest.skip("the layer sweep is checked with --edit-layer all")
     gate = Gate("M4", gate_context, label="layer sweep", keys=(SWEEP_KEY,))
     gate.prepare()
     sweep = parity.layer_sweep(parity_model)

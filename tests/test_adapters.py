@@ -9,9 +9,9 @@ from fvkit.models import adapters
 from fvkit.errors import SpecError
 from fvkit.models.spec import all_specs, get_spec
 from fvkit.models.tracer import TraceDict
-from fvkit.models.zoo import DEFAULT_PARITY_MODELS, ZOO
+from fvkit.models.zoo import TINY_PARITY_MODELS, ZOO
 
-TINY = list(dict.fromkeys(list(DEFAULT_PARITY_MODELS) + ["tiny-gemma-hd"]))
+TINY = list(dict.fromkeys(list(TINY_PARITY_MODELS) + ["tiny-gemma-hd"]))
 #: Every registered spec is exercised on some zoo model.
 SPEC_MODELS = {spec.name: next(a for a, e in ZOO.items() if e.spec == spec.name) for spec in all_specs()}
 

@@ -13,9 +13,9 @@ from fvkit.cli.models import check_bos_policy, check_hooks
 from fvkit.errors import SpecError
 from fvkit.models.loader import load_model
 from fvkit.models.spec import all_specs, get_spec
-from fvkit.models.zoo import DEFAULT_PARITY_MODELS, EXPECTED_WEIGHTS_SHA256
+from fvkit.models.zoo import TINY_PARITY_MODELS, EXPECTED_WEIGHTS_SHA256
 
-TINY = list(dict.fromkeys(list(DEFAULT_PARITY_MODELS) + ["tiny-gemma-hd"]))
+TINY = list(dict.fromkeys(list(TINY_PARITY_MODELS) + ["tiny-gemma-hd"]))
 
 
 def run(capsys, *argv):

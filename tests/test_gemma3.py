@@ -32,7 +32,7 @@ def test_gemma3_spec_and_lookup():
     spec = get_spec("gemma3")
     assert spec.prepend_bos and spec.attn_output_norm == "post_attention_layernorm"
     assert get_architecture("gemma3").min_transformers == "4.50"
-    assert zoo.ZOO[GEMMA3].spec == "gemma3" and not zoo.ZOO[GEMMA3].default_parity
+    assert zoo.ZOO[GEMMA3].spec == "gemma3" and zoo.ZOO[GEMMA3].default_parity
     assert zoo.ZOO[GEMMA3].add_bos_token
     # Gemma 3 ids and its config class find gemma3; Gemma 1/2 and Gemma 3n stay with gemma.
     assert find_spec("google/gemma-3-270m").name == "gemma3"

@@ -13,9 +13,9 @@ from fvkit.models import loader as hf_loader, spec as model_spec, zoo
 from fvkit.errors import FvkitError, ParityModeError, SpecError
 from fvkit.models.loader import load_model
 from fvkit.models.spec import get_spec, register
-from fvkit.models.zoo import DEFAULT_PARITY_MODELS, EXPECTED_WEIGHTS_SHA256, ZOO
+from fvkit.models.zoo import TINY_PARITY_MODELS, EXPECTED_WEIGHTS_SHA256, ZOO
 
-TINY = list(dict.fromkeys(list(DEFAULT_PARITY_MODELS) + ["tiny-gemma-hd"]))
+TINY = list(dict.fromkeys(list(TINY_PARITY_MODELS) + ["tiny-gemma-hd"]))
 
 
 @pytest.fixture
@@ -169,7 +169,7 @@ def test_unknown_model_is_one_clear_error(counted, name):
         load_model(name)
     msg = str(err.value)
     assert f"cannot load model '{name}'" in msg
-    for alias in DEFAULT_PARITY_MODELS:
+    for alias in TINY_PARITY_MODELS:
         assert alias in msg
     assert counted() == 0
 

@@ -11,7 +11,7 @@ from fvkit.errors import FvkitError
 from fvkit.method.intervene import EVAL_STAGES, evaluate
 from fvkit.fast.cache import UnsupportedCache
 from fvkit.fast.sweep import layer_result, layer_sweep
-from fvkit.models.zoo import DEFAULT_PARITY_MODELS
+from fvkit.models.zoo import TINY_PARITY_MODELS
 
 #: Items per stage: enough for ranks to move, few enough to keep the test quick.
 N_ITEMS = 2
@@ -51,7 +51,7 @@ def reference_runs(zoo_model, antonym, antonym_trials):
     return get
 
 
-@pytest.mark.parametrize("alias", DEFAULT_PARITY_MODELS)
+@pytest.mark.parametrize("alias", TINY_PARITY_MODELS)
 def test_sweep_equals_evaluate_at_every_layer(alias, zoo_model, antonym, antonym_trials, reference_runs):
     lm = zoo_model(alias)
     sweep = layer_sweep(lm, antonym, antonym_trials, vector(lm), max_items=N_ITEMS, show_progress=False)

@@ -8,7 +8,7 @@ import pytest
 from fvkit.errors import SpecError
 from fvkit.models.config import ModelDims, dims_from_config
 from fvkit.models.spec import get_spec
-from fvkit.models.zoo import DEFAULT_PARITY_MODELS
+from fvkit.models.zoo import TINY_PARITY_MODELS
 
 
 def test_gemma_head_dim_is_read_not_derived(zoo_model):
@@ -22,7 +22,7 @@ def test_gemma_head_dim_is_read_not_derived(zoo_model):
     assert (o_proj.in_features, o_proj.out_features) == (48, 40)
 
 
-@pytest.mark.parametrize("alias", DEFAULT_PARITY_MODELS)
+@pytest.mark.parametrize("alias", TINY_PARITY_MODELS)
 def test_dims_match_module_shapes(zoo_model, alias):
     lm = zoo_model(alias)
     emb = lm.model.get_input_embeddings().weight

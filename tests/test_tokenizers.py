@@ -16,7 +16,7 @@ from fvkit.models import tokenizers
 from fvkit.errors import FvkitError
 from fvkit.models.tokenizers import (GPT2_BPE, LLAMA_SP, QWEN2_BPE, adds_bos, build_tokenizer,
                               check_saved_bos, save_tokenizer, source_files)
-from fvkit.models.zoo import DEFAULT_PARITY_MODELS, ZOO, ensure_built
+from fvkit.models.zoo import TINY_PARITY_MODELS, ZOO, ensure_built
 
 PROMPTS = [
     "<|endoftext|>Q: hot\nA: cold\n\nQ: up\nA:",
@@ -89,7 +89,7 @@ def test_special_tokens(built, kind):
         assert not adds_bos(tok)
 
 
-@pytest.mark.parametrize("alias", list(DEFAULT_PARITY_MODELS) + ["tiny-gemma-hd"])
+@pytest.mark.parametrize("alias", list(TINY_PARITY_MODELS) + ["tiny-gemma-hd"])
 def test_zoo_tokenizer_through_autotokenizer(alias):
     # What other programs (the reference included) get from AutoTokenizer on the cached dir.
     from transformers import AutoTokenizer

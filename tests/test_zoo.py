@@ -12,7 +12,7 @@ import torch
 from fvkit.models import zoo
 from fvkit.errors import FvkitError
 from fvkit.models.spec import get_spec
-from fvkit.models.zoo import DEFAULT_PARITY_MODELS, EXPECTED_WEIGHTS_SHA256, ZOO
+from fvkit.models.zoo import TINY_PARITY_MODELS, EXPECTED_WEIGHTS_SHA256, ZOO
 
 TINY = [a for a, e in ZOO.items() if e.source == "random"]
 #: Antonym-style word pairs for the non-degeneracy checks (the last one is the query).
@@ -56,14 +56,14 @@ def next_token_stats(model, tokenizer, spec, out_proj_names=()):
 # --- Recipes -----------------------------------------------------------------------------
 
 def test_default_parity_models():
-    assert all(a.startswith("tiny-") for a in DEFAULT_PARITY_MODELS)
-    specs = [ZOO[a].spec for a in DEFAULT_PARITY_MODELS]
+    assert all(a.startswith("tiny-") for a in TINY_PARITY_MODELS)
+    specs = [ZOO[a].spec for a in TINY_PARITY_MODELS]
     # One per architecture built from a config (the ones the gates must cover at least),
     # plus tiny-gemma-hd, whose heads are wider in total than its hidden size.
     assert set(specs) == {e.spec for e in ZOO.values() if e.source == "random"}
     assert len(specs) == len(set(specs)) + 1 and specs.count("gemma") == 2
     assert {"gpt2", "llama", "gptj", "gpt_neox", "gemma", "olmo", "mistral", "qwen2"} <= set(specs)
-    assert "tiny-gemma-hd" in DEFAULT_PARITY_MODELS
+    assert "tiny-gemma-hd" in TINY_PARITY_MODELS
 
 
 def test_every_model_has_a_committed_hash():
@@ -158,7 +158,7 @@ def test_norm_gains_use_their_neutral_value():
     assert abs(float(gemma.mean())) < 0.1 and abs(float(llama.mean()) - 1.0) < 0.1
 
 
-@pytest.mark.parametrize("alias", DEFAULT_PARITY_MODELS)
+@pytest.mark.parametrize("alias", TINY_PARITY_MODELS)
 def test_models_are_not_degenerate(zoo_model, alias):
     lm = zoo_model(alias)
     std, max_prob, tvs = next_token_stats(lm.model, lm.tokenizer, lm.spec, lm.out_proj_names())

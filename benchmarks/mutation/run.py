@@ -2,7 +2,7 @@
 
     python benchmarks/mutation/run.py                          # control + every fault, tiny-llama
     python benchmarks/mutation/run.py --faults top_heads_ascending wrong_separator
-    python benchmarks/mutation/run.py --out docs/mutation.md
+    python benchmarks/mutation/run.py --model smollm2-135m --jobs 2   # a real checkpoint, two faults at once
 
 Each fault (:mod:`faults`) runs in its own ``python -m pytest parity_tests``
 process, in a temporary copy of the suite (parity_tests/, pytest.ini,
@@ -14,7 +14,8 @@ every gate: otherwise a "caught" fault would mean nothing, and the harness
 stops.
 
 The settings are ones with stored snapshots (parity_tests/__snapshots__), so
-M1-M4 really compare against the reference's numbers.
+M1-M4 really compare against the reference's numbers: the quick settings on the
+tiny models, a real checkpoint's own parity settings (ZooEntry.parity) on it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -38,11 +40,15 @@ from faults import FAULTS  # noqa: E402
 GATES = ("M1", "M2", "M3", "M4", "M5")
 #: Settings with stored snapshots for every tiny model (the ``-mt1-nh5-el1`` snapshot files).
 SUITE_ARGS = ("--max-trials", "1", "--n-top-heads", "5", "--edit-layer", "1", "-p", "no:cacheprovider")
+#: A real checkpoint runs at its own parity settings, those of its stored reference numbers
+#: (ZooEntry.parity: 3 trials and, through pytest.ini, the layer sweep).
+REAL_SUITE_ARGS = ("-p", "no:cacheprovider")
 #: Where the suite writes its latest report, whatever the default dataset and trials
 #: (``results_fv/<dataset>/<fixed_trials_id>/``); the copy holds exactly one.
 REPORT_GLOB = "results_fv/*/*/parity_suite_report.json"
-#: A tiny-model run takes about 20 s; a fault that hangs the suite is cut off well after that.
-RUN_TIMEOUT_S = 600
+#: A tiny-model run takes about 20 s, a real checkpoint's a few minutes; a fault that hangs
+#: the suite is cut off well after that.
+RUN_TIMEOUT_S = 1800
 CAUGHT = ("FAIL", "ERROR")
 CONTROL = "(none)"
 
@@ -70,6 +76,13 @@ def tie_resolved(node) -> int:
     return 0
 
 
+def suite_args(model: str) -> tuple:
+    from fvkit.models.zoo import ZOO
+
+    entry = ZOO.get(model)
+    return REAL_SUITE_ARGS if entry is not None and entry.parity is not None else SUITE_ARGS
+
+
 def run_one(model: str, fault: str | None, nice: int) -> dict:
     """Gate statuses (and causes) of one pytest process with ``fault`` applied."""
     with tempfile.TemporaryDirectory(prefix="fvkit-mutation-") as tmp:
@@ -79,7 +92,7 @@ def run_one(model: str, fault: str | None, nice: int) -> dict:
         if fault:
             env["FVKIT_MUTATION"] = fault
         cmd = ["nice", "-n", str(nice), sys.executable, "-m", "pytest", "parity_tests", "--model", model,
-               "-k", model, *SUITE_ARGS, "-p", "fvkit_mutation_plugin", "-q"]
+               "-k", model, *suite_args(model), "-p", "fvkit_mutation_plugin", "-q"]
         start = time.monotonic()
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
         seconds = time.monotonic() - start
@@ -120,6 +133,7 @@ def main(argv=None) -> int:
     parser.add_argument("--faults", nargs="*", default=list(FAULTS), help="fault names (default: all)")
     parser.add_argument("--nice", type=int, default=15, help="niceness of the pytest processes (default 15)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/mutation_{model}.json")
+    parser.add_argument("--jobs", type=int, default=1, help="faults run at once, each in its own process (default 1)")
     args = parser.parse_args(argv)
     unknown = [f for f in args.faults if f not in FAULTS]
     if unknown:
@@ -129,15 +143,19 @@ def main(argv=None) -> int:
     print(f"control: {control['gates']} ({control['seconds']} s)", flush=True)
     if any(s != "PASS" for s in control["gates"].values()):
         raise HarnessError(f"the control run (no fault) did not pass every gate: {control}")
-    rows = [control]
-    for name in args.faults:
+    def one(name):
         row = run_one(args.model, name, args.nice)
         print(f"{name}: {row['gates']} ({row['seconds']} s)", flush=True)
-        rows.append(row)
+        return row
+
+    # Each fault is its own pytest process; threads only wait on them.
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        rows = [control, *pool.map(one, args.faults)]
 
     out = Path(str(args.json).format(model=args.model))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "suite_args": list(SUITE_ARGS), "rows": rows}, indent=1) + "\n")
+    out.write_text(json.dumps({"model": args.model, "suite_args": list(suite_args(args.model)), "rows": rows},
+                              indent=1) + "\n")
     print(table(args.model, rows))
     missed = [r["fault"] for r in rows[1:] if not any(s in CAUGHT for s in r["gates"].values())]
     print(f"\nnot caught by any gate: {', '.join(missed) or 'none'}\nwritten: {out}")

@@ -54,7 +54,7 @@ from fvkit.errors import FvkitError
 from fvkit.file_lock import exclusive_lock
 from fvkit.models.adapters import is_conv1d
 from fvkit.models.architectures import (all_architectures, architecture_of, default_parity_models,
-                                        zoo_recipes)
+                                        real_parity_models, tiny_parity_models, zoo_recipes)
 from fvkit.models.architectures.architecture import GgufSource, ZooEntry
 from fvkit.models.gguf_files import check_installed, ensure_assembled
 from fvkit.models.gguf_tokenizer import tokenizer_from_gguf_vocabulary
@@ -70,6 +70,10 @@ from fvkit.models.tokenizers import check_saved_bos, package_dir, save_tokenizer
 ZOO = zoo_recipes()
 
 #: The tiny models every parity gate runs on: one per supported architecture.
+TINY_PARITY_MODELS = tiny_parity_models()
+#: The trained checkpoints every default parity session also checks.
+REAL_PARITY_MODELS = real_parity_models()
+#: A parity session's models when no --model is given: the tiny ones, then the real ones.
 DEFAULT_PARITY_MODELS = default_parity_models()
 
 #: SHA-256 of each model's weights (see :func:`weights_sha256`), as committed in

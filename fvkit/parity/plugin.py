@@ -49,6 +49,8 @@ def is_worker(config: pytest.Config) -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "fvkit_gate(gate): a parity gate test (M1..M5); set on the gate module")
     config.addinivalue_line("markers", "fvkit_model(name): the model a parity gate test checks")
+    config.addinivalue_line("markers", "fvkit_check(what): a gate test that exists only for the models the run "
+                                       "checks 'what' on (see ParitySession.not_checked)")
     config.stash[OPTIONS_KEY] = ParityOptions.from_config(config)
     config.stash[REPORT_KEY] = ReportState(config.rootpath, environment=environment, writer=not is_worker(config))
     config.stash[FAILED_KEY] = {}

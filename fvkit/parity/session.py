@@ -55,6 +55,8 @@ class ModelSettings:
     key: str
     notes: tuple = ()
     sweep: bool = False
+    #: The trials the stages use (None: all of them): --max-trials, else the model's own default.
+    max_trials: Optional[int] = None
 
     def as_dict(self) -> dict:
         out = {"n_trials_used": self.n_trials_used, "n_top_heads": self.n_top_heads,
@@ -261,12 +263,30 @@ class ParitySession:
         if not 0 <= edit_layer < info.n_layers:
             raise FvkitError(f"--edit-layer {edit_layer} is out of range for {info.id}: valid layers are "
                              f"0..{info.n_layers - 1} ({info.n_layers} layers)")
-        used = self.trials.n_trials if opts.max_trials is None else min(opts.max_trials, self.trials.n_trials)
-        if opts.sweep:
-            notes.append(f"--edit-layer all: stage files and M4's single-layer checks use the default layer "
+        own = self.parity_defaults(name)
+        max_trials = opts.max_trials if opts.max_trials is not None else own.max_trials
+        # --edit-layer (a layer or 'all') decides the sweep for every model; without it each model's own default.
+        sweep = opts.sweep if (opts.sweep or opts.edit_layer is not None) else own.sweep
+        taken = [text for given, text in ((opts.max_trials is None and own.max_trials, f"{own.max_trials} trials"),
+                                          (sweep and not opts.sweep, "the layer sweep")) if given]
+        if taken:
+            notes.append(f"{info.id} runs with its own parity settings, {' and '.join(taken)}, the settings of its "
+                         f"stored reference numbers (--max-trials and --edit-layer override them)")
+        used = self.trials.n_trials if max_trials is None else min(max_trials, self.trials.n_trials)
+        if sweep:
+            notes.append(f"layer sweep: stage files and M4's single-layer checks use the default layer "
                          f"{edit_layer}; the layer sweep covers layers 0..{info.n_layers - 1}")
         return ModelSettings(used, n_top, edit_layer, settings_key(self.trials.id, used, n_top, edit_layer),
-                             tuple(notes), sweep=opts.sweep)
+                             tuple(notes), sweep=sweep, max_trials=max_trials)
+
+    @staticmethod
+    def parity_defaults(name: str):
+        """The zoo model's own settings for what the command line leaves unset (none for other models)."""
+        from fvkit.models.architectures import zoo_recipes
+        from fvkit.models.architectures.architecture import ParityDefaults
+
+        entry = zoo_recipes().get(str(name))
+        return (entry.parity if entry is not None else None) or ParityDefaults()
 
     # --- computed once per model -------------------------------------------------------
     def ie_modes_for(self, name: str) -> tuple:
@@ -278,6 +298,19 @@ class ParitySession:
         if self.options.ie_mode_given or self.is_tiny(name):
             return self.options.ie_modes
         return ("fast",)
+
+    def not_checked(self, name: str, check: str) -> Optional[str]:
+        """Why this run leaves ``check`` out on ``name`` (None when it checks it): an
+        indirect-effect mode ('exact', 'fast') or the layer sweep ('sweep'). The gates'
+        tests exist only for what is checked; the sentence goes into the report instead."""
+        if check == "sweep":
+            return None if self.settings_for(name).sweep else "the layer sweep (--edit-layer all checks it)"
+        if check in self.ie_modes_for(name):
+            return None
+        if self.options.ie_mode_given:
+            return f"M3's {check} mode (--ie-mode {'/'.join(self.ie_modes_for(name))})"
+        return (f"fvkit's M3 {check} mode: a real checkpoint checks fvkit's fast effects against the reference's "
+                f"exact ones (--ie-mode both adds fvkit's exact mode, one forward pass per head)")
 
     @staticmethod
     def is_tiny(name: str) -> bool:
@@ -299,7 +332,7 @@ class ParitySession:
             s = self.settings_for(name)
             self._pipelines[name] = run_pipeline(
                 self.model(name), self.dataset, self.trials, n_top_heads=s.n_top_heads, edit_layer=s.edit_layer,
-                max_trials=self.options.max_trials, ie_mode=self.pipeline_ie_mode(name), show_progress=False)
+                max_trials=s.max_trials, ie_mode=self.pipeline_ie_mode(name), show_progress=False)
         return self._pipelines[name]
 
     def layer_sweep(self, name: str) -> dict:
@@ -349,7 +382,7 @@ class ParitySession:
         if name not in self._comparable:
             result = self.pipeline(name).comparable()
             result["m1"]["split"] = {k: list(v) for k, v in self.trials.split.items()}
-            result["m1"]["draws"] = self.trials.draws(self.dataset, self.options.max_trials)
+            result["m1"]["draws"] = self.trials.draws(self.dataset, self.settings_for(name).max_trials)
             self._comparable[name] = result
         return self._comparable[name]
 
@@ -363,7 +396,7 @@ class ParitySession:
             result = self.pipeline(name)
             start = time.perf_counter()
             ie = indirect_effects(self.model(name), self.dataset, self.trials, result.mean_activations,
-                                  max_trials=self.options.max_trials, mode=mode, show_progress=False)
+                                  max_trials=self.settings_for(name).max_trials, mode=mode, show_progress=False)
             self._ie[(name, mode)] = (ie, round(time.perf_counter() - start, 4))
         return self._ie[(name, mode)]
 
@@ -380,7 +413,7 @@ class ParitySession:
                                    reference_src=str(self.options.reference_src),
                                    baukit=str(self.options.baukit) if self.options.baukit else None,
                                    n_top_heads=s.n_top_heads, edit_layer=s.edit_layer,
-                                   max_trials=self.options.max_trials, sweep=s.sweep,
+                                   max_trials=s.max_trials, sweep=s.sweep,
                                    # Only where the reference cannot build its own vector does it
                                    # evaluate fvkit's (the runner calls this only then).
                                    injected_vector=lambda: self.pipeline(name).function_vector)

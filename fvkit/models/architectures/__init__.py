@@ -3,7 +3,7 @@
     all_architectures()              # every Architecture, highest lookup priority first
     get_architecture("gemma")        # one of them, by spec name
     zoo_recipes()["tiny-llama"]      # ZooEntry of every zoo model, in zoo order
-    default_parity_models()          # ('tiny-gpt2', 'tiny-llama', ...)
+    default_parity_models()          # ('tiny-gpt2', ..., 'smollm2-135m', 'gemma3-270m')
     reference_branches()             # {(blocks, attn, out_proj): {"name", "conv1d", "bias"}}
     reference_release("gemma")       # '4.49.0': the transformers release of its reference numbers
 
@@ -97,8 +97,18 @@ def zoo_recipes() -> dict:
 
 
 def default_parity_models() -> tuple:
-    """The zoo models every parity gate runs on by default."""
-    return tuple(alias for alias, entry in zoo_recipes().items() if entry.default_parity)
+    """The zoo models every parity gate runs on by default: the tiny ones, then the real ones."""
+    return tiny_parity_models() + real_parity_models()
+
+
+def tiny_parity_models() -> tuple:
+    """The default parity models with random weights (plumbing: one per architecture)."""
+    return tuple(a for a, e in zoo_recipes().items() if e.default_parity and not e.trained)
+
+
+def real_parity_models() -> tuple:
+    """The default parity models that are trained checkpoints (the method's evidence)."""
+    return tuple(a for a, e in zoo_recipes().items() if e.default_parity and e.trained)
 
 
 def architecture_of(entry: ZooEntry) -> Architecture:

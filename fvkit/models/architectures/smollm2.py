@@ -4,7 +4,7 @@ Told apart from LLaMA by model id only (its config says ``LlamaForCausalLM``),
 so its id pattern is tried before every other spec's.
 """
 
-from fvkit.models.architectures.architecture import Architecture, GgufSource, ModelSpec, ZooEntry
+from fvkit.models.architectures.architecture import Architecture, GgufSource, ModelSpec, REAL_MODEL_PARITY, ZooEntry
 from fvkit.models.architectures.layouts import LLAMA_STYLE_PATHS, Q_K_PROJ_SUFFIXES
 from fvkit.models.architectures.reference_branches import LLAMA
 
@@ -35,7 +35,8 @@ ARCHITECTURE = Architecture(
                      # transformers 4.49 reports '<|im_start|>' as EOS; pinning them
                      # makes both versions agree.
                      special_tokens=dict(bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                         pad_token="<|im_end|>", unk_token="<|endoftext|>"))),
+                                         pad_token="<|im_end|>", unk_token="<|endoftext|>")),
+                 default_parity=True, parity=REAL_MODEL_PARITY),
     ),
     reference_branch=LLAMA,
 )
