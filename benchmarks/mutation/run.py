@@ -40,9 +40,6 @@ from faults import FAULTS  # noqa: E402
 GATES = ("M1", "M2", "M3", "M4", "M5")
 #: Settings with stored snapshots for every tiny model (the ``-mt1-nh5-el1`` snapshot files).
 SUITE_ARGS = ("--max-trials", "1", "--n-top-heads", "5", "--edit-layer", "1", "-p", "no:cacheprovider")
-#: A real checkpoint runs at its own parity settings, those of its stored reference numbers
-#: (ZooEntry.parity: 3 trials and, through pytest.ini, the layer sweep).
-REAL_SUITE_ARGS = ("-p", "no:cacheprovider")
 #: Where the suite writes its latest report, whatever the default dataset and trials
 #: (``results_fv/<dataset>/<fixed_trials_id>/``); the copy holds exactly one.
 REPORT_GLOB = "results_fv/*/*/parity_suite_report.json"
@@ -77,10 +74,18 @@ def tie_resolved(node) -> int:
 
 
 def suite_args(model: str) -> tuple:
+    """The quick settings on a tiny model; on a real checkpoint its own parity settings (those
+    of its stored reference numbers, ZooEntry.parity) at the default edit layer, without the
+    layer sweep, which would add every layer's evaluations to each fault's run."""
+    from fvkit.method.run_defaults import default_edit_layer
+    from fvkit.models.loader import describe_model
     from fvkit.models.zoo import ZOO
 
     entry = ZOO.get(model)
-    return REAL_SUITE_ARGS if entry is not None and entry.parity is not None else SUITE_ARGS
+    if entry is None or entry.parity is None:
+        return SUITE_ARGS
+    layer = default_edit_layer(describe_model(model).dims.n_layers)
+    return ("--edit-layer", str(layer), "-p", "no:cacheprovider")
 
 
 def run_one(model: str, fault: str | None, nice: int) -> dict:
