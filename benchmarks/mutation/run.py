@@ -89,7 +89,7 @@ def suite_args(model: str) -> tuple:
     return ("--edit-layer", str(layer), "-p", "no:cacheprovider")
 
 
-def run_one(model: str, fault: str | None, nice: int, extra: tuple = ()) -> dict:
+def run_one(model: str, fault: str | None, nice: int, args: tuple) -> dict:
     """Gate statuses (and causes) of one pytest process with ``fault`` applied."""
     with tempfile.TemporaryDirectory(prefix="fvkit-mutation-") as tmp:
         root = suite_copy(Path(tmp))
@@ -98,7 +98,7 @@ def run_one(model: str, fault: str | None, nice: int, extra: tuple = ()) -> dict
         if fault:
             env["FVKIT_MUTATION"] = fault
         cmd = ["nice", "-n", str(nice), sys.executable, "-m", "pytest", "parity_tests", "--model", model,
-               "-k", model, *suite_args(model), *extra, "-p", "fvkit_mutation_plugin", "-q"]
+               "-k", model, *args, "-p", "fvkit_mutation_plugin", "-q"]
         start = time.monotonic()
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
         seconds = time.monotonic() - start
@@ -145,17 +145,18 @@ def main(argv=None) -> int:
                              "exercise fvkit's exact indirect effect on a real checkpoint, which checks only "
                              "the fast mode by default")
     args = parser.parse_args(argv)
-    extra = tuple(shlex.split(args.suite_extra))
+    # Read once: a real checkpoint's settings come from its config.
+    run_args = (*suite_args(args.model), *shlex.split(args.suite_extra))
     unknown = [f for f in args.faults if f not in FAULTS]
     if unknown:
         parser.error(f"unknown fault(s) {', '.join(unknown)}; known: {', '.join(FAULTS)}")
 
-    control = run_one(args.model, None, args.nice, extra)
+    control = run_one(args.model, None, args.nice, run_args)
     print(f"control: {control['gates']} ({control['seconds']} s)", flush=True)
     if any(s != "PASS" for s in control["gates"].values()):
         raise HarnessError(f"the control run (no fault) did not pass every gate: {control}")
     def one(name):
-        row = run_one(args.model, name, args.nice, extra)
+        row = run_one(args.model, name, args.nice, run_args)
         print(f"{name}: {row['gates']} ({row['seconds']} s)", flush=True)
         return row
 
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
 
     out = Path(str(args.json).format(model=args.model))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "suite_args": [*suite_args(args.model), *extra], "rows": rows},
+    out.write_text(json.dumps({"model": args.model, "suite_args": list(run_args), "rows": rows},
                               indent=1) + "\n")
     print(table(args.model, rows))
     missed = [r["fault"] for r in rows[1:] if not any(s in CAUGHT for s in r["gates"].values())]

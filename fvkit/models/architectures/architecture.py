@@ -196,10 +196,6 @@ class ParityDefaults:
     max_trials: Optional[int] = None
     sweep: bool = False
 
-    def describe(self) -> str:
-        parts = ([f"{self.max_trials} trials"] if self.max_trials else []) + (["the layer sweep"] if self.sweep else [])
-        return " and ".join(parts)
-
 
 #: The settings of the real checkpoints' stored reference numbers. Three trials already
 #: carry signal on present-past (SmolLM2-135M: clean 10-shot top-1 0.91, largest |IE| 0.12,
