@@ -214,7 +214,9 @@ def run_pipeline(lm, dataset, trials, *, n_top_heads: int = DEFAULT_N_TOP_HEADS,
     zs, sh = evals.zero_shot, evals.shuffled
     base, base_info = timed("eval_baseline", run_baseline, lm, dataset, trials, fv, edit_layer, template,
                             method=eval_method, ties=eval_ties, show_progress=show_progress)
-    norms = timed("residual_norm", residual_norms, lm, dataset, trials, edit_layer, template)
+    norms = evals.residual_norms  # read from the evaluation's own clean passes when it cached them
+    if norms is None:
+        norms = timed("residual_norm", residual_norms, lm, dataset, trials, edit_layer, template)
     scales = {"function_vector": vector_scale(fv, norms, edit_layer)}
     warn_if_negligible(scales["function_vector"], REFERENCE_VECTOR)
     written = None

@@ -40,6 +40,7 @@ from fvkit.errors import FvkitError
 from fvkit.fast.cache_names import output_cache
 from fvkit.fast.cache import PrefixCache, UnsupportedCache, cache_length, drop_last
 from fvkit.fast.indirect_effect import CAPTURE_ROWS, LM_HEAD_ROWS, _whole_blocks
+from fvkit.fast.prompt_rerun import PromptRecord, exact_rerun
 from fvkit.fast.replay import ReplayUnsupported, capture_last_token
 from fvkit.method.intervene import edited_logits, last_position_logits, token_rank
 from fvkit.method.stage_inputs import answer_ids, trial_prompt
@@ -85,15 +86,16 @@ def _last_positions(lm_head, n: int):
 
 
 def clean_pass(lm, inputs):
-    """(clean last-position logits, a one-row prefix cache) from one whole-prompt pass."""
+    """(clean last-position logits, a one-row prefix cache, the pass's :class:`PromptRecord`)
+    from one whole-prompt pass."""
     model = lm.model
     head = adapters.resolve_lm_head(model, lm.spec)
     n_tokens = inputs["input_ids"].shape[1]
-    with _last_positions(head, min(CLEAN_HEAD_POSITIONS, n_tokens)):
+    with _last_positions(head, min(CLEAN_HEAD_POSITIONS, n_tokens)), PromptRecord(lm) as record:
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=True)
     logits = last_position_logits(out)
     prefix = PrefixCache.from_output(output_cache(out), n_tokens)
-    return logits, prefix
+    return logits, prefix, record
 
 
 def edited_rows(lm, inputs, prefix: PrefixCache, vec: torch.Tensor, layers: Sequence[int],
@@ -141,11 +143,13 @@ def _replay_rows(calls, blocks, norm, head, vec: torch.Tensor, layers: list) -> 
 
 
 def item_ranks(lm, inputs, target: int, fv: torch.Tensor, layers: Sequence[int], ties: str,
-               chunk: Optional[int] = None) -> dict:
-    """One prompt: clean rank, per-layer edited ranks and logit changes, cache gap, near ties.
+               chunk: Optional[int] = None, norm_layer: Optional[int] = None) -> dict:
+    """One prompt: clean rank, per-layer edited ranks and logit changes, cache gap, near ties, and
+    with ``norm_layer`` the residual stream's norm there (:mod:`fvkit.method.vector_scale`).
     ``chunk`` caps the layers replayed together (all of them by default)."""
     vec = fv.reshape(lm.dims.hidden_size).to(lm.model.dtype)
-    clean_logits, prefix = clean_pass(lm, inputs)
+    clean_logits, prefix, record = clean_pass(lm, inputs)
+    rerun = lambda layer: exact_rerun(lm, record, inputs, layer, fv)  # noqa: E731
     chunk = len(layers) if chunk is None else max(1, int(chunk))
     ranks, changes, n_ties, reruns, gap = [], [], 0, 0, 0.0
     for start in range(0, len(layers), chunk):
@@ -156,17 +160,19 @@ def item_ranks(lm, inputs, target: int, fv: torch.Tensor, layers: Sequence[int],
         gap = max(gap, part_gap)
         for i, layer in enumerate(part):
             edited = rows[i:i + 1]
-            item = _read_rank(lm, inputs, target, fv, layer, edited, cached_clean, clean_logits, part_gap, ties)
+            item = _read_rank(rerun, target, layer, edited, cached_clean, clean_logits, part_gap, ties)
             ranks.append(item[0])
             changes.append(item[1])
             n_ties += item[2]
             reruns += item[3]
     return {"clean_rank": token_rank(clean_logits, target), "ranks": ranks, "changes": changes, "gap": gap,
-            "near_ties": n_ties, "reruns": reruns}
+            "near_ties": n_ties, "reruns": reruns,
+            "residual_norm": None if norm_layer is None else record.output_norm(norm_layer)}
 
 
-def _read_rank(lm, inputs, target, fv, layer, edited, cached_clean, clean_logits, gap, ties) -> tuple:
-    """(rank, largest logit change, near tie 0/1, re-run 0/1) of one edited row."""
+def _read_rank(rerun, target, layer, edited, cached_clean, clean_logits, gap, ties) -> tuple:
+    """(rank, largest logit change, near tie 0/1, re-run 0/1) of one edited row; ``rerun(layer)``
+    gives the row's logits as a whole-prompt pass with the vector computes them."""
     n_ties = reruns = 0
     if (edited - cached_clean).abs().max().item() == 0.0:
         raise FvkitError(f"injecting the function vector at layer {layer} did not change the output; "
@@ -174,29 +180,31 @@ def _read_rank(lm, inputs, target, fv, layer, edited, cached_clean, clean_logits
     if near_tie(edited, target, noise_bound(edited, gap)):
         n_ties += 1
         if ties == "rerun":
-            edited = edited_logits(lm, inputs, layer, fv)
+            edited = rerun(layer)
             reruns += 1
     return token_rank(edited, target), (edited - clean_logits).abs().max().item(), n_ties, reruns
 
 
 def cached_stage(lm, dataset, trials, stage: str, fv: torch.Tensor, layers: Sequence[int], template,
                  n: int, ties: str = "rerun", chunk: Optional[int] = None, show_progress: bool = True,
-                 desc: Optional[str] = None) -> dict:
-    """Clean ranks and, per layer of ``layers``, edited ranks of the first ``n`` items of ``stage``."""
+                 desc: Optional[str] = None, norm_layer: Optional[int] = None) -> dict:
+    """Clean ranks and, per layer of ``layers``, edited ranks of the first ``n`` items of ``stage``;
+    with ``norm_layer``, also each prompt's residual-stream norm there, from the same clean pass."""
     if ties not in TIE_POLICIES:
         raise FvkitError(f"unknown near-tie policy '{ties}'; use one of {', '.join(TIE_POLICIES)}")
     layers = list(layers)
     if not layers:
         raise FvkitError("cached evaluation needs at least one layer")
     clean, edited, changes = [], [[] for _ in layers], [0.0] * len(layers)
-    gap, n_ties, reruns = 0.0, 0, 0
+    gap, n_ties, reruns, norms = 0.0, 0, 0, []
     with torch.no_grad():
         for j in progress(range(n), desc=desc or f"eval {stage}", enabled=show_progress):
             data, text = trial_prompt(lm, dataset, trials, stage, j, template)
             target = answer_ids(lm.tokenizer, text, data["query_target"]["output"])[0]
             inputs = lm.tokenizer([text], return_tensors="pt")
-            item = item_ranks(lm, inputs, target, fv, layers, ties, chunk)
+            item = item_ranks(lm, inputs, target, fv, layers, ties, chunk, norm_layer)
             clean.append(item["clean_rank"])
+            norms.append(item["residual_norm"])
             for i in range(len(layers)):
                 edited[i].append(item["ranks"][i])
                 changes[i] = max(changes[i], item["changes"][i])
@@ -204,7 +212,8 @@ def cached_stage(lm, dataset, trials, stage: str, fv: torch.Tensor, layers: Sequ
             n_ties += item["near_ties"]
             reruns += item["reruns"]
     return {"clean_rank_list": clean, "intervention_rank_lists": edited, "max_abs_logit_change": changes,
-            "cached_clean_max_abs_diff": gap, "near_ties": n_ties, "near_tie_reruns": reruns}
+            "cached_clean_max_abs_diff": gap, "near_ties": n_ties, "near_tie_reruns": reruns,
+            **({"residual_norms": norms} if norm_layer is not None else {})}
 
 
 #: What makes a model unable to use the cached evaluation (callers fall back to whole prompts).
@@ -234,6 +243,6 @@ def baseline_item(lm, prompt_inputs, full_inputs, labels, target: int, fv: Optio
     vec = fv.reshape(lm.dims.hidden_size).to(model.dtype)
     rows = edited_rows(lm, prompt_inputs, prefix, vec, [layer])
     gap = (rows[-1] - clean_logits[0]).abs().max().item()
-    rank, change, n_ties, reruns = _read_rank(lm, prompt_inputs, target, fv, layer, rows[:1], rows[-1],
-                                              clean_logits, gap, ties)
+    rank, change, n_ties, reruns = _read_rank(lambda L: edited_logits(lm, prompt_inputs, L, fv), target, layer,
+                                              rows[:1], rows[-1], clean_logits, gap, ties)
     return {**item, "rank": rank, "change": change, "gap": gap, "near_ties": n_ties, "reruns": reruns}

@@ -43,18 +43,29 @@ class Evaluations:
     sweep: Optional[dict] = None
     info: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    #: The residual stream's norm at the edit layer for each zero-shot, then each shuffled-label
+    #: prompt, read from the cached evaluation's clean passes (None when whole prompts ran:
+    #: :func:`fvkit.method.vector_scale.residual_norms` then measures it).
+    residual_norms: Optional[list] = None
+
+
+def _take_norms(stages: dict) -> Optional[list]:
+    """The stages' residual norms in EVAL_STAGES order, removed from their results (None if any lacks them)."""
+    found = [stages[s].pop("residual_norms", None) for s in EVAL_STAGES]
+    return None if any(f is None for f in found) else [x for f in found for x in f]
 
 
 def _one_layer(lm, dataset, trials, stage, fv, edit_layer, template, ties, show_progress) -> tuple:
     n = n_used(trials.n_items(stage), None)
     raw = cached_stage(lm, dataset, trials, stage, fv, [edit_layer], template, n, ties=ties,
-                       show_progress=show_progress)
+                       show_progress=show_progress, norm_layer=edit_layer)
     ranks = raw["intervention_rank_lists"][0]
     result = {"clean_rank_list": raw["clean_rank_list"], "intervention_rank_list": ranks,
               "clean_topk": topk_accuracy(raw["clean_rank_list"]), "intervention_topk": topk_accuracy(ranks),
               "n_items": n, "edit_layer": edit_layer, "max_abs_logit_change": raw["max_abs_logit_change"][0]}
     return result, {"near_ties": raw["near_ties"], "near_tie_reruns": raw["near_tie_reruns"],
-                    "cached_clean_max_abs_diff": raw["cached_clean_max_abs_diff"]}
+                    "cached_clean_max_abs_diff": raw["cached_clean_max_abs_diff"],
+                    "residual_norms": raw["residual_norms"]}
 
 
 def _exact(lm, dataset, trials, fv, edit_layer, template, show_progress) -> Evaluations:
@@ -77,30 +88,33 @@ def run_evaluations(lm, dataset, trials, fv, edit_layer: int, template: Template
     if sweep:
         # The sweep's pass holds every layer, the edit layer among them: one pass serves both.
         s = layer_sweep(lm, dataset, trials, fv, template, method="auto" if method == "cached" else "full",
-                        ties=ties, show_progress=show_progress)
+                        ties=ties, show_progress=show_progress, norm_layer=edit_layer)
+        norms = _take_norms(s["stages"])
         info = {"method": s["method"], **({"fallback_reason": s["fallback_reason"]} if "fallback_reason" in s else {}),
                 "ties": ties, "layers": "all",
                 **{f"{stage}_{k}": s["stages"][stage][k] for stage in EVAL_STAGES
                    for k in ("near_ties", "near_tie_reruns", "cached_clean_max_abs_diff")}}
         return Evaluations(layer_result(s, "zero_shot", edit_layer), layer_result(s, "shuffled", edit_layer),
-                           sweep=s, info=info, timings={"layer_sweep": s["seconds"]})
+                           sweep=s, info=info, timings={"layer_sweep": s["seconds"]}, residual_norms=norms)
     if method == "exact":
         out = _exact(lm, dataset, trials, fv, edit_layer, template, show_progress)
         out.info = {"method": "exact", "layers": [edit_layer]}
         return out
-    results, info, timings = {}, {"method": "cached", "ties": ties, "layers": [edit_layer]}, {}
+    results, info, timings, norms = {}, {"method": "cached", "ties": ties, "layers": [edit_layer]}, {}, {}
     try:
         for stage in EVAL_STAGES:
             start = time.perf_counter()
             results[stage], counts = _one_layer(lm, dataset, trials, stage, fv, edit_layer, template, ties,
                                                 show_progress)
+            norms[stage] = {"residual_norms": counts.pop("residual_norms")}
             timings[f"eval_{stage}"] = round(time.perf_counter() - start, 4)
             info.update({f"{stage}_{k}": v for k, v in counts.items()})
     except CACHE_REFUSALS as err:
         out = _exact(lm, dataset, trials, fv, edit_layer, template, show_progress)
         out.info = {"method": "exact", "layers": [edit_layer], "fallback_reason": str(err)}
         return out
-    return Evaluations(results["zero_shot"], results["shuffled"], info=info, timings=timings)
+    return Evaluations(results["zero_shot"], results["shuffled"], info=info, timings=timings,
+                       residual_norms=_take_norms(norms))
 
 
 def run_baseline(lm, dataset, trials, fv, edit_layer: int, template: Template = DEFAULT_TEMPLATE, *,

@@ -41,9 +41,10 @@ def _best_layer(topks: list) -> int:
     return max(range(len(topks)), key=lambda L: (tuple(acc for _, acc in topks[L]), -L))
 
 
-def _cached_stage(lm, dataset, trials, stage, fv, template, n, chunk, show_progress, ties="rerun") -> dict:
+def _cached_stage(lm, dataset, trials, stage, fv, template, n, chunk, show_progress, ties="rerun",
+                  norm_layer=None) -> dict:
     return cached_stage(lm, dataset, trials, stage, fv, range(lm.dims.n_layers), template, n, ties=ties,
-                        chunk=chunk, show_progress=show_progress, desc=f"layer sweep {stage}")
+                        chunk=chunk, show_progress=show_progress, desc=f"layer sweep {stage}", norm_layer=norm_layer)
 
 
 def _full_stage(lm, dataset, trials, stage, fv, template, n, show_progress) -> dict:
@@ -57,11 +58,13 @@ def _full_stage(lm, dataset, trials, stage, fv, template, n, show_progress) -> d
 
 def layer_sweep(lm, dataset, trials, fv: torch.Tensor, template: Template = DEFAULT_TEMPLATE,
                 max_items: Optional[int] = None, method: str = "auto", max_rows: Optional[int] = None,
-                ties: str = "rerun", show_progress: bool = True) -> dict:
+                ties: str = "rerun", show_progress: bool = True, norm_layer: Optional[int] = None) -> dict:
     """Every layer's zero-shot and shuffled-label ranks with the vector injected there.
 
     ``max_rows`` caps the layers replayed together in one batch; by default all
-    layers run in one batch. ``ties``: see :mod:`fvkit.fast.evaluation`.
+    layers run in one batch. ``ties``: see :mod:`fvkit.fast.evaluation`. With
+    ``norm_layer``, a cached sweep's stages also hold ``residual_norms`` (see
+    :func:`fvkit.fast.evaluation.cached_stage`).
     """
     if method not in METHODS:
         raise FvkitError(f"unknown layer-sweep method '{method}'; use one of {', '.join(METHODS)}")
@@ -80,7 +83,8 @@ def layer_sweep(lm, dataset, trials, fv: torch.Tensor, template: Template = DEFA
             raw = None
             if used in ("auto", "cached"):
                 try:
-                    raw = _cached_stage(lm, dataset, trials, stage, fv, template, n, chunk, show_progress, ties)
+                    raw = _cached_stage(lm, dataset, trials, stage, fv, template, n, chunk, show_progress, ties,
+                                        norm_layer)
                     used = "cached"
                 except CACHE_REFUSALS as err:
                     if method == "cached":

@@ -51,7 +51,13 @@ def inject(lm, layer: int, vector: torch.Tensor, position: int = -1):
 
 def token_rank(logits: torch.Tensor, target_id: int) -> int:
     """0-based rank of ``target_id`` among the logits (the reference's argsort ordering)."""
-    return torch.where(torch.argsort(logits.squeeze(), descending=True) == target_id)[0].item()
+    row = logits.squeeze()
+    value = row[target_id]
+    if int((row == value).sum()) == 1:
+        # No other token shares the target's logit: a descending sort puts exactly the
+        # larger ones before it, which counting finds without sorting the vocabulary.
+        return int((row > value).sum())
+    return torch.where(torch.argsort(row, descending=True) == target_id)[0].item()
 
 
 def topk_accuracy(ranks: list) -> list:

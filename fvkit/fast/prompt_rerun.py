@@ -1,0 +1,147 @@
+"""Re-running a whole prompt from one block on, as its whole-prompt pass computes it.
+
+    with PromptRecord(lm) as rec:                  # around the clean whole-prompt pass
+        model(**inputs, use_cache=True)
+    rec.output_norm(6)                             # L2 norm of block 6's output at the last token
+    logits = rec.edited_logits(6, vec)             # the last position's logits with vec added to block 6's output
+
+Adding the function vector to block ``L``'s output changes nothing that blocks
+``0..L`` compute, so a whole-prompt pass with the vector at ``L`` (what
+:func:`fvkit.method.intervene.edited_logits` runs) repeats the clean pass up to
+block ``L``. The record keeps, from the clean pass, every block's output and the
+arguments each block was called with; :meth:`PromptRecord.edited_logits` takes
+block ``L``'s output, adds the vector at the last position, and calls blocks
+``L+1..`` on the whole prompt with their recorded arguments, then the final norm
+and the output head. The same operations on the same tensors give the same
+numbers, at a fraction of the cost (``n_layers - L - 1`` blocks instead of all
+of them, and the output head on a few positions instead of all).
+
+The cached evaluation re-runs its near ties this way (see
+:mod:`fvkit.fast.evaluation`). Whether it reproduces ``edited_logits`` bit for bit
+is checked on each model's first re-run (:func:`exact_rerun`); a model where it
+does not (a forward pass doing more than its blocks, final norm and head) is
+re-run through the whole model from then on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+
+from fvkit.fast.replay import _is_update_owner
+from fvkit.method.intervene import edited_logits
+from fvkit.models import adapters
+from fvkit.models.placement import to_like
+from fvkit.models.tracer import BeforeCall, ReplaceMethod, Trace, first_tensor
+
+#: Positions the output head reads when a prompt is re-run: a whole block of the
+#: last positions gives the last row's logits as the whole-prompt pass does (see
+#: fvkit.fast.evaluation's CLEAN_HEAD_POSITIONS, the same rule).
+HEAD_POSITIONS = 4
+
+#: model -> why re-running from a block did not reproduce the whole-prompt pass
+#: (the model's near ties are then re-run through the whole model).
+_REFUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+#: models whose first re-run reproduced the whole-prompt pass bit for bit.
+_CHECKED: "weakref.WeakSet" = weakref.WeakSet()
+
+
+class PromptRecord(contextlib.AbstractContextManager):
+    """Every block's output and call arguments in one whole-prompt pass.
+
+        with PromptRecord(lm) as rec:
+            lm.model(**inputs, use_cache=True)
+        rec.edited_logits(3, vec)
+
+    Recording keeps references only: the tensors are the pass's own.
+    """
+
+    def __init__(self, lm):
+        self.lm = lm
+        self.blocks = adapters.resolve_blocks(lm.model, lm.spec)
+        self._stack = None
+        self._calls: list = []
+        self._outputs: list = []
+
+    def __enter__(self):
+        with contextlib.ExitStack() as stack:
+            self._calls = [stack.enter_context(BeforeCall(b, retain=True)) for b in self.blocks]
+            self._outputs = [stack.enter_context(Trace(self.lm.model, "", module=b)) for b in self.blocks]
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._stack.close()
+        return False
+
+    def output(self, layer: int) -> torch.Tensor:
+        if self._outputs[layer].fired != 1:
+            raise RuntimeError(f"block {layer} ran {self._outputs[layer].fired} times in the recorded pass, expected once")
+        return first_tensor(self._outputs[layer].output)
+
+    def output_norm(self, layer: int) -> float:
+        """L2 norm of block ``layer``'s output at the last position (what the injection adds to)."""
+        return self.output(layer)[0, -1].float().norm().item()
+
+    def _owners(self) -> list:
+        owners = []
+        for call in self._calls:
+            for value in (*call.args[1:], *call.kwargs.values()):
+                if _is_update_owner(value) and all(value is not o for o in owners):
+                    owners.append(value)
+        return owners
+
+    def edited_logits(self, layer: int, vec: torch.Tensor) -> torch.Tensor:
+        """(1, vocabulary) logits at the last position with ``vec`` added to block ``layer``'s output."""
+        model, spec = self.lm.model, self.lm.spec
+        hidden = self.output(layer).clone()
+        hidden[:, -1] += to_like(vec.reshape(1, -1), hidden)
+        with contextlib.ExitStack() as stack:
+            # In the recorded pass every attention layer's cache started empty, so its update
+            # returned the new keys and values themselves; the re-run must see exactly those
+            # and leave the cache (which later steps use) as it is.
+            for owner in self._owners():
+                stack.enter_context(ReplaceMethod(owner, "update", lambda k, v, *args, **kwargs: (k, v)))
+            for i in range(layer + 1, len(self.blocks)):
+                call = self._calls[i]
+                if call.args:
+                    out = self.blocks[i](hidden, *call.args[1:], **call.kwargs)
+                else:
+                    out = self.blocks[i](**{**call.kwargs, "hidden_states": hidden})
+                hidden = first_tensor(out)
+        norm, head = adapters.resolve_final_norm(model, spec), adapters.resolve_lm_head(model, spec)
+        n = min(HEAD_POSITIONS, hidden.shape[1])
+        states = norm(hidden[:, -n:])
+        return head(states)[:, -1, :].clone()
+
+
+def exact_rerun(lm, record: PromptRecord, inputs, layer: int, fv: torch.Tensor) -> torch.Tensor:
+    """``edited_logits(lm, inputs, layer, fv)``, from the record where it gives the same numbers.
+
+    A model's first call checks the record's numbers against the whole-model pass
+    and keeps the answer: equal bit for bit, or the whole model is used from then on."""
+    model = lm.model
+    if model in _REFUSED:
+        return edited_logits(lm, inputs, layer, fv)
+    vec = fv.reshape(lm.dims.hidden_size)
+    try:
+        fast = record.edited_logits(layer, vec)
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as err:
+        _REFUSED[model] = f"re-running the blocks from layer {layer + 1} failed ({type(err).__name__}: {err})"
+        return edited_logits(lm, inputs, layer, fv)
+    if model in _CHECKED:
+        return fast
+    whole = edited_logits(lm, inputs, layer, fv)
+    if torch.equal(fast, whole.to(fast.device)):
+        _CHECKED.add(model)
+    else:
+        drift = (fast - whole.to(fast.device)).abs().max().item()
+        _REFUSED[model] = f"re-running the blocks from layer {layer + 1} moved the logits by {drift:.3g}"
+    return whole
+
+
+def rerun_refusal(model) -> "str | None":
+    """Why near ties of ``model`` are re-run through the whole model (None when they are not)."""
+    return _REFUSED.get(model)

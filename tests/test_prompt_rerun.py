@@ -1,0 +1,85 @@
+"""Near ties re-run from the edited block on: the whole-prompt pass's logits, bit for bit.
+
+The cached evaluation re-runs a near tie from the clean pass's record (blocks
+``L+1..`` only) instead of a whole forward pass with the vector. Its ranks are
+only exact if those logits equal :func:`fvkit.method.intervene.edited_logits`'s
+exactly, on every architecture; the same record gives the residual-stream norms
+the vector-scale check needs, so those must equal a separate clean pass's too.
+"""
+
+import pytest
+import torch
+
+from fvkit.fast import prompt_rerun
+from fvkit.fast.evaluation import cached_stage, clean_pass
+from fvkit.fast.run_evaluations import run_evaluations
+from fvkit.method.intervene import edited_logits, token_rank
+from fvkit.method.prompts import DEFAULT_TEMPLATE
+from fvkit.method.vector_scale import residual_norms
+from fvkit.models.zoo import TINY_PARITY_MODELS
+
+PROMPT = "Q: hot\nA: cold\n\nQ: up\nA: down\n\nQ: big\nA:"
+
+
+def vector(lm, scale=5.0):
+    return torch.randn(lm.dims.hidden_size, generator=torch.Generator().manual_seed(1)) * scale
+
+
+@pytest.mark.parametrize("alias", TINY_PARITY_MODELS)
+def test_rerun_from_the_record_equals_the_whole_prompt_pass(alias, zoo_model):
+    lm = zoo_model(alias)
+    fv = vector(lm)
+    inputs = lm.tokenizer([PROMPT], return_tensors="pt")
+    with torch.no_grad():
+        _, _, record = clean_pass(lm, inputs)
+        for layer in range(lm.dims.n_layers):
+            fast = record.edited_logits(layer, fv)
+            whole = edited_logits(lm, inputs, layer, fv)
+            assert torch.equal(fast, whole), (f"{alias} layer {layer}: largest difference "
+                                              f"{(fast - whole).abs().max().item():.3g}, expected none")
+
+
+def test_a_rerun_that_differs_is_refused_and_the_whole_model_used(zoo_model, monkeypatch):
+    lm = zoo_model("tiny-llama")
+    fv = vector(lm)
+    inputs = lm.tokenizer([PROMPT], return_tensors="pt")
+    monkeypatch.setattr(prompt_rerun, "_REFUSED", type(prompt_rerun._REFUSED)())
+    monkeypatch.setattr(prompt_rerun, "_CHECKED", type(prompt_rerun._CHECKED)())
+    original = prompt_rerun.PromptRecord.edited_logits
+    # A record that starts one block late (the edit lost on the way): its logits differ.
+    monkeypatch.setattr(prompt_rerun.PromptRecord, "edited_logits",
+                        lambda self, layer, vec: original(self, min(layer + 1, lm.dims.n_layers - 1), vec))
+    with torch.no_grad():
+        _, _, record = clean_pass(lm, inputs)
+        got = prompt_rerun.exact_rerun(lm, record, inputs, 0, fv)
+        assert torch.equal(got, edited_logits(lm, inputs, 0, fv))
+    assert "moved the logits" in prompt_rerun.rerun_refusal(lm.model)
+
+
+@pytest.mark.parametrize("alias", ("tiny-gpt2", "tiny-llama"))
+def test_residual_norms_from_the_evaluation_equal_a_separate_clean_pass(alias, zoo_model, antonym, antonym_trials):
+    lm = zoo_model(alias)
+    fv = vector(lm)
+    evals = run_evaluations(lm, antonym, antonym_trials, fv, 1, show_progress=False)
+    assert evals.residual_norms == residual_norms(lm, antonym, antonym_trials, 1)
+    sweep = run_evaluations(lm, antonym, antonym_trials, fv, 1, sweep=True, show_progress=False)
+    assert sweep.residual_norms == evals.residual_norms
+    assert all("residual_norms" not in s for s in sweep.sweep["stages"].values())
+
+
+def test_cached_stage_measures_norms_only_when_asked(zoo_model, antonym, antonym_trials):
+    lm = zoo_model("tiny-llama")
+    raw = cached_stage(lm, antonym, antonym_trials, "zero_shot", vector(lm), [1], DEFAULT_TEMPLATE, 2,
+                       show_progress=False)
+    assert "residual_norms" not in raw
+
+
+@pytest.mark.parametrize("values,target,rank", [
+    ([0.5, 2.0, 1.0, -1.0], 0, 2),   # distinct logits: counted
+    ([0.5, 2.0, 1.0, -1.0], 1, 0),
+    ([1.0, 1.0, 3.0, 1.0], 3, None),  # the target shares its logit: the argsort decides
+])
+def test_token_rank_counts_where_no_other_token_shares_the_logit(values, target, rank):
+    logits = torch.tensor([values])
+    by_sort = torch.where(torch.argsort(logits.squeeze(), descending=True) == target)[0].item()
+    assert token_rank(logits, target) == (by_sort if rank is None else rank) == by_sort
