@@ -284,7 +284,8 @@ def markdown(report: dict) -> str:
         lines.append(f"- {stage}: rank differences on the {ref['items']} items: "
                      + ", ".join(f"{k} {v}" for k, v in d.items()))
     ev = fv["evaluation"]
-    lines += [f"- near ties in fvkit's cached evaluation (re-run as whole prompts): zero-shot "
+    lines += [f"- near ties in fvkit's cached evaluation (each re-run from the edited block on, as the "
+              f"whole-prompt pass computes it): zero-shot "
               f"{ev.get('zero_shot_near_ties')}, shuffled {ev.get('shuffled_near_ties')} of "
               f"{report['n_items']['zero_shot'] * fv['dims']['n_layers']} item-layers each; clean few-shot with the "
               f"vector {ev['baseline'].get('near_ties')} of {report['n_items']['baseline']}", "",
