@@ -29,6 +29,7 @@ from fvkit.method.function_vector import compute_function_vector, select_top_hea
 from fvkit.method.vector_scale import negligible_text, residual_norms, vector_scale, warn_if_negligible
 from fvkit.fast.indirect_effect import fast_trial
 from fvkit.method.indirect_effect import exact_trial, indirect_effects as effects_over_trials
+from fvkit.fast.batched import DEFAULT_BATCH_SIZE
 from fvkit.fast.run_evaluations import DEFAULT_EVAL_METHOD, run_baseline, run_evaluations
 from fvkit.method.prompts import DEFAULT_TEMPLATE, Template
 from fvkit.method.stage_inputs import n_used, trial_prompt
@@ -178,7 +179,7 @@ def run_pipeline(lm, dataset, trials, *, n_top_heads: int = DEFAULT_N_TOP_HEADS,
                  edit_layer: Optional[int] = None, max_trials: Optional[int] = None, ie_mode: str = DEFAULT_IE_MODE,
                  template: Template = DEFAULT_TEMPLATE, show_progress: bool = True, sweep: bool = False,
                  eval_method: str = DEFAULT_EVAL_METHOD, eval_ties: str = "rerun",
-                 block_written: bool = False) -> PipelineResult:
+                 eval_batch_size: int = DEFAULT_BATCH_SIZE, block_written: bool = False) -> PipelineResult:
     """Every stage; ``sweep`` adds the layer sweep, read from the evaluations' own passes
     (``eval_method``/``eval_ties``: see :mod:`fvkit.fast.run_evaluations`); ``block_written``
     also builds and evaluates the vector as the block writes it where the spec declares an
@@ -209,7 +210,7 @@ def run_pipeline(lm, dataset, trials, *, n_top_heads: int = DEFAULT_N_TOP_HEADS,
     fv = compute_function_vector(lm, mean_acts, heads)
     timings["function_vector"] = round(time.perf_counter() - start, 4)
     evals = run_evaluations(lm, dataset, trials, fv, edit_layer, template, sweep=sweep, method=eval_method,
-                            ties=eval_ties, show_progress=show_progress)
+                            ties=eval_ties, batch_size=eval_batch_size, show_progress=show_progress)
     timings.update(evals.timings)
     zs, sh = evals.zero_shot, evals.shuffled
     base, base_info = timed("eval_baseline", run_baseline, lm, dataset, trials, fv, edit_layer, template,
@@ -228,7 +229,7 @@ def run_pipeline(lm, dataset, trials, *, n_top_heads: int = DEFAULT_N_TOP_HEADS,
         warn_if_negligible(scales["block_written_vector"], BLOCK_WRITTEN_VECTOR)
         written = {"attn_output_norm": lm.spec.attn_output_norm, "vector": fv_block}
         block_evals = run_evaluations(lm, dataset, trials, fv_block, edit_layer, template, method=eval_method,
-                                      ties=eval_ties, show_progress=show_progress)
+                                      ties=eval_ties, batch_size=eval_batch_size, show_progress=show_progress)
         timings.update({f"{k}_block_written": v for k, v in block_evals.timings.items()})
         written.update(zero_shot=block_evals.zero_shot, shuffled=block_evals.shuffled)
     settings = {"n_top_heads": n_top_heads, "edit_layer": edit_layer, "max_trials": max_trials,

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import re
 import sys
@@ -57,11 +59,38 @@ def add_parser(subparsers) -> None:
                         "(layer_sweep.json, layer_sweep.png) while the stage files use the default layer")
     p.add_argument("--ie-mode", choices=IE_MODES, default=None,
                    help=f"indirect-effect computation (default: {DEFAULT_IE_MODE})")
+    add_evaluation_arguments(p)
     add_device_group(p)
     p.add_argument("--out", default=None,
                    help="output directory (default: results_fv/<dataset>/fvkit_run/<model>, in the current directory); "
                         "with several tasks, the folder holding one run folder per task and the summary table")
     p.set_defaults(func=with_threads(cmd_run))
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got '{text}'")
+    return value
+
+
+def add_evaluation_arguments(p) -> None:
+    from fvkit.method.run_defaults import (DEFAULT_EVAL_BATCH_SIZE as DEFAULT_BATCH_SIZE, DEFAULT_EVAL_METHOD,
+                                           EVAL_METHODS, TIE_POLICIES)
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-method", choices=EVAL_METHODS, default=DEFAULT_EVAL_METHOD,
+                   help="cached: one whole pass per prompt, its last token re-run per layer (default); exact: the "
+                        "reference's passes per prompt, condition and layer; batched: --eval-batch-size prompts per "
+                        "pass (pays off on a GPU)")
+    g.add_argument("--eval-batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
+                   help=f"prompts per pass of --eval-method batched (default {DEFAULT_BATCH_SIZE})")
+    g.add_argument("--eval-ties", choices=TIE_POLICIES, default="rerun",
+                   help="a rank read within float noise of a tie: rerun it as a whole prompt alone, so ranks equal "
+                        "the exact method's (default), or report it only")
 
 
 def check_seed(seed: int) -> None:
@@ -190,7 +219,8 @@ def run_task(args, lm, ds, trials, out):
     settings = run_settings(args, lm)
     kwargs = {} if args.ie_mode is None else {"ie_mode": args.ie_mode}
     result = run_pipeline(lm, ds, trials, **settings, **kwargs, sweep=sweeps_all_layers(args.edit_layer),
-                          block_written=True)
+                          eval_method=args.eval_method, eval_ties=args.eval_ties,
+                          eval_batch_size=args.eval_batch_size, block_written=True)
     # Imported only now: matplotlib's ~20 MB need not be resident during the model's passes.
     from fvkit.report.run_files import run_artifacts
 

@@ -44,12 +44,12 @@ from fvkit.fast.prompt_rerun import PromptRecord, exact_rerun
 from fvkit.fast.replay import ReplayUnsupported, capture_last_token
 from fvkit.method.intervene import edited_logits, last_position_logits, token_rank
 from fvkit.method.stage_inputs import answer_ids, trial_prompt
+from fvkit.method.run_defaults import TIE_POLICIES  # noqa: F401  (imported from here too)
 from fvkit.models import adapters
 from fvkit.models.placement import to_like
 from fvkit.models.tracer import EditInput, first_tensor
 from fvkit.progress import progress
 
-TIE_POLICIES = ("rerun", "report")
 
 #: How far the one-token rows' logits may be from a whole-prompt pass's, as a
 #: multiple of the gap measured on the clean row of the same batch. Edited rows

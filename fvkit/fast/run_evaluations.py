@@ -25,15 +25,14 @@ import numpy as np
 import torch
 
 from fvkit.errors import FvkitError
+from fvkit.fast.batched import DEFAULT_BATCH_SIZE, batched_stage
 from fvkit.fast.evaluation import CACHE_REFUSALS, TIE_POLICIES, baseline_item, cached_stage
 from fvkit.fast.sweep import layer_result, layer_sweep
 from fvkit.method.intervene import EVAL_STAGES, evaluate, evaluate_baseline, topk_accuracy
 from fvkit.method.prompts import DEFAULT_TEMPLATE, Template
+from fvkit.method.run_defaults import DEFAULT_EVAL_METHOD, EVAL_METHODS  # noqa: F401  (imported from here too)
 from fvkit.method.stage_inputs import answer_ids, n_used, trial_prompt
 from fvkit.progress import progress
-
-EVAL_METHODS = ("cached", "exact")
-DEFAULT_EVAL_METHOD = "cached"
 
 
 @dataclass
@@ -55,17 +54,23 @@ def _take_norms(stages: dict) -> Optional[list]:
     return None if any(f is None for f in found) else [x for f in found for x in f]
 
 
-def _one_layer(lm, dataset, trials, stage, fv, edit_layer, template, ties, show_progress) -> tuple:
+def _one_layer(lm, dataset, trials, stage, fv, edit_layer, template, ties, show_progress,
+               batch_size: Optional[int] = None) -> tuple:
+    """One stage at ``edit_layer``: cached, or batched when ``batch_size`` is given."""
     n = n_used(trials.n_items(stage), None)
-    raw = cached_stage(lm, dataset, trials, stage, fv, [edit_layer], template, n, ties=ties,
-                       show_progress=show_progress, norm_layer=edit_layer)
+    if batch_size is None:
+        raw = cached_stage(lm, dataset, trials, stage, fv, [edit_layer], template, n, ties=ties,
+                           show_progress=show_progress, norm_layer=edit_layer)
+    else:
+        raw = batched_stage(lm, dataset, trials, stage, fv, [edit_layer], template, n, batch_size=batch_size,
+                            ties=ties, show_progress=show_progress)
     ranks = raw["intervention_rank_lists"][0]
     result = {"clean_rank_list": raw["clean_rank_list"], "intervention_rank_list": ranks,
               "clean_topk": topk_accuracy(raw["clean_rank_list"]), "intervention_topk": topk_accuracy(ranks),
               "n_items": n, "edit_layer": edit_layer, "max_abs_logit_change": raw["max_abs_logit_change"][0]}
     return result, {"near_ties": raw["near_ties"], "near_tie_reruns": raw["near_tie_reruns"],
                     "cached_clean_max_abs_diff": raw["cached_clean_max_abs_diff"],
-                    "residual_norms": raw["residual_norms"]}
+                    "residual_norms": raw.get("residual_norms")}
 
 
 def _exact(lm, dataset, trials, fv, edit_layer, template, show_progress) -> Evaluations:
@@ -79,16 +84,18 @@ def _exact(lm, dataset, trials, fv, edit_layer, template, show_progress) -> Eval
 
 def run_evaluations(lm, dataset, trials, fv, edit_layer: int, template: Template = DEFAULT_TEMPLATE, *,
                     sweep: bool = False, method: str = DEFAULT_EVAL_METHOD, ties: str = "rerun",
-                    show_progress: bool = True) -> Evaluations:
-    """Both evaluation stages at ``edit_layer`` and, with ``sweep``, at every layer."""
+                    batch_size: int = DEFAULT_BATCH_SIZE, show_progress: bool = True) -> Evaluations:
+    """Both evaluation stages at ``edit_layer`` and, with ``sweep``, at every layer.
+    ``batch_size``: prompts per pass of the ``batched`` method (:mod:`fvkit.fast.batched`)."""
     if method not in EVAL_METHODS:
         raise FvkitError(f"unknown evaluation method '{method}'; use one of {', '.join(EVAL_METHODS)}")
     if ties not in TIE_POLICIES:
         raise FvkitError(f"unknown near-tie policy '{ties}'; use one of {', '.join(TIE_POLICIES)}")
     if sweep:
         # The sweep's pass holds every layer, the edit layer among them: one pass serves both.
-        s = layer_sweep(lm, dataset, trials, fv, template, method="auto" if method == "cached" else "full",
-                        ties=ties, show_progress=show_progress, norm_layer=edit_layer)
+        sweep_method = {"cached": "auto", "exact": "full", "batched": "batched"}[method]
+        s = layer_sweep(lm, dataset, trials, fv, template, method=sweep_method, ties=ties,
+                        show_progress=show_progress, norm_layer=edit_layer, batch_size=batch_size)
         norms = _take_norms(s["stages"])
         info = {"method": s["method"], **({"fallback_reason": s["fallback_reason"]} if "fallback_reason" in s else {}),
                 "ties": ties, "layers": "all",
@@ -100,12 +107,14 @@ def run_evaluations(lm, dataset, trials, fv, edit_layer: int, template: Template
         out = _exact(lm, dataset, trials, fv, edit_layer, template, show_progress)
         out.info = {"method": "exact", "layers": [edit_layer]}
         return out
-    results, info, timings, norms = {}, {"method": "cached", "ties": ties, "layers": [edit_layer]}, {}, {}
+    results, info, timings, norms = {}, {"method": method, "ties": ties, "layers": [edit_layer]}, {}, {}
+    if method == "batched":
+        info["batch_size"] = batch_size
     try:
         for stage in EVAL_STAGES:
             start = time.perf_counter()
             results[stage], counts = _one_layer(lm, dataset, trials, stage, fv, edit_layer, template, ties,
-                                                show_progress)
+                                                show_progress, batch_size if method == "batched" else None)
             norms[stage] = {"residual_norms": counts.pop("residual_norms")}
             timings[f"eval_{stage}"] = round(time.perf_counter() - start, 4)
             info.update({f"{stage}_{k}": v for k, v in counts.items()})

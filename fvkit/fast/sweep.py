@@ -16,7 +16,8 @@ counts both.
 
 When a model's cache cannot be cut (see :mod:`fvkit.fast.cache`) or its blocks not replayed,
 ``method="auto"`` falls back to whole-prompt passes through ``evaluate``; the
-result says which method ran.
+result says which method ran. ``method="batched"`` runs ``batch_size`` prompts per
+pass, one pass per layer (:mod:`fvkit.fast.batched`).
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ import torch
 
 from fvkit.models import adapters
 from fvkit.errors import FvkitError
+from fvkit.fast.batched import DEFAULT_BATCH_SIZE, batched_stage
 from fvkit.fast.evaluation import CACHE_REFUSALS, cached_stage
 from fvkit.method.intervene import EVAL_STAGES, evaluate, topk_accuracy
 from fvkit.method.prompts import DEFAULT_TEMPLATE, Template
 from fvkit.method.stage_inputs import n_used
 
-METHODS = ("auto", "cached", "full")
+METHODS = ("auto", "cached", "full", "batched")
 
 
 def _best_layer(topks: list) -> int:
@@ -58,7 +60,8 @@ def _full_stage(lm, dataset, trials, stage, fv, template, n, show_progress) -> d
 
 def layer_sweep(lm, dataset, trials, fv: torch.Tensor, template: Template = DEFAULT_TEMPLATE,
                 max_items: Optional[int] = None, method: str = "auto", max_rows: Optional[int] = None,
-                ties: str = "rerun", show_progress: bool = True, norm_layer: Optional[int] = None) -> dict:
+                ties: str = "rerun", show_progress: bool = True, norm_layer: Optional[int] = None,
+                batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
     """Every layer's zero-shot and shuffled-label ranks with the vector injected there.
 
     ``max_rows`` caps the layers replayed together in one batch; by default all
@@ -81,6 +84,10 @@ def layer_sweep(lm, dataset, trials, fv: torch.Tensor, template: Template = DEFA
         for stage in EVAL_STAGES:
             n = n_used(trials.n_items(stage), max_items)
             raw = None
+            if used == "batched":
+                raw = batched_stage(lm, dataset, trials, stage, fv, range(n_layers), template, n,
+                                    batch_size=batch_size, ties=ties, show_progress=show_progress,
+                                    desc=f"layer sweep {stage} (batched)")
             if used in ("auto", "cached"):
                 try:
                     raw = _cached_stage(lm, dataset, trials, stage, fv, template, n, chunk, show_progress, ties,
@@ -101,6 +108,7 @@ def layer_sweep(lm, dataset, trials, fv: torch.Tensor, template: Template = DEFA
         "n_layers": n_layers,
         "layers": list(range(n_layers)),
         "method": used,
+        **({"batch_size": batch_size} if used == "batched" else {}),
         **({"fallback_reason": why} if why else {}),
         "stages": stages,
         "best_layer": {s: _best_layer(stages[s]["intervention_topk"]) for s in stages},

@@ -27,6 +27,14 @@ DEFAULT_N_TOP_HEADS = 10
 IE_MODES = ("fast", "exact")
 DEFAULT_IE_MODE = "fast"
 
+#: How the evaluations run (fvkit.fast.run_evaluations), and what a rank read within
+#: float noise of a tie becomes (fvkit.fast.evaluation).
+EVAL_METHODS = ("cached", "exact", "batched")
+DEFAULT_EVAL_METHOD = "cached"
+TIE_POLICIES = ("rerun", "report")
+#: Prompts per pass of the batched evaluation (fvkit.fast.batched).
+DEFAULT_EVAL_BATCH_SIZE = 16
+
 #: How the default edit layer is described in help texts.
 DEFAULT_EDIT_LAYER_TEXT = "n_layers // 2"
 
