@@ -43,8 +43,8 @@ from fvkit.fast.indirect_effect import CAPTURE_ROWS, LM_HEAD_ROWS, _whole_blocks
 from fvkit.fast.prompt_rerun import PromptRecord, exact_rerun
 from fvkit.fast.replay import ReplayUnsupported, capture_last_token
 from fvkit.method.intervene import edited_logits, last_position_logits, token_rank
-from fvkit.method.stage_inputs import answer_ids, trial_prompt
 from fvkit.method.run_defaults import TIE_POLICIES  # noqa: F401  (imported from here too)
+from fvkit.method.stage_inputs import answer_ids, trial_prompt
 from fvkit.models import adapters
 from fvkit.models.placement import to_like
 from fvkit.models.tracer import EditInput, first_tensor

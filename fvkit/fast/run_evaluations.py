@@ -98,7 +98,7 @@ def run_evaluations(lm, dataset, trials, fv, edit_layer: int, template: Template
                         show_progress=show_progress, norm_layer=edit_layer, batch_size=batch_size)
         norms = _take_norms(s["stages"])
         info = {"method": s["method"], **({"fallback_reason": s["fallback_reason"]} if "fallback_reason" in s else {}),
-                "ties": ties, "layers": "all",
+                "ties": ties, "layers": "all", **({"batch_size": s["batch_size"]} if "batch_size" in s else {}),
                 **{f"{stage}_{k}": s["stages"][stage][k] for stage in EVAL_STAGES
                    for k in ("near_ties", "near_tie_reruns", "cached_clean_max_abs_diff")}}
         return Evaluations(layer_result(s, "zero_shot", edit_layer), layer_result(s, "shuffled", edit_layer),
