@@ -20,9 +20,12 @@ The one-token rows compute the same numbers through differently shaped
 attention products, so their logits differ from a whole-prompt pass by float32
 rounding. That cannot move a rank unless another token's logit lies within that
 noise of the target's (a *near tie*). ``ties="rerun"`` re-runs each such read as
-a whole prompt, exactly as :func:`fvkit.method.intervene.evaluate` runs it, so the
-rank lists equal per-layer ``evaluate`` calls; ``ties="report"`` keeps the cached
-rank and only counts it. Both count the near ties.
+:func:`fvkit.method.intervene.evaluate` computes it: from the edited block on, with
+the clean pass's recorded block inputs (:mod:`fvkit.fast.prompt_rerun`, the same
+numbers bit for bit), so the rank lists equal per-layer ``evaluate`` calls;
+``ties="report"`` keeps the cached rank and only counts it. Both count the near
+ties. The clean pass's record also gives the residual stream's norm at one layer
+(``norm_layer``), which the vector-scale check needs.
 
 A model whose blocks cannot be replayed one by one, or whose cache cannot be
 cut, raises :class:`~fvkit.fast.replay.ReplayUnsupported` /
