@@ -43,10 +43,10 @@ from fvkit.errors import FvkitError
 from fvkit.fast.cache_names import output_cache
 from fvkit.fast.cache import PrefixCache, UnsupportedCache, cache_length, drop_last
 from fvkit.fast.indirect_effect import CAPTURE_ROWS, LM_HEAD_ROWS, _whole_blocks
-from fvkit.fast.prompt_rerun import PromptRecord, exact_rerun
+from fvkit.fast.prompt_rerun import HEAD_POSITIONS, PromptRecord, exact_rerun
 from fvkit.fast.replay import ReplayUnsupported, capture_last_token
 from fvkit.method.intervene import edited_logits, last_position_logits, token_rank
-from fvkit.method.run_defaults import TIE_POLICIES  # noqa: F401  (imported from here too)
+from fvkit.method.run_defaults import TIE_POLICIES
 from fvkit.method.stage_inputs import answer_ids, trial_prompt
 from fvkit.models import adapters
 from fvkit.models.placement import to_like
@@ -64,11 +64,6 @@ TIE_NOISE_FACTOR = 8.0
 #: prompts whose clean row happens to agree bit for bit.
 TIE_NOISE_ULPS = 4
 
-#: Positions the output head reads in the clean prompt pass. Matrix products
-#: round a partial block of rows differently (see fvkit.fast.indirect_effect's
-#: BATCH_ROW_MULTIPLE); a whole block of the last positions gives the last row's
-#: logits bit for bit as the whole-prompt pass does, at a fraction of its cost.
-CLEAN_HEAD_POSITIONS = 4
 
 
 def noise_bound(logits: torch.Tensor, clean_gap: float) -> float:
@@ -94,7 +89,7 @@ def clean_pass(lm, inputs):
     model = lm.model
     head = adapters.resolve_lm_head(model, lm.spec)
     n_tokens = inputs["input_ids"].shape[1]
-    with _last_positions(head, min(CLEAN_HEAD_POSITIONS, n_tokens)), PromptRecord(lm) as record:
+    with _last_positions(head, min(HEAD_POSITIONS, n_tokens)), PromptRecord(lm) as record:
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=True)
     logits = last_position_logits(out)
     prefix = PrefixCache.from_output(output_cache(out), n_tokens)

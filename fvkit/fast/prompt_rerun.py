@@ -30,15 +30,17 @@ import weakref
 
 import torch
 
-from fvkit.fast.replay import _is_update_owner
+from fvkit.fast.replay import call_with_hidden, new_update_owners
 from fvkit.method.intervene import edited_logits
 from fvkit.models import adapters
 from fvkit.models.placement import to_like
 from fvkit.models.tracer import BeforeCall, ReplaceMethod, Trace, first_tensor
 
-#: Positions the output head reads when a prompt is re-run: a whole block of the
-#: last positions gives the last row's logits as the whole-prompt pass does (see
-#: fvkit.fast.evaluation's CLEAN_HEAD_POSITIONS, the same rule).
+#: Positions the output head reads in a whole-prompt pass whose last logits are all
+#: that is used (the cached evaluation's clean pass, and a re-run). Matrix products
+#: round a partial block of rows differently (see fvkit.fast.indirect_effect's
+#: BATCH_ROW_MULTIPLE); a whole block of the last positions gives the last row's
+#: logits bit for bit as the whole-prompt pass does, at a fraction of its cost.
 HEAD_POSITIONS = 4
 
 #: model -> why re-running from a block did not reproduce the whole-prompt pass
@@ -88,9 +90,7 @@ class PromptRecord(contextlib.AbstractContextManager):
     def _owners(self) -> list:
         owners = []
         for call in self._calls:
-            for value in (*call.args[1:], *call.kwargs.values()):
-                if _is_update_owner(value) and all(value is not o for o in owners):
-                    owners.append(value)
+            owners += new_update_owners(call.args, call.kwargs, owners)
         return owners
 
     def edited_logits(self, layer: int, vec: torch.Tensor) -> torch.Tensor:
@@ -106,11 +106,7 @@ class PromptRecord(contextlib.AbstractContextManager):
                 stack.enter_context(ReplaceMethod(owner, "update", lambda k, v, *args, **kwargs: (k, v)))
             for i in range(layer + 1, len(self.blocks)):
                 call = self._calls[i]
-                if call.args:
-                    out = self.blocks[i](hidden, *call.args[1:], **call.kwargs)
-                else:
-                    out = self.blocks[i](**{**call.kwargs, "hidden_states": hidden})
-                hidden = first_tensor(out)
+                hidden = first_tensor(call_with_hidden(self.blocks[i], call.args, call.kwargs, hidden))
         norm, head = adapters.resolve_final_norm(model, spec), adapters.resolve_lm_head(model, spec)
         n = min(HEAD_POSITIONS, hidden.shape[1])
         states = norm(hidden[:, -n:])

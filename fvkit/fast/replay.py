@@ -65,6 +65,22 @@ def _is_update_owner(value) -> bool:
     return callable(getattr(value, "update", None)) and hasattr(value, "get_seq_length")
 
 
+def new_update_owners(args, kwargs, known: list) -> list:
+    """The cache objects among a block call's arguments (besides the hidden state) not yet in ``known``."""
+    found = []
+    for value in (*args[1:], *kwargs.values()):
+        if _is_update_owner(value) and all(value is not o for o in (*known, *found)):
+            found.append(value)
+    return found
+
+
+def call_with_hidden(block, args, kwargs, hidden: torch.Tensor):
+    """Call ``block`` as it was called with ``(args, kwargs)``, with ``hidden`` as its hidden-state input."""
+    if args:
+        return block(hidden, *args[1:], **kwargs)
+    return block(**{**kwargs, "hidden_states": hidden})
+
+
 def _widen(value, capture_rows: int, n_rows: int):
     """``value`` with every batch-sized tensor (leading dim ``capture_rows``) widened to ``n_rows`` rows.
 
@@ -104,11 +120,9 @@ class BlockCalls:
     def call_block(self, blocks, layer: int, hidden: torch.Tensor):
         args, kwargs = self.calls[layer]
         n_rows = hidden.shape[0]
-        args = _widen(tuple(args[1:]), self.capture_rows, n_rows)
+        args = args[:1] + _widen(tuple(args[1:]), self.capture_rows, n_rows)  # args[0] is replaced by ``hidden``
         kwargs = {k: _widen(v, self.capture_rows, n_rows) for k, v in kwargs.items()}
-        if self.calls[layer][0]:
-            return blocks[layer](hidden, *args, **kwargs)
-        return blocks[layer](**{**kwargs, "hidden_states": hidden})
+        return call_with_hidden(blocks[layer], args, kwargs, hidden)
 
     def _record(self, owner):
         original = owner.update
@@ -152,11 +166,10 @@ def capture_last_token(model, blocks, inputs, cache, n_rows: int, lm_head: Optio
                 if not args and "hidden_states" not in kwargs:
                     raise ReplayUnsupported(f"block {layer} was called without a hidden-state argument")
                 rec.calls[layer] = (args, dict(kwargs))
-                for value in (*args[1:], *kwargs.values()):
-                    if _is_update_owner(value) and all(value is not o for o in rec.owners):
-                        rec.owners.append(value)
-                        # Undone with the block hooks when this capture ends.
-                        hooks.enter_context(ReplaceMethod(value, "update", rec._record(value)))
+                for owner in new_update_owners(args, kwargs, rec.owners):
+                    rec.owners.append(owner)
+                    # Undone with the block hooks when this capture ends.
+                    hooks.enter_context(ReplaceMethod(owner, "update", rec._record(owner)))
             return record
 
         for i, block in enumerate(blocks):
