@@ -29,13 +29,13 @@ from fvkit.method.function_vector import compute_function_vector, select_top_hea
 from fvkit.method.vector_scale import negligible_text, residual_norms, vector_scale, warn_if_negligible
 from fvkit.fast.indirect_effect import fast_trial
 from fvkit.method.indirect_effect import exact_trial, indirect_effects as effects_over_trials
-from fvkit.fast.batched import DEFAULT_BATCH_SIZE
-from fvkit.fast.run_evaluations import DEFAULT_EVAL_METHOD, run_baseline, run_evaluations
+from fvkit.fast.run_evaluations import run_baseline, run_evaluations
 from fvkit.method.prompts import DEFAULT_TEMPLATE, Template
 from fvkit.method.stage_inputs import n_used, trial_prompt
 from fvkit.method.token_labels import dummy_token_labels, slot_index_map, token_meta_labels
 from fvkit.method.fixed_trials import STAGES
-from fvkit.method.run_defaults import DEFAULT_IE_MODE, DEFAULT_N_TOP_HEADS, IE_MODES, default_edit_layer
+from fvkit.method.run_defaults import (DEFAULT_EVAL_BATCH_SIZE, DEFAULT_EVAL_METHOD, DEFAULT_IE_MODE, DEFAULT_N_TOP_HEADS,
+                                       IE_MODES, default_edit_layer)
 from fvkit.method.prompt_length import check_prompt_lengths
 from fvkit import run_dir
 from fvkit.parity.registry import PIPELINE_RESULT_KEYS
@@ -179,7 +179,7 @@ def run_pipeline(lm, dataset, trials, *, n_top_heads: int = DEFAULT_N_TOP_HEADS,
                  edit_layer: Optional[int] = None, max_trials: Optional[int] = None, ie_mode: str = DEFAULT_IE_MODE,
                  template: Template = DEFAULT_TEMPLATE, show_progress: bool = True, sweep: bool = False,
                  eval_method: str = DEFAULT_EVAL_METHOD, eval_ties: str = "rerun",
-                 eval_batch_size: int = DEFAULT_BATCH_SIZE, block_written: bool = False) -> PipelineResult:
+                 eval_batch_size: int = DEFAULT_EVAL_BATCH_SIZE, block_written: bool = False) -> PipelineResult:
     """Every stage; ``sweep`` adds the layer sweep, read from the evaluations' own passes
     (``eval_method``/``eval_ties``: see :mod:`fvkit.fast.run_evaluations`); ``block_written``
     also builds and evaluates the vector as the block writes it where the spec declares an

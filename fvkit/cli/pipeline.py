@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-
 import json
 import re
 import sys
@@ -17,8 +16,9 @@ from pathlib import Path
 from fvkit.method.data import DEFAULT_DATA_DIR, load_task_dataset
 from fvkit.errors import FvkitError
 from fvkit.method.fixed_trials import FixedTrials, trials_id
-from fvkit.method.run_defaults import (DEFAULT_DATASET, DEFAULT_EDIT_LAYER_TEXT, DEFAULT_N_SHOTS, DEFAULT_N_TOP_HEADS,
-                                       DEFAULT_N_TRIALS, DEFAULT_IE_MODE, DEFAULT_SEED, IE_MODES)
+from fvkit.method.run_defaults import (DEFAULT_DATASET, DEFAULT_EDIT_LAYER_TEXT, DEFAULT_EVAL_BATCH_SIZE,
+                                       DEFAULT_EVAL_METHOD, DEFAULT_N_SHOTS, DEFAULT_N_TOP_HEADS, DEFAULT_N_TRIALS,
+                                       DEFAULT_IE_MODE, DEFAULT_SEED, EVAL_METHODS, IE_MODES, TIE_POLICIES)
 from fvkit.output_location import check_output_file
 from fvkit.cli.device_options import add_device_group, placement_kwargs, with_threads
 
@@ -78,17 +78,14 @@ def positive_int(text: str) -> int:
 
 
 def add_evaluation_arguments(p) -> None:
-    from fvkit.method.run_defaults import (DEFAULT_EVAL_BATCH_SIZE as DEFAULT_BATCH_SIZE, DEFAULT_EVAL_METHOD,
-                                           EVAL_METHODS, TIE_POLICIES)
-
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-method", choices=EVAL_METHODS, default=DEFAULT_EVAL_METHOD,
                    help="cached: one whole pass per prompt, its last token re-run per layer (default); exact: the "
                         "reference's passes per prompt, condition and layer; batched: --eval-batch-size prompts per "
                         "pass (pays off on a GPU)")
-    g.add_argument("--eval-batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
-                   help=f"prompts per pass of --eval-method batched (default {DEFAULT_BATCH_SIZE})")
-    g.add_argument("--eval-ties", choices=TIE_POLICIES, default="rerun",
+    g.add_argument("--eval-batch-size", type=positive_int, default=DEFAULT_EVAL_BATCH_SIZE,
+                   help=f"prompts per pass of --eval-method batched (default {DEFAULT_EVAL_BATCH_SIZE})")
+    g.add_argument("--eval-ties", choices=TIE_POLICIES, default=TIE_POLICIES[0],
                    help="a rank read within float noise of a tie: rerun it as a whole prompt alone, so ranks equal "
                         "the exact method's (default), or report it only")
 

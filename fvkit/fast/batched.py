@@ -31,17 +31,14 @@ from typing import Optional, Sequence
 import torch
 
 from fvkit.errors import FvkitError
-from fvkit.fast.evaluation import TIE_POLICIES
+from fvkit.fast.evaluation import near_tie
 from fvkit.method.intervene import edited_logits, last_position_logits, token_rank
-from fvkit.method.run_defaults import DEFAULT_EVAL_BATCH_SIZE
+from fvkit.method.run_defaults import DEFAULT_EVAL_BATCH_SIZE, TIE_POLICIES
 from fvkit.method.stage_inputs import answer_ids, trial_prompt
 from fvkit.models import adapters
 from fvkit.models.placement import to_like
 from fvkit.models.tracer import EditInput, Trace, first_tensor, replace_first_tensor
 from fvkit.progress import progress
-
-#: Prompts per pass unless the caller says otherwise.
-DEFAULT_BATCH_SIZE = DEFAULT_EVAL_BATCH_SIZE
 
 #: A batched read is a near tie when another token's logit lies within this
 #: fraction of the row's largest |logit| of the target's. A prompt's batched and
@@ -54,10 +51,9 @@ DEFAULT_BATCH_SIZE = DEFAULT_EVAL_BATCH_SIZE
 BATCH_TIE_REL = 5e-5
 
 
-def near_tie(logits: torch.Tensor, target: int) -> bool:
-    row = logits.reshape(-1)
-    bound = BATCH_TIE_REL * row.abs().max().item()
-    return int(((row - row[target]).abs() <= bound).sum().item()) > 1
+def _near_tie(logits: torch.Tensor, target: int) -> bool:
+    # near_tie allows twice its bound (both sides may move); BATCH_TIE_REL already covers both.
+    return near_tie(logits, target, BATCH_TIE_REL / 2 * logits.abs().max().item())
 
 
 def pad_right(lm, encodings: list) -> tuple:
@@ -109,7 +105,7 @@ def batch_logits(lm, ids, mask, last, layer: Optional[int] = None, vec: Optional
 
 
 def batched_stage(lm, dataset, trials, stage: str, fv: torch.Tensor, layers: Sequence[int], template,
-                  n: int, batch_size: int = DEFAULT_BATCH_SIZE, ties: str = "report",
+                  n: int, batch_size: int = DEFAULT_EVAL_BATCH_SIZE, ties: str = "rerun",
                   show_progress: bool = True, desc: Optional[str] = None) -> dict:
     """Clean ranks and, per layer of ``layers``, edited ranks of the first ``n`` items of ``stage``,
     in the layout of :func:`fvkit.fast.evaluation.cached_stage`."""
@@ -138,7 +134,7 @@ def batched_stage(lm, dataset, trials, stage: str, fv: torch.Tensor, layers: Seq
 
             def read(row, logits, rerun):
                 nonlocal n_ties, reruns
-                if not near_tie(logits, targets[row]):
+                if not _near_tie(logits, targets[row]):
                     return logits
                 n_ties += 1
                 if ties == "report":

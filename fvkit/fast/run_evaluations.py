@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 from fvkit.errors import FvkitError
-from fvkit.fast.batched import DEFAULT_BATCH_SIZE, batched_stage
-from fvkit.fast.evaluation import CACHE_REFUSALS, TIE_POLICIES, baseline_item, cached_stage
+from fvkit.fast.batched import batched_stage
+from fvkit.fast.evaluation import CACHE_REFUSALS, baseline_item, cached_stage
 from fvkit.fast.sweep import layer_result, layer_sweep
 from fvkit.method.intervene import EVAL_STAGES, evaluate, evaluate_baseline, topk_accuracy
 from fvkit.method.prompts import DEFAULT_TEMPLATE, Template
-from fvkit.method.run_defaults import DEFAULT_EVAL_METHOD, EVAL_METHODS  # noqa: F401  (imported from here too)
+from fvkit.method.run_defaults import DEFAULT_EVAL_BATCH_SIZE, DEFAULT_EVAL_METHOD, EVAL_METHODS, TIE_POLICIES
 from fvkit.method.stage_inputs import answer_ids, n_used, trial_prompt
 from fvkit.progress import progress
 
@@ -48,9 +48,9 @@ class Evaluations:
     residual_norms: Optional[list] = None
 
 
-def _take_norms(stages: dict) -> Optional[list]:
-    """The stages' residual norms in EVAL_STAGES order, removed from their results (None if any lacks them)."""
-    found = [stages[s].pop("residual_norms", None) for s in EVAL_STAGES]
+def _joined_norms(per_stage: dict) -> Optional[list]:
+    """Each stage's residual norms, in EVAL_STAGES order, as one list (None if a stage has none)."""
+    found = [per_stage[stage] for stage in EVAL_STAGES]
     return None if any(f is None for f in found) else [x for f in found for x in f]
 
 
@@ -84,7 +84,7 @@ def _exact(lm, dataset, trials, fv, edit_layer, template, show_progress) -> Eval
 
 def run_evaluations(lm, dataset, trials, fv, edit_layer: int, template: Template = DEFAULT_TEMPLATE, *,
                     sweep: bool = False, method: str = DEFAULT_EVAL_METHOD, ties: str = "rerun",
-                    batch_size: int = DEFAULT_BATCH_SIZE, show_progress: bool = True) -> Evaluations:
+                    batch_size: int = DEFAULT_EVAL_BATCH_SIZE, show_progress: bool = True) -> Evaluations:
     """Both evaluation stages at ``edit_layer`` and, with ``sweep``, at every layer.
     ``batch_size``: prompts per pass of the ``batched`` method (:mod:`fvkit.fast.batched`)."""
     if method not in EVAL_METHODS:
@@ -96,7 +96,8 @@ def run_evaluations(lm, dataset, trials, fv, edit_layer: int, template: Template
         sweep_method = {"cached": "auto", "exact": "full", "batched": "batched"}[method]
         s = layer_sweep(lm, dataset, trials, fv, template, method=sweep_method, ties=ties,
                         show_progress=show_progress, norm_layer=edit_layer, batch_size=batch_size)
-        norms = _take_norms(s["stages"])
+        # Kept out of the sweep's own results (layer_sweep.json): the vector-scale check reports them.
+        norms = _joined_norms({stage: s["stages"][stage].pop("residual_norms", None) for stage in EVAL_STAGES})
         info = {"method": s["method"], **({"fallback_reason": s["fallback_reason"]} if "fallback_reason" in s else {}),
                 "ties": ties, "layers": "all", **({"batch_size": s["batch_size"]} if "batch_size" in s else {}),
                 **{f"{stage}_{k}": s["stages"][stage][k] for stage in EVAL_STAGES
@@ -115,7 +116,7 @@ def run_evaluations(lm, dataset, trials, fv, edit_layer: int, template: Template
             start = time.perf_counter()
             results[stage], counts = _one_layer(lm, dataset, trials, stage, fv, edit_layer, template, ties,
                                                 show_progress, batch_size if method == "batched" else None)
-            norms[stage] = {"residual_norms": counts.pop("residual_norms")}
+            norms[stage] = counts.pop("residual_norms")
             timings[f"eval_{stage}"] = round(time.perf_counter() - start, 4)
             info.update({f"{stage}_{k}": v for k, v in counts.items()})
     except CACHE_REFUSALS as err:
@@ -123,7 +124,7 @@ def run_evaluations(lm, dataset, trials, fv, edit_layer: int, template: Template
         out.info = {"method": "exact", "layers": [edit_layer], "fallback_reason": str(err)}
         return out
     return Evaluations(results["zero_shot"], results["shuffled"], info=info, timings=timings,
-                       residual_norms=_take_norms(norms))
+                       residual_norms=_joined_norms(norms))
 
 
 def run_baseline(lm, dataset, trials, fv, edit_layer: int, template: Template = DEFAULT_TEMPLATE, *,

@@ -29,10 +29,11 @@ import torch
 
 from fvkit.models import adapters
 from fvkit.errors import FvkitError
-from fvkit.fast.batched import DEFAULT_BATCH_SIZE, batched_stage
+from fvkit.fast.batched import batched_stage
 from fvkit.fast.evaluation import CACHE_REFUSALS, cached_stage
 from fvkit.method.intervene import EVAL_STAGES, evaluate, topk_accuracy
 from fvkit.method.prompts import DEFAULT_TEMPLATE, Template
+from fvkit.method.run_defaults import DEFAULT_EVAL_BATCH_SIZE
 from fvkit.method.stage_inputs import n_used
 
 METHODS = ("auto", "cached", "full", "batched")
@@ -61,7 +62,7 @@ def _full_stage(lm, dataset, trials, stage, fv, template, n, show_progress) -> d
 def layer_sweep(lm, dataset, trials, fv: torch.Tensor, template: Template = DEFAULT_TEMPLATE,
                 max_items: Optional[int] = None, method: str = "auto", max_rows: Optional[int] = None,
                 ties: str = "rerun", show_progress: bool = True, norm_layer: Optional[int] = None,
-                batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
+                batch_size: int = DEFAULT_EVAL_BATCH_SIZE) -> dict:
     """Every layer's zero-shot and shuffled-label ranks with the vector injected there.
 
     ``max_rows`` caps the layers replayed together in one batch; by default all
