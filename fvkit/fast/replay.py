@@ -32,6 +32,7 @@ import torch
 from fvkit.fast.cache_names import cache_kwargs, output_cache
 from fvkit.errors import FvkitError
 from fvkit.fast.cache import PrefixCache, UnsupportedCache, last_token_inputs
+from fvkit.fast.prefix_attention import SharedPrefixAttention
 from fvkit.models.tracer import BeforeCall, EditInput, ReplaceMethod
 
 
@@ -107,11 +108,14 @@ class BlockCalls:
     with any number of rows, each seeing the clean prefix.
     """
 
-    def __init__(self, n_layers: int, capture_rows: int):
-        self.calls: list = [None] * n_layers
+    def __init__(self, blocks, capture_rows: int):
+        self.blocks = blocks
+        self.calls: list = [None] * len(blocks)
         self.capture_rows = capture_rows
         self.owners: list = []      # cache objects the blocks were handed
         self.prefix: dict = {}      # layer_idx -> (keys, values) of one row, before the last token
+        #: What the replaying update last returned and what it joined (see fvkit.fast.prefix_attention).
+        self.joined: Optional[tuple] = None
 
     def hidden(self, layer: int) -> torch.Tensor:
         args, kwargs = self.calls[layer]
@@ -130,7 +134,8 @@ class BlockCalls:
         def update(key_states, value_states, layer_idx, *args, **kwargs):
             keys, values = original(key_states, value_states, layer_idx, *args, **kwargs)
             n_new = key_states.shape[-2]
-            self.prefix[layer_idx] = (keys[:1, ..., :-n_new, :], values[:1, ..., :-n_new, :])
+            # Contiguous, so that the shared-prefix attention's products read them as they are.
+            self.prefix[layer_idx] = (keys[:1, ..., :-n_new, :].contiguous(), values[:1, ..., :-n_new, :].contiguous())
             return keys, values
 
         return update
@@ -141,8 +146,10 @@ class BlockCalls:
                 raise ReplayUnsupported(f"no clean keys/values were recorded for attention layer {layer_idx}")
             keys, values = self.prefix[layer_idx]
             n_rows = key_states.shape[0]
-            return (torch.cat([keys.expand(n_rows, *keys.shape[1:]), key_states], dim=-2),
-                    torch.cat([values.expand(n_rows, *values.shape[1:]), value_states], dim=-2))
+            joined = (torch.cat([keys.expand(n_rows, *keys.shape[1:]), key_states], dim=-2),
+                      torch.cat([values.expand(n_rows, *values.shape[1:]), value_states], dim=-2))
+            self.joined = (*joined, keys[0], values[0], key_states, value_states)
+            return joined
 
         return update
 
@@ -153,13 +160,21 @@ class BlockCalls:
             return stack.pop_all()  # the caller's ``with`` restores them; a failure here already has
 
     def replaying(self):
-        """Context in which every attention layer sees the clean prefix plus its new token, and nothing is stored."""
-        return self._patched_updates(self._replay)
+        """Context in which every attention layer sees the clean prefix plus its new token, and nothing is
+        stored; eager attention reads the prefix once for all rows (:mod:`fvkit.fast.prefix_attention`)."""
+        stack = self._patched_updates(self._replay)
+        try:
+            stack.enter_context(SharedPrefixAttention(self.blocks, self))
+        except BaseException:
+            stack.close()
+            raise
+        stack.callback(setattr, self, "joined", None)
+        return stack
 
 
 def capture_last_token(model, blocks, inputs, cache, n_rows: int, lm_head: Optional[torch.nn.Module] = None) -> BlockCalls:
     """Run the last token on ``cache`` and record every block's call and every layer's clean prefix."""
-    rec = BlockCalls(len(blocks), n_rows)
+    rec = BlockCalls(blocks, n_rows)
     with contextlib.ExitStack() as hooks:
         def on_call(layer):
             def record(args, kwargs):

@@ -46,9 +46,19 @@ def head_patch(mean_acts: torch.Tensor, layer: int, slots: Sequence[int], n_head
     return fn
 
 
+#: Logits further than this below a row's largest are raised to it before the softmax. Their
+#: exponentials would otherwise fall below float32's smallest normal number (e**-87), where
+#: the CPU's exp takes a slow path: 21 ms against 6.5 ms for 64 rows of 49k logits spread
+#: over +-120 on one core, and a sixth of a fast indirect-effect trial on SmolLM2-135M.
+#: Raised, each adds e**-80 (1.8e-35) to a sum of at least 1, far below its resolution:
+#: every probability above 1e-30 is bit for bit the plain softmax's.
+SOFTMAX_FLOOR = 80.0
+
+
 def target_probs(logits: torch.Tensor, target_id: int) -> torch.Tensor:
     """Probability of the target answer's first token, from last-token logits (``(vocab,)`` or ``(rows, vocab)``)."""
-    return torch.softmax(logits, dim=-1)[..., target_id]
+    floor = logits.amax(dim=-1, keepdim=True) - SOFTMAX_FLOOR
+    return torch.softmax(torch.maximum(logits, floor), dim=-1)[..., target_id]
 
 
 def effect(patched: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
