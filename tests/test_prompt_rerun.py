@@ -19,19 +19,30 @@ from fvkit.method.vector_scale import residual_norms
 from fvkit.models.zoo import TINY_PARITY_MODELS
 
 PROMPT = "Q: hot\nA: cold\n\nQ: up\nA: down\n\nQ: big\nA:"
+#: Longer than prompt_rerun.HEAD_POSITIONS tokens: the output head then reads only the last
+#: positions, which must round as the whole prompt's head does.
+LONG_PROMPT = "".join(f"Q: {a}\nA: {b}\n\n" for a, b in
+                      [("hot", "cold"), ("up", "down"), ("wet", "dry"), ("early", "late"), ("open", "shut")]) + "Q: big\nA:"
 
 
 def vector(lm, scale=5.0):
     return torch.randn(lm.dims.hidden_size, generator=torch.Generator().manual_seed(1)) * scale
 
 
+@pytest.mark.parametrize("prompt", [PROMPT, LONG_PROMPT], ids=["short", "long"])
 @pytest.mark.parametrize("alias", TINY_PARITY_MODELS)
-def test_rerun_from_the_record_equals_the_whole_prompt_pass(alias, zoo_model):
+def test_rerun_from_the_record_equals_the_whole_prompt_pass(alias, prompt, zoo_model):
     lm = zoo_model(alias)
     fv = vector(lm)
-    inputs = lm.tokenizer([PROMPT], return_tensors="pt")
+    inputs = lm.tokenizer([prompt], return_tensors="pt")
+    if prompt is LONG_PROMPT:
+        assert inputs["input_ids"].shape[1] > prompt_rerun.HEAD_POSITIONS
     with torch.no_grad():
-        _, _, record = clean_pass(lm, inputs)
+        clean, _, record = clean_pass(lm, inputs)
+        whole_clean = lm.model(**inputs).logits[0, -1]
+        assert torch.equal(clean.reshape(-1), whole_clean), (
+            f"{alias}: the clean pass's logits differ from the whole prompt's by "
+            f"{(clean.reshape(-1) - whole_clean).abs().max().item():.3g}, expected none")
         for layer in range(lm.dims.n_layers):
             fast = record.edited_logits(layer, fv)
             whole = edited_logits(lm, inputs, layer, fv)
@@ -83,3 +94,26 @@ def test_token_rank_counts_where_no_other_token_shares_the_logit(values, target,
     logits = torch.tensor([values])
     by_sort = torch.where(torch.argsort(logits.squeeze(), descending=True) == target)[0].item()
     assert token_rank(logits, target) == (by_sort if rank is None else rank) == by_sort
+
+
+@pytest.mark.smollm2
+def test_on_smollm2_a_long_prompts_clean_logits_and_rerun_equal_the_whole_prompt_pass():
+    """The tiny models' products round alike for any row count; SmolLM2-135M's do not on every
+    CPU (on an AVX-512 machine its output head on the last 4 of 99 positions rounded otherwise
+    than on all 99), so HEAD_POSITIONS is checked where the row count shows."""
+    from fvkit.errors import FvkitError
+    from fvkit.models.loader import load_model
+    from fvkit.models.zoo import gguf_dir
+
+    try:
+        gguf_dir("smollm2-135m")
+    except FvkitError as err:
+        pytest.skip(str(err))
+    lm = load_model("smollm2-135m")
+    inputs = lm.tokenizer([LONG_PROMPT * 3], return_tensors="pt")
+    assert inputs["input_ids"].shape[1] > 4 * prompt_rerun.HEAD_POSITIONS
+    fv = vector(lm)
+    with torch.no_grad():
+        clean, _, record = clean_pass(lm, inputs)
+        assert torch.equal(clean.reshape(-1), lm.model(**inputs).logits[0, -1])
+        assert torch.equal(record.edited_logits(20, fv), edited_logits(lm, inputs, 20, fv))

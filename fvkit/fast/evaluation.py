@@ -221,18 +221,26 @@ CACHE_REFUSALS = (UnsupportedCache, ReplayUnsupported)
 def baseline_item(lm, prompt_inputs, full_inputs, labels, target: int, fv: Optional[torch.Tensor],
                   layer: Optional[int], ties: str) -> dict:
     """The clean few-shot item as :func:`fvkit.method.intervene.evaluate_baseline` computes it (one
-    pass over prompt + answer: its loss and the logits before the answer), and, with ``fv``, the
+    pass over prompt + answer: its loss and the logits before the answer, the same numbers from the
+    output head on the last positions only), and, with ``fv``, the
     rank with the vector at ``layer`` from the same pass's keys and values of the prompt."""
     model = lm.model
     prompt_len = prompt_inputs["input_ids"].shape[1]
-    out = model(**full_inputs, labels=labels, use_cache=fv is not None)
-    clean_logits = out.logits[:, prompt_len - 1, :].clone()
-    item = {"clean_rank": token_rank(clean_logits, target), "nll": out.loss.item()}
+    n_tokens = full_inputs["input_ids"].shape[1]
+    # Only the positions before each answer token are read: the output head computes those
+    # (and enough before them to round as over the whole sequence, see HEAD_POSITIONS), and
+    # the loss is taken over them as the model's own loss takes it over the unmasked labels.
+    first = n_tokens - min(n_tokens, max(HEAD_POSITIONS, n_tokens - prompt_len + 1))
+    with _last_positions(adapters.resolve_lm_head(model, lm.spec), n_tokens - first):
+        out = model(**full_inputs, use_cache=fv is not None)
+    before_answer = out.logits[0, prompt_len - 1 - first:n_tokens - 1 - first]
+    clean_logits = before_answer[:1].clone()
+    nll = torch.nn.functional.cross_entropy(before_answer.float(), labels[0, prompt_len:].to(before_answer.device))
+    item = {"clean_rank": token_rank(clean_logits, target), "nll": nll.item()}
     if fv is None:
         return item
     cache = output_cache(out)
-    del out  # its logits cover the whole prompt and answer; not kept through the next pass
-    n_tokens = full_inputs["input_ids"].shape[1]
+    del out, before_answer  # not kept through the next pass
     if prompt_len < 2 or cache_length(cache) != n_tokens:
         raise UnsupportedCache(f"the few-shot pass's cache holds {cache_length(cache)} positions, expected {n_tokens}")
     prefix = PrefixCache(drop_last(cache, n_tokens - prompt_len + 1), prompt_len - 1)

@@ -37,17 +37,24 @@ from fvkit.models.placement import to_like
 from fvkit.models.tracer import BeforeCall, ReplaceMethod, Trace, first_tensor
 
 #: Positions the output head reads in a whole-prompt pass whose last logits are all
-#: that is used (the cached evaluation's clean pass, and a re-run). Matrix products
-#: round a partial block of rows differently (see fvkit.fast.indirect_effect's
-#: BATCH_ROW_MULTIPLE); a whole block of the last positions gives the last row's
-#: logits bit for bit as the whole-prompt pass does, at a fraction of its cost.
-HEAD_POSITIONS = 4
+#: that is used (the cached evaluation's clean pass, and a re-run). A matrix product's
+#: row is rounded the same way for every row count of one kernel class, and the classes
+#: depend on the CPU's BLAS: blocks of four rows on one 2-core machine here; on an
+#: AVX-512 one, one row, 2-15 rows and 16 or more (measured on every SmolLM2-135M
+#: projection and its output head: the head on the last 4 of 99 positions gave other
+#: bits than on all 99, on the last 16 the same). Sixteen positions fall in the class of
+#: any longer prompt on both, and a shorter prompt reads all of its positions, so the
+#: last row's logits are the whole-prompt pass's bit for bit at a fraction of its cost.
+#: A re-run is checked against the whole-model pass once per model for prompts up to
+#: this length and once for longer ones (:func:`exact_rerun`).
+HEAD_POSITIONS = 16
 
 #: model -> why re-running from a block did not reproduce the whole-prompt pass
 #: (the model's near ties are then re-run through the whole model).
 _REFUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-#: models whose first re-run reproduced the whole-prompt pass bit for bit.
-_CHECKED: "weakref.WeakSet" = weakref.WeakSet()
+#: model -> prompt-length classes (longer than HEAD_POSITIONS or not) whose first re-run
+#: reproduced the whole-prompt pass bit for bit.
+_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class PromptRecord(contextlib.AbstractContextManager):
@@ -116,8 +123,9 @@ class PromptRecord(contextlib.AbstractContextManager):
 def exact_rerun(lm, record: PromptRecord, inputs, layer: int, fv: torch.Tensor) -> torch.Tensor:
     """``edited_logits(lm, inputs, layer, fv)``, from the record where it gives the same numbers.
 
-    A model's first call checks the record's numbers against the whole-model pass
-    and keeps the answer: equal bit for bit, or the whole model is used from then on."""
+    A model's first call for a prompt up to HEAD_POSITIONS tokens long, and its first for
+    a longer one, check the record's numbers against the whole-model pass and keep the
+    answer: equal bit for bit, or the whole model is used from then on."""
     model = lm.model
     if model in _REFUSED:
         return edited_logits(lm, inputs, layer, fv)
@@ -127,11 +135,12 @@ def exact_rerun(lm, record: PromptRecord, inputs, layer: int, fv: torch.Tensor) 
     except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as err:
         _REFUSED[model] = f"re-running the blocks from layer {layer + 1} failed ({type(err).__name__}: {err})"
         return edited_logits(lm, inputs, layer, fv)
-    if model in _CHECKED:
+    length_class = inputs["input_ids"].shape[1] > HEAD_POSITIONS
+    if length_class in _CHECKED.get(model, ()):
         return fast
     whole = edited_logits(lm, inputs, layer, fv)
     if torch.equal(fast, whole.to(fast.device)):
-        _CHECKED.add(model)
+        _CHECKED.setdefault(model, set()).add(length_class)
     else:
         drift = (fast - whole.to(fast.device)).abs().max().item()
         _REFUSED[model] = f"re-running the blocks from layer {layer + 1} moved the logits by {drift:.3g}"
