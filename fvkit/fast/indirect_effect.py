@@ -69,12 +69,13 @@ CLEAN_ROW_REL_TOL = 1e-4
 #: Four epsilons (3.1e-2) still leave the O(1) of a wrong position or cache far outside.
 CLEAN_ROW_EPS_MULTIPLE = 4
 
-#: Every batched matrix product gets a multiple of this many rows. BLAS kernels
-#: process rows in blocks of four; rows of a partial block take another code
-#: path that rounds differently, so without padding a row's result would depend
-#: on the head count and the number of threads, and the linear layers would not
-#: reproduce the full prompt's last row bit for bit. Padded rows are unpatched
-#: copies whose results are dropped.
+#: Every batched matrix product gets a multiple of this many rows. On one CPU seen
+#: here the BLAS kernels process rows in blocks of four, and rows of a partial block
+#: take another code path that rounds differently, so without padding a row's result
+#: would depend on the head count and the number of threads. (On an AVX-512 CPU the
+#: classes are 1, 2-15 and 16 or more rows instead, see prompt_rerun.HEAD_POSITIONS;
+#: a multiple of four never falls in the one-row class there.) Padded rows are
+#: unpatched copies whose results are dropped.
 BATCH_ROW_MULTIPLE = 4
 
 #: Rows of the run that records how the model calls its blocks. Any number
