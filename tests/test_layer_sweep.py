@@ -70,8 +70,8 @@ def test_a_vector_injected_at_the_wrong_layer_is_caught(zoo_model, antonym, anto
     lm = zoo_model("tiny-llama")
     original = ev.edited_rows
 
-    def shifted(lm_, inputs, prefix, vec, layers, reuse=True):
-        rows = original(lm_, inputs, prefix, vec, layers, reuse)
+    def shifted(lm_, inputs, prefix, vec, layers, reuse=True, clean_logits=None):
+        rows = original(lm_, inputs, prefix, vec, layers, reuse, clean_logits)
         return torch.cat([rows[:-1].roll(1, dims=0), rows[-1:]])   # each layer reads its neighbour's row
 
     monkeypatch.setattr(ev, "edited_rows", shifted)

@@ -7,14 +7,15 @@
 The vector changes only the hidden state at the last position, and a causal
 model's earlier positions never see the last one. So each prompt is run whole
 once: its last-position logits are the clean answer, and its keys and values
-(all positions but the last) are kept. The last token alone is then re-run
-through the decoder blocks on that prefix (:mod:`fvkit.fast.replay`), one batch
-row per evaluated layer plus one clean row: layer ``L``'s row joins at block
-``L`` from the clean run's input to that block, gets the vector added to that
-block's output, and runs on; nothing below an edited layer is recomputed and
-the output head runs once for all rows. One layer costs one prompt pass plus a
-one-token pass instead of two prompt passes; every layer of the sweep comes
-from the same prompt pass.
+(all positions but the last) are kept. The last token alone is then run again
+on that prefix, one batch row per evaluated layer plus one clean row, with the
+vector added to layer ``L``'s block output in ``L``'s row: in one model call
+(:mod:`fvkit.fast.forward_rows`) where the model's cache object can answer from
+the prefix, otherwise through the decoder blocks one by one
+(:mod:`fvkit.fast.replay`; layer ``L``'s row joins at block ``L`` from the
+clean run's input to that block, so nothing below an edited layer is
+recomputed). One layer costs one prompt pass plus a one-token pass instead of
+two prompt passes; every layer of the sweep comes from the same prompt pass.
 
 The one-token rows compute the same numbers through differently shaped
 attention products, so their logits differ from a whole-prompt pass by float32
@@ -35,6 +36,8 @@ passes.
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -42,6 +45,7 @@ import torch
 from fvkit.errors import FvkitError
 from fvkit.fast.cache_names import output_cache
 from fvkit.fast.cache import PrefixCache, UnsupportedCache, cache_length, drop_last
+from fvkit.fast.forward_rows import NoCacheUpdate, check_clean_row as check_forward_clean_row, forward_rows
 from fvkit.fast.indirect_effect import CAPTURE_ROWS, LM_HEAD_ROWS, _whole_blocks
 from fvkit.fast.prompt_rerun import HEAD_POSITIONS, PromptRecord, exact_rerun
 from fvkit.fast.replay import ReplayUnsupported, capture_last_token
@@ -64,6 +68,10 @@ TIE_NOISE_FACTOR = 8.0
 #: prompts whose clean row happens to agree bit for bit.
 TIE_NOISE_ULPS = 4
 
+
+
+#: model -> why its rows are replayed block by block (see :func:`edited_rows`).
+_FORWARD_REFUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def noise_bound(logits: torch.Tensor, clean_gap: float) -> float:
@@ -97,10 +105,44 @@ def clean_pass(lm, inputs):
 
 
 def edited_rows(lm, inputs, prefix: PrefixCache, vec: torch.Tensor, layers: Sequence[int],
-                reuse: bool = True) -> torch.Tensor:
+                reuse: bool = True, clean_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Last-token logits with ``vec`` added to the output of block ``layers[i]`` in row ``i``;
     the last row is the clean recomputation (the guard's and the tie bound's point of comparison).
-    ``reuse`` hands the prefix over (its final use)."""
+    ``reuse`` hands the prefix over (its final use).
+
+    With ``clean_logits`` (the whole-prompt pass's), the rows come from one model call
+    (:mod:`fvkit.fast.forward_rows`) where the model allows it: its clean row is checked on
+    every call against ``clean_logits``; a model refused once (with a warning, unless its
+    cache is a legacy tuple) is replayed block by block from then on."""
+    model = lm.model
+    if not bool(torch.any(vec != 0)):
+        # Rows of one call round a little differently by their place in the batch, so an edited
+        # row cannot show a zero vector by equalling the clean row; it is refused here instead.
+        raise FvkitError(f"injecting the function vector at layer {layers[0]} did not change the output; "
+                         f"the vector is zero or the edit was lost")
+    if clean_logits is not None and model not in _FORWARD_REFUSED:
+        try:
+            # A copy of the prefix (one row, small): a refusal can still replay it.
+            rows = forward_rows(lm, inputs, prefix, vec, layers, reuse=False)
+            check_forward_clean_row(rows[-1], clean_logits)
+        except (ReplayUnsupported, RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as err:
+            _FORWARD_REFUSED[model] = f"{type(err).__name__}: {err}"
+            if not isinstance(err, NoCacheUpdate):
+                warnings.warn(f"the cached evaluation cannot run this model's rows in one call ({err}); "
+                              f"replaying its blocks one by one instead", stacklevel=2)
+        else:
+            return rows
+    return replayed_rows(lm, inputs, prefix, vec, layers, reuse)
+
+
+def forward_refusal(model) -> "str | None":
+    """Why the cached evaluation replays ``model`` block by block instead of in one model call."""
+    return _FORWARD_REFUSED.get(model)
+
+
+def replayed_rows(lm, inputs, prefix: PrefixCache, vec: torch.Tensor, layers: Sequence[int],
+                  reuse: bool = True) -> torch.Tensor:
+    """:func:`edited_rows` by the block replay: a capture pass, then the blocks called one by one."""
     model, spec = lm.model, lm.spec
     blocks = adapters.resolve_blocks(model, spec)
     norm, head = adapters.resolve_final_norm(model, spec), adapters.resolve_lm_head(model, spec)
@@ -152,7 +194,7 @@ def item_ranks(lm, inputs, target: int, fv: torch.Tensor, layers: Sequence[int],
     ranks, changes, n_ties, reruns, gap = [], [], 0, 0, 0.0
     for start in range(0, len(layers), chunk):
         part = layers[start:start + chunk]
-        rows = edited_rows(lm, inputs, prefix, vec, part, reuse=start + chunk >= len(layers))
+        rows = edited_rows(lm, inputs, prefix, vec, part, reuse=start + chunk >= len(layers), clean_logits=clean_logits)
         cached_clean = rows[-1]
         part_gap = (cached_clean - clean_logits[0]).abs().max().item()
         gap = max(gap, part_gap)
@@ -247,7 +289,7 @@ def baseline_item(lm, prompt_inputs, full_inputs, labels, target: int, fv: Optio
     if cache_length(prefix._cache) != prompt_len - 1:
         raise UnsupportedCache(f"{type(cache).__name__} did not crop to the prompt's {prompt_len - 1} positions")
     vec = fv.reshape(lm.dims.hidden_size).to(model.dtype)
-    rows = edited_rows(lm, prompt_inputs, prefix, vec, [layer])
+    rows = edited_rows(lm, prompt_inputs, prefix, vec, [layer], clean_logits=clean_logits)
     gap = (rows[-1] - clean_logits[0]).abs().max().item()
     rank, change, n_ties, reruns = _read_rank(lambda L: edited_logits(lm, prompt_inputs, L, fv), target, layer,
                                               rows[:1], rows[-1], clean_logits, gap, ties)

@@ -82,6 +82,15 @@ def call_with_hidden(block, args, kwargs, hidden: torch.Tensor):
     return block(**{**kwargs, "hidden_states": hidden})
 
 
+def join_prefix(keys: torch.Tensor, values: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor):
+    """((keys, values) of every row: the one-row prefix ``keys``/``values`` followed by that row's new
+    ones), and the record the shared-prefix attention reads (:mod:`fvkit.fast.prefix_attention`)."""
+    n_rows = key_states.shape[0]
+    joined = (torch.cat([keys.expand(n_rows, *keys.shape[1:]), key_states], dim=-2),
+              torch.cat([values.expand(n_rows, *values.shape[1:]), value_states], dim=-2))
+    return joined, (*joined, keys[0], values[0], key_states, value_states)
+
+
 def _widen(value, capture_rows: int, n_rows: int):
     """``value`` with every batch-sized tensor (leading dim ``capture_rows``) widened to ``n_rows`` rows.
 
@@ -144,11 +153,7 @@ class BlockCalls:
         def update(key_states, value_states, layer_idx, *args, **kwargs):
             if layer_idx not in self.prefix:
                 raise ReplayUnsupported(f"no clean keys/values were recorded for attention layer {layer_idx}")
-            keys, values = self.prefix[layer_idx]
-            n_rows = key_states.shape[0]
-            joined = (torch.cat([keys.expand(n_rows, *keys.shape[1:]), key_states], dim=-2),
-                      torch.cat([values.expand(n_rows, *values.shape[1:]), value_states], dim=-2))
-            self.joined = (*joined, keys[0], values[0], key_states, value_states)
+            joined, self.joined = join_prefix(*self.prefix[layer_idx], key_states, value_states)
             return joined
 
         return update
