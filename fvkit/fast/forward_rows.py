@@ -58,6 +58,7 @@ def _prefix_update(cache, state):
                 raise ReplayUnsupported(f"the prefix cache of layer {layer_idx} holds {keys.shape[0]} rows, expected 1")
             state.prefix[layer_idx] = (keys.contiguous(), values.contiguous())
         keys, values = state.prefix[layer_idx]
+        state.joined = None  # the previous layer's rows are not kept alive beside this layer's
         joined, state.joined = join_prefix(keys, values, key_states, value_states)
         return joined
 

@@ -142,6 +142,7 @@ class SharedPrefixAttention(contextlib.AbstractContextManager):
                     or (attention_mask is not None and attention_mask.dtype == torch.bool)):
                 return own()
             _, _, prefix_k, prefix_v, new_k, new_v = joined
+            calls.joined = None  # read once; the rows' joined keys and values go with the attention call
             out = shared_prefix_attention(query, prefix_k, prefix_v, new_k, new_v, attention_mask,
                                           kwargs["scaling"], kwargs.get("softcap"))
             if module not in _CHECKED:

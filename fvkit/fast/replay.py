@@ -153,6 +153,7 @@ class BlockCalls:
         def update(key_states, value_states, layer_idx, *args, **kwargs):
             if layer_idx not in self.prefix:
                 raise ReplayUnsupported(f"no clean keys/values were recorded for attention layer {layer_idx}")
+            self.joined = None  # the previous layer's rows are not kept alive beside this layer's
             joined, self.joined = join_prefix(*self.prefix[layer_idx], key_states, value_states)
             return joined
 
