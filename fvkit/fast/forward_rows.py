@@ -33,7 +33,7 @@ import torch
 
 from fvkit.fast.cache import PrefixCache, is_cache_object, last_token_inputs
 from fvkit.fast.cache_names import cache_kwargs
-from fvkit.fast.indirect_effect import BATCH_ROW_MULTIPLE, CLEAN_ROW_EPS_MULTIPLE, CLEAN_ROW_REL_TOL
+from fvkit.fast.indirect_effect import BATCH_ROW_MULTIPLE, clean_row_drift
 from fvkit.fast.prefix_attention import SharedPrefixAttention
 from fvkit.fast.replay import ReplayUnsupported, join_prefix
 from fvkit.models import adapters
@@ -104,10 +104,7 @@ def check_clean_row(row: torch.Tensor, clean_logits: torch.Tensor) -> None:
     """The clean row must reproduce the whole-prompt pass's last logits to float rounding
     (the fast indirect effect's bound: CLEAN_ROW_REL_TOL, or a few epsilons of the dtype);
     a wrong position, mask or cache is off by O(1)."""
-    clean_logits = clean_logits.reshape(-1).to(row.device)
-    scale = float(clean_logits.abs().max().clamp_min(1.0))
-    drift = float((row.reshape(-1) - clean_logits).abs().max()) / scale
-    allowed = max(CLEAN_ROW_REL_TOL, CLEAN_ROW_EPS_MULTIPLE * torch.finfo(row.dtype).eps)
+    drift, allowed = clean_row_drift(row, clean_logits)
     if not drift <= allowed:
         raise ReplayUnsupported(f"the last token run on the prefix gave logits {drift:.2e} of their scale away "
                                 f"from the whole prompt's (allowed {allowed:.1e})")

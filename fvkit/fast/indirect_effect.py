@@ -119,11 +119,17 @@ def relative_drift(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / scale
 
 
-def check_clean_row(logits: torch.Tensor, clean_logits: torch.Tensor, layer: int, strategy: str) -> None:
-    clean_logits = clean_logits.to(logits.device)  # the output head may run elsewhere than the model's output lands
+def clean_row_drift(logits: torch.Tensor, clean_logits: torch.Tensor) -> tuple:
+    """(drift, allowed): how far a recomputed clean row's logits are from the clean run's, as a
+    fraction of their scale, and the bound they must keep (CLEAN_ROW_REL_TOL, CLEAN_ROW_EPS_MULTIPLE)."""
+    clean_logits = clean_logits.reshape(logits.shape).to(logits.device)  # the head may run elsewhere than the output lands
     scale = float(clean_logits.abs().max().clamp_min(1.0))
     drift = float((logits - clean_logits).abs().max()) / scale
-    allowed = max(CLEAN_ROW_REL_TOL, CLEAN_ROW_EPS_MULTIPLE * torch.finfo(logits.dtype).eps)
+    return drift, max(CLEAN_ROW_REL_TOL, CLEAN_ROW_EPS_MULTIPLE * torch.finfo(logits.dtype).eps)
+
+
+def check_clean_row(logits: torch.Tensor, clean_logits: torch.Tensor, layer: int, strategy: str) -> None:
+    drift, allowed = clean_row_drift(logits, clean_logits)
     if not drift <= allowed:
         raise ReplayUnsupported(
             f"fast indirect effect ({strategy}): at layer {layer} the unpatched row's logits differ from the "
