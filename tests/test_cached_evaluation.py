@@ -50,9 +50,9 @@ def test_vector_at_the_wrong_layer_is_caught(zoo_model, antonym, antonym_trials,
     lm = zoo_model("tiny-llama")
     fv = vector(lm)
     exact = evaluate(lm, antonym, antonym_trials, "shuffled", fv, EDIT_LAYER, show_progress=False)
-    original = ev.edited_rows
-    monkeypatch.setattr(ev, "edited_rows", lambda lm_, inputs, prefix, vec, layers, reuse=True, clean_logits=None:
-                        original(lm_, inputs, prefix, vec, [L + 1 for L in layers], reuse, clean_logits))
+    original = ev.group_edited_rows
+    monkeypatch.setattr(ev, "group_edited_rows", lambda lm_, items, vec, layers, reuse=True:
+                        original(lm_, items, vec, [L + 1 for L in layers], reuse))
     evals = run_evaluations(lm, antonym, antonym_trials, fv, EDIT_LAYER, show_progress=False)
     assert evals.shuffled["intervention_rank_list"] != exact["intervention_rank_list"]
 
@@ -81,7 +81,7 @@ def test_a_model_that_cannot_be_replayed_falls_back_to_whole_prompts(zoo_model, 
         raise ReplayUnsupported("block 0 keeps state outside its cache")
 
     monkeypatch.setattr(ev, "capture_last_token", refuse)
-    monkeypatch.setattr(ev, "forward_rows", refuse)   # neither the one-call rows nor the block replay
+    monkeypatch.setattr(ev, "group_rows", refuse)   # neither the one-call rows nor the block replay
     monkeypatch.setattr(ev, "_FORWARD_REFUSED", type(ev._FORWARD_REFUSED)())
     with pytest.warns(UserWarning, match="in one call"):
         evals = run_evaluations(lm, antonym, antonym_trials, fv, EDIT_LAYER, show_progress=False)

@@ -68,13 +68,13 @@ def test_sweep_equals_evaluate_at_every_layer(alias, zoo_model, antonym, antonym
 def test_a_vector_injected_at_the_wrong_layer_is_caught(zoo_model, antonym, antonym_trials, reference_runs,
                                                         monkeypatch):
     lm = zoo_model("tiny-llama")
-    original = ev.edited_rows
+    original = ev.group_edited_rows
 
-    def shifted(lm_, inputs, prefix, vec, layers, reuse=True, clean_logits=None):
-        rows = original(lm_, inputs, prefix, vec, layers, reuse, clean_logits)
-        return torch.cat([rows[:-1].roll(1, dims=0), rows[-1:]])   # each layer reads its neighbour's row
+    def shifted(lm_, items, vec, layers, reuse=True):
+        return [torch.cat([rows[:-1].roll(1, dims=0), rows[-1:]])   # each layer reads its neighbour's row
+                for rows in original(lm_, items, vec, layers, reuse)]
 
-    monkeypatch.setattr(ev, "edited_rows", shifted)
+    monkeypatch.setattr(ev, "group_edited_rows", shifted)
     sweep = layer_sweep(lm, antonym, antonym_trials, vector(lm), max_items=N_ITEMS, show_progress=False)
     assert any(key == "intervention_rank_list" for *_, key in mismatches(sweep, reference_runs("tiny-llama")))
 

@@ -146,6 +146,13 @@ class PrefixCache:
                                    f"the last of {n_tokens}")
         return cls(cut, n_tokens - 1)
 
+    def stored(self):
+        """The stored one-row cache itself, for callers that only read it (its update is never
+        called with new positions)."""
+        if self._cache is None:
+            raise FvkitError("this PrefixCache was already handed over with reuse=True")
+        return self._cache
+
     def take(self, rows: int, reuse: bool = False):
         """A cache with ``rows`` identical rows. ``reuse=True`` expands the stored cache in
         place (cheaper; the PrefixCache must not be used again afterwards)."""

@@ -10,7 +10,9 @@ query head (``repeat_kv``) and multiplies each row on its own: hundreds of rows
 times the whole prefix, copied and read again, which was a third of a fast
 indirect-effect trial. Here the rows' queries, grouped by key/value head, meet
 the prefix in one matrix product per head group; each row's own new key and
-value are added as the last score and the last term of the weighted sum.
+value are added as the last score and the last term of the weighted sum. Rows
+of several prompts in one batch (:mod:`fvkit.fast.forward_rows`) meet each
+prompt's own prefix this way, part by part (:class:`JoinedRows`).
 
 The same numbers up to float32 rounding: the products are the same dot products
 in another shape, and the new token's term is added after the prefix's sum
@@ -99,15 +101,82 @@ def shared_prefix_attention(query, prefix_k, prefix_v, new_k, new_v, mask, scali
     return out.reshape(n_rows, n_heads, 1, dim).transpose(1, 2).contiguous(), weights
 
 
+class JoinedRows:
+    """One layer's keys and values as a replay's cache update returned them, and how they were built.
+
+        joined = JoinedRows([(0, 8, prefix_k, prefix_v, 0)], new_k, new_v, n_columns=prefix_k.shape[1])
+        keys, values = joined.materialize()      # (8, kv, P + 1, d) each: the prefix, then each row's own
+
+    ``parts`` lists the groups of rows that share one prefix, as (first row, row after
+    the last, prefix keys (kv, P, d), prefix values, first column): rows of one prompt
+    see its prefix in columns ``first .. first + P - 1`` of ``n_columns`` (prompts of
+    several lengths are left-padded to the longest; the attention mask hides the
+    padding) and their own key in column ``n_columns``. ``new_k``/``new_v`` are the
+    rows' own (R, kv, 1, d). ``keys``/``values`` are what the update returned: the
+    joined tensors themselves, or, where building them would cost more than the
+    attention (many rows on several prefixes), free placeholders of their shape that
+    :meth:`materialize` replaces wherever the model's own attention has to read them.
+    """
+
+    def __init__(self, parts, new_k, new_v, n_columns: int, keys=None, values=None):
+        self.parts, self.new_k, self.new_v, self.n_columns = parts, new_k, new_v, n_columns
+        shape = (new_k.shape[0], new_k.shape[1], n_columns + 1, new_k.shape[-1])
+        self.placeholders = keys is None
+        if keys is None:
+            keys, values = new_k.new_zeros(()).expand(shape), new_v.new_zeros(()).expand(shape)
+        self.keys, self.values = keys, values
+
+    def materialize(self) -> tuple:
+        """The joined (keys, values) as eager attention reads them, zeros where the mask hides padding."""
+        if not self.placeholders:
+            return self.keys, self.values
+        return self._join(self.new_k, 2), self._join(self.new_v, 3)
+
+    def _join(self, new: torch.Tensor, index: int) -> torch.Tensor:
+        joined = new.new_zeros(self.keys.shape)
+        for part in self.parts:
+            start, stop, prefix, first = part[0], part[1], part[index], part[4]
+            joined[start:stop, :, first:first + prefix.shape[1]] = prefix
+        joined[:, :, self.n_columns:] = new
+        return joined
+
+
+def _part_mask(mask, start: int, stop: int, first: int, n_prefix: int, n_columns: int):
+    """The mask columns of one part's rows: its prefix's columns, then the rows' own."""
+    if mask is None:
+        return None
+    if mask.shape[0] > 1:
+        mask = mask[start:stop]
+    if first == 0 and n_prefix == n_columns:
+        return mask[..., :n_prefix + 1]
+    return torch.cat([mask[..., first:first + n_prefix], mask[..., n_columns:n_columns + 1]], dim=-1)
+
+
+def joined_attention(joined: JoinedRows, query, mask, scaling: float, softcap=None):
+    """:func:`shared_prefix_attention` for every part of ``joined``; (output, weights), the weights
+    only where all rows share one prefix (their lengths differ otherwise)."""
+    outs, weights = [], None
+    for start, stop, prefix_k, prefix_v, first in joined.parts:
+        out, weights = shared_prefix_attention(query[start:stop], prefix_k, prefix_v, joined.new_k[start:stop],
+                                               joined.new_v[start:stop],
+                                               _part_mask(mask, start, stop, first, prefix_k.shape[1], joined.n_columns),
+                                               scaling, softcap)
+        outs.append(out)
+    if len(outs) == 1:
+        return outs[0], weights
+    return torch.cat(outs), None
+
+
 class SharedPrefixAttention(contextlib.AbstractContextManager):
     """Eager attention of a replay's rows computed on the shared prefix (see module docstring).
 
         with calls.replaying():          # enters one of these for the blocks it replays
             ...
 
-    ``calls`` is the :class:`~fvkit.fast.replay.BlockCalls` whose replaying cache
-    update sets ``calls.joined`` to ``(keys, values, prefix_k, prefix_v, new_k,
-    new_v)`` for the keys and values it just returned.
+    ``calls`` is the :class:`~fvkit.fast.replay.BlockCalls` (or any object with a
+    ``joined`` attribute) whose replaying cache update sets ``calls.joined`` to the
+    :class:`JoinedRows` of the keys and values it just returned. Each call that
+    receives them adds one to ``calls.attended`` where the object has that counter.
     """
 
     def __init__(self, blocks, calls):
@@ -134,17 +203,18 @@ class SharedPrefixAttention(contextlib.AbstractContextManager):
 
         def attention(module, query, key, value, attention_mask, *args, **kwargs):
             joined = calls.joined
-            own = lambda: original(module, query, key, value, attention_mask, *args, **kwargs)  # noqa: E731
-            if (joined is None or key is not joined[0] or value is not joined[1] or args
-                    or query.shape[-2] != 1 or _CHECKED.get(module, True) is not True
+            if joined is None or key is not joined.keys or value is not joined.values:
+                return original(module, query, key, value, attention_mask, *args, **kwargs)
+            calls.joined = None  # read once; the rows' joined keys and values go with the attention call
+            if hasattr(calls, "attended"):
+                calls.attended += 1
+            own = lambda: original(module, query, *joined.materialize(), attention_mask, *args, **kwargs)  # noqa: E731
+            if (args or query.shape[-2] != 1 or _CHECKED.get(module, True) is not True
                     or module.training or kwargs.get("scaling") is None or query.dtype not in CHECKED_DTYPES
                     or any(kwargs.get(name) is not None for name in UNSUPPORTED_KWARGS)
                     or (attention_mask is not None and attention_mask.dtype == torch.bool)):
                 return own()
-            _, _, prefix_k, prefix_v, new_k, new_v = joined
-            calls.joined = None  # read once; the rows' joined keys and values go with the attention call
-            out = shared_prefix_attention(query, prefix_k, prefix_v, new_k, new_v, attention_mask,
-                                          kwargs["scaling"], kwargs.get("softcap"))
+            out = joined_attention(joined, query, attention_mask, kwargs["scaling"], kwargs.get("softcap"))
             if module not in _CHECKED:
                 expected = own()
                 drift = _drift(out[0], expected[0])

@@ -32,7 +32,7 @@ import torch
 from fvkit.fast.cache_names import cache_kwargs, output_cache
 from fvkit.errors import FvkitError
 from fvkit.fast.cache import PrefixCache, UnsupportedCache, last_token_inputs
-from fvkit.fast.prefix_attention import SharedPrefixAttention
+from fvkit.fast.prefix_attention import JoinedRows, SharedPrefixAttention
 from fvkit.models.tracer import BeforeCall, EditInput, ReplaceMethod
 
 
@@ -83,12 +83,13 @@ def call_with_hidden(block, args, kwargs, hidden: torch.Tensor):
 
 
 def join_prefix(keys: torch.Tensor, values: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor):
-    """((keys, values) of every row: the one-row prefix ``keys``/``values`` followed by that row's new
-    ones), and the record the shared-prefix attention reads (:mod:`fvkit.fast.prefix_attention`)."""
+    """(keys, values) of every row: the one-row prefix ``keys``/``values`` followed by that row's new
+    ones, and the record the shared-prefix attention reads (:class:`~fvkit.fast.prefix_attention.JoinedRows`)."""
     n_rows = key_states.shape[0]
     joined = (torch.cat([keys.expand(n_rows, *keys.shape[1:]), key_states], dim=-2),
               torch.cat([values.expand(n_rows, *values.shape[1:]), value_states], dim=-2))
-    return joined, (*joined, keys[0], values[0], key_states, value_states)
+    record = JoinedRows([(0, n_rows, keys[0], values[0], 0)], key_states, value_states, keys.shape[-2], *joined)
+    return joined, record
 
 
 def _widen(value, capture_rows: int, n_rows: int):

@@ -26,7 +26,7 @@ import torch
 
 from fvkit.errors import FvkitError
 from fvkit.fast.batched import batched_stage
-from fvkit.fast.evaluation import CACHE_REFUSALS, baseline_item, cached_stage
+from fvkit.fast.evaluation import CACHE_REFUSALS, PromptGroups, baseline_items, cached_stage
 from fvkit.fast.sweep import layer_result, layer_sweep
 from fvkit.method.intervene import EVAL_STAGES, evaluate, evaluate_baseline, topk_accuracy
 from fvkit.method.prompts import DEFAULT_TEMPLATE, Template
@@ -145,6 +145,18 @@ def _cached_baseline(lm, dataset, trials, fv, edit_layer, template, ties, show_p
     tok = lm.tokenizer
     n = n_used(trials.n_items("baseline"), None)
     ranks, edited, nlls, change, gap, n_ties, reruns = [], [], [], 0.0, 0.0, 0, 0
+
+    def run_group(group):
+        nonlocal change, gap, n_ties, reruns
+        for item in baseline_items(lm, group, fv, edit_layer, ties):
+            ranks.append(item["clean_rank"])
+            nlls.append(item["nll"])
+            edited.append(item["rank"])
+            change, gap = max(change, item["change"]), max(gap, item["gap"])
+            n_ties += item["near_ties"]
+            reruns += item["reruns"]
+
+    groups = PromptGroups(lm, 2, run_group, record=False)   # the vector's row and the clean one
     with torch.no_grad():
         for j in progress(range(n), desc="eval baseline", enabled=show_progress):
             data, text = trial_prompt(lm, dataset, trials, "baseline", j, template)
@@ -154,13 +166,8 @@ def _cached_baseline(lm, dataset, trials, fv, edit_layer, template, ties, show_p
             full = tok([text + answer], return_tensors="pt")
             labels = full.input_ids.clone()
             labels[:, :prompt["input_ids"].shape[1]] = -100
-            item = baseline_item(lm, prompt, full, labels, target, fv, edit_layer, ties)
-            ranks.append(item["clean_rank"])
-            nlls.append(item["nll"])
-            edited.append(item["rank"])
-            change, gap = max(change, item["change"]), max(gap, item["gap"])
-            n_ties += item["near_ties"]
-            reruns += item["reruns"]
+            groups.add((prompt, full, labels, target), prompt["input_ids"].shape[1])
+        groups.flush()
     result = {"clean_rank_list": ranks, "clean_topk": topk_accuracy(ranks), "clean_ppl": float(np.exp(nlls).mean()),
               "n_items": n, "intervention_rank_list": edited, "intervention_topk": topk_accuracy(edited),
               "edit_layer": edit_layer, "max_abs_logit_change": change}
