@@ -39,6 +39,11 @@ def prepared(zoo_model, antonym, antonym_trials):
     return get
 
 
+def capture_only(monkeypatch, lm):
+    """The blocks' last-token calls recorded by a capture pass, not cut from the prompt's pass."""
+    monkeypatch.setattr(fast, "_PROMPT_CALLS_REFUSED", fast.weakref.WeakKeyDictionary({lm.model: "this test"}))
+
+
 def first_setup(lm, antonym, antonym_trials):
     dummy = dummy_token_labels(antonym_trials.n_shots, lm.tokenizer, lm.spec.prepend_bos, lm.spec.bos_text)
     return TrialSetup.build(lm, antonym, antonym_trials, 0, dummy, DEFAULT_TEMPLATE)
@@ -134,15 +139,59 @@ def test_a_wrong_last_token_is_refused(prepared, antonym, antonym_trials, monkey
     monkeypatch.setattr(kv_replay, "last_token_inputs", second_to_last)
     monkeypatch.setattr(fast, "last_token_inputs", second_to_last)
     monkeypatch.setattr(fast, "_BLOCKS_REFUSED", fast.weakref.WeakKeyDictionary())
+    capture_only(monkeypatch, lm)
     with pytest.raises(ReplayUnsupported, match="unpatched row"):
         fast_trial(lm, setup, mean, strategy="blocks")
     with pytest.raises(FvkitError, match="unpatched row.*--ie-mode exact"):
         fast_trial(lm, setup, mean, strategy="model")
 
 
+@pytest.mark.parametrize("alias", ["tiny-llama", "tiny-gemma", "tiny-neox"])
+def test_the_last_tokens_calls_come_from_the_prompts_pass(prepared, antonym, antonym_trials, monkeypatch, alias):
+    """Where every block argument can be cut to the last position, no capture pass runs, and the
+    effects are the exact path's."""
+    lm, mean, exact = prepared(alias)
+    monkeypatch.setattr(fast, "_PROMPT_CALLS_REFUSED", fast.weakref.WeakKeyDictionary())
+    monkeypatch.setattr(fast, "capture_last_token", lambda *a, **k: pytest.fail("the capture pass ran"))
+    ie = fast_trial(lm, first_setup(lm, antonym, antonym_trials), mean, strategy="blocks")
+    drift = relative_drift(ie, exact[0])
+    assert drift <= FAST_VS_EXACT_REL_TOL, f"{alias}: {drift:.2e} of the largest |IE|"
+
+
+def test_a_wrong_position_cut_from_the_prompts_pass_is_refused(prepared, antonym, antonym_trials, monkeypatch):
+    lm, mean, _ = prepared("tiny-llama")
+    right = kv_replay._last_position_call
+
+    def second_to_last(args, kwargs, n_tokens, n_rows):  # the hidden state of the token before the last
+        kwargs = dict(kwargs)
+        if args:
+            args = (args[0].roll(1, dims=1),) + tuple(args[1:])
+        else:
+            kwargs["hidden_states"] = kwargs["hidden_states"].roll(1, dims=1)
+        return right(args, kwargs, n_tokens, n_rows)
+
+    monkeypatch.setattr(kv_replay, "_last_position_call", second_to_last)
+    monkeypatch.setattr(fast, "_PROMPT_CALLS_REFUSED", fast.weakref.WeakKeyDictionary())
+    with pytest.raises(ReplayUnsupported, match="unpatched row"):
+        fast_trial(lm, first_setup(lm, antonym, antonym_trials), mean, strategy="blocks")
+
+
+def test_a_prefix_cut_short_in_the_prompts_pass_falls_back_to_a_capture(prepared, antonym, antonym_trials,
+                                                                      monkeypatch):
+    lm, mean, exact = prepared("tiny-llama")
+    record = kv_replay.BlockCalls._record
+    monkeypatch.setattr(kv_replay.BlockCalls, "_record",
+                        lambda self, owner, n_new=None: record(self, owner, None if n_new is None else n_new + 1))
+    monkeypatch.setattr(fast, "_PROMPT_CALLS_REFUSED", fast.weakref.WeakKeyDictionary())
+    ie = fast_trial(lm, first_setup(lm, antonym, antonym_trials), mean, strategy="blocks")
+    assert "did not hold the prompt's positions" in fast._PROMPT_CALLS_REFUSED[lm.model]
+    assert relative_drift(ie, exact[0]) <= FAST_VS_EXACT_REL_TOL
+
+
 @pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-llama"], ids=["legacy-tuple-cache", "cache-object"])
 def test_a_cache_of_the_wrong_length_is_refused(prepared, antonym, antonym_trials, monkeypatch, alias):
     lm, mean, _ = prepared(alias)
+    capture_only(monkeypatch, lm)
 
     drop_last = kv_cache.drop_last
     monkeypatch.setattr(kv_cache, "drop_last", lambda cache, n: drop_last(cache, n + 1))

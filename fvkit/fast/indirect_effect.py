@@ -16,7 +16,11 @@ Two strategies compute the same numbers:
   them for the last token, followed by the spec's final norm and output head.
   A layer's rows join the batch at that layer's block, so nothing below a
   patched layer is recomputed, each block runs once for all layers above it,
-  and the output head runs once for all rows.
+  and the output head runs once for all rows. How the model calls each block
+  for the last token is cut from its calls in the clean run (the last row of
+  every argument that spans the prompt, :func:`~fvkit.fast.replay.prompt_block_calls`);
+  a model whose block arguments cannot be cut so has them recorded by a
+  one-token capture pass instead.
 * ``model``: the last token goes through the model's own ``forward`` once per
   layer, on the cached prefix. Slower, but it assumes nothing beyond the cache.
 
@@ -44,7 +48,8 @@ from fvkit.models import adapters
 from fvkit.errors import FvkitError
 from fvkit.method.head_effect import check_patch_fired, effect, head_patch, target_probs
 from fvkit.fast.cache import drop_last, is_cache_object
-from fvkit.fast.replay import ReplayUnsupported, capture_last_token, clean_prefix, last_token_inputs
+from fvkit.fast.replay import (ReplayUnsupported, capture_last_token, clean_prefix, last_token_inputs,
+                               prompt_block_calls)
 from fvkit.models.tracer import EditInput, first_tensor
 
 #: Fast and exact effects agree when no entry differs by more than this fraction
@@ -100,6 +105,10 @@ PASS_MEMORY_FLOOR_BYTES = 32 * 2**20
 PASS_MAX_ROWS = 256
 
 STRATEGIES = ("auto", "blocks", "model")
+
+#: model -> why its blocks' last-token calls cannot be cut from the whole-prompt pass
+#: (:func:`~fvkit.fast.replay.prompt_block_calls`); a capture pass records them instead.
+_PROMPT_CALLS_REFUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 #: model -> why the ``blocks`` strategy does not fit it (``auto`` then uses ``model``).
 _BLOCKS_REFUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -188,11 +197,18 @@ def blocks_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
     group = n_heads + 1  # one row per head, then the unpatched row
     blocks = adapters.resolve_blocks(model, spec)
     norm, head = adapters.resolve_final_norm(model, spec), adapters.resolve_lm_head(model, spec)
-    clean_logits, cache = clean_prefix(model, setup.inputs, CAPTURE_ROWS, lm_head=head)
     step = layers_per_pass(lm, setup.inputs["input_ids"].shape[1], group)
+    calls = None
+    if model not in _PROMPT_CALLS_REFUSED:
+        try:
+            clean_logits, calls = prompt_block_calls(model, blocks, setup.inputs, CAPTURE_ROWS, lm_head=head)
+        except ReplayUnsupported as err:
+            _PROMPT_CALLS_REFUSED[model] = str(err)
     try:
-        calls = capture_last_token(model, blocks, setup.inputs, cache, CAPTURE_ROWS, lm_head=head)
-        del cache  # the recorded calls keep what the replay needs
+        if calls is None:
+            clean_logits, cache = clean_prefix(model, setup.inputs, CAPTURE_ROWS, lm_head=head)
+            calls = capture_last_token(model, blocks, setup.inputs, cache, CAPTURE_ROWS, lm_head=head)
+            del cache  # the recorded calls keep what the replay needs
         with calls.replaying():
             finals = [norm(_run_pass(lm, calls, blocks, setup, mean_acts, first, min(first + step, n_layers), group))
                       for first in range(0, n_layers, step)]

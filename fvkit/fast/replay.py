@@ -4,6 +4,7 @@
     calls = capture_last_token(model, blocks, inputs, cache, n_rows=16)
     with calls.replaying():
         out = calls.call_block(blocks, 3, torch.cat([calls.hidden(3)] * 2))   # twice the rows
+    logits, calls = prompt_block_calls(model, blocks, inputs, n_rows=16, lm_head=head)   # the same from one pass
 
 :func:`clean_prefix` runs the whole prompt once and keeps the key/value cache
 of every position but the last, repeated over ``n_rows`` batch rows.
@@ -14,6 +15,11 @@ with edited hidden states and any number of rows. While
 :meth:`BlockCalls.replaying` is active the cache answers every block from the
 clean prefix without growing, so blocks can be re-run in any order and any
 number of times.
+
+:func:`prompt_block_calls` gets the same record from the whole-prompt pass
+alone, cutting each block's arguments to the last position (the capture pass
+costs as much as a pass over the weights, about a tenth of a SmolLM2-135M
+indirect-effect trial).
 
 The prefix is cut and copied by :mod:`fvkit.fast.cache`, which refuses any
 cache it does not understand. Replay assumes one thing more, shared by every
@@ -138,14 +144,16 @@ class BlockCalls:
         kwargs = {k: _widen(v, self.capture_rows, n_rows) for k, v in kwargs.items()}
         return call_with_hidden(blocks[layer], args, kwargs, hidden)
 
-    def _record(self, owner):
+    def _record(self, owner, n_new=None):
+        """``owner.update`` keeping each layer's keys and values before the new ones (before the
+        last ``n_new`` positions, by default the update's own)."""
         original = owner.update
 
         def update(key_states, value_states, layer_idx, *args, **kwargs):
             keys, values = original(key_states, value_states, layer_idx, *args, **kwargs)
-            n_new = key_states.shape[-2]
+            cut = key_states.shape[-2] if n_new is None else n_new
             # Contiguous, so that the shared-prefix attention's products read them as they are.
-            self.prefix[layer_idx] = (keys[:1, ..., :-n_new, :].contiguous(), values[:1, ..., :-n_new, :].contiguous())
+            self.prefix[layer_idx] = (keys[:1, ..., :-cut, :].contiguous(), values[:1, ..., :-cut, :].contiguous())
             return keys, values
 
         return update
@@ -203,3 +211,79 @@ def capture_last_token(model, blocks, inputs, cache, n_rows: int, lm_head: Optio
     if missing:
         raise ReplayUnsupported(f"blocks {missing} did not run for the last token")
     return rec
+
+
+def prompt_block_calls(model, blocks, inputs, n_rows: int, lm_head: Optional[torch.nn.Module] = None) -> tuple:
+    """(clean last-token logits, :class:`BlockCalls`) from the whole-prompt pass alone, without
+    the capture pass of :func:`capture_last_token`.
+
+    Each block's call for the last token is its call for the whole prompt cut to the last
+    query position: the hidden state's last row, the attention mask's last query row, the
+    last position's ids and embeddings; each layer's prefix is what its cache update held
+    before the last token. Batch-sized arguments are widened to ``n_rows`` identical rows,
+    as a capture would have recorded them. An argument spanning the prompt in a way not
+    known here raises :class:`ReplayUnsupported` (the caller then captures).
+    """
+    rec = BlockCalls(blocks, n_rows)
+    whole = [None] * len(blocks)
+    with contextlib.ExitStack() as hooks:
+        def on_call(layer):
+            def record(args, kwargs):
+                whole[layer] = (args, dict(kwargs))
+                for owner in new_update_owners(args, kwargs, rec.owners):
+                    rec.owners.append(owner)
+                    hooks.enter_context(ReplaceMethod(owner, "update", rec._record(owner, n_new=1)))
+            return record
+
+        for i, block in enumerate(blocks):
+            hooks.enter_context(BeforeCall(block, on_call=on_call(i)))
+        with last_position_only(lm_head):
+            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=True)
+    n_tokens = inputs["input_ids"].shape[1]
+    if n_tokens < 2:
+        raise ReplayUnsupported("a one-token prompt has no prefix to replay on")
+    if any(call is None for call in whole) or len(rec.prefix) != len(blocks) or len(rec.owners) != 1:
+        raise ReplayUnsupported("the blocks did not each run once with their keys in one cache object")
+    if any(k.shape[-2] != n_tokens - 1 for k, _ in rec.prefix.values()):
+        raise ReplayUnsupported("a layer's cache did not hold the prompt's positions")
+    rec.calls = [_last_position_call(args, kwargs, n_tokens, n_rows) for args, kwargs in whole]
+    return out.logits[0, -1, :], rec
+
+
+#: Block arguments that span the prompt's positions and how the last position is cut from
+#: them: (axis, whether their first axis is the batch).
+_POSITION_ARGS = {"hidden_states": (-2, True), "attention_mask": (-2, True), "position_ids": (-1, True),
+                  "cache_position": (-1, False)}
+
+
+def _last_position_call(args, kwargs, n_tokens: int, n_rows: int) -> tuple:
+    def cut(name, value):
+        if isinstance(value, torch.Tensor) and name in _POSITION_ARGS:
+            axis, batched = _POSITION_ARGS[name]
+            if value.shape[axis] == n_tokens and (not batched or value.shape[0] == 1):
+                last = value.narrow(axis, n_tokens - 1, 1).clone()   # not a view of the prompt's tensor
+                return last.expand(n_rows, *last.shape[1:]) if batched else last
+        if name.startswith("position_embeddings") and isinstance(value, tuple) and all(
+                isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0] == 1 and t.shape[-2] == n_tokens
+                for t in value):
+            return tuple(t[..., -1:, :].clone().expand(n_rows, *t.shape[1:-2], 1, t.shape[-1]) for t in value)
+        if _spans(value, n_tokens):
+            raise ReplayUnsupported(f"block argument '{name}' spans the prompt's positions in a way the "
+                                    f"last token's call cannot be cut from")
+        return value
+
+    if args and any(_spans(a, n_tokens) for a in args[1:]):
+        raise ReplayUnsupported("a block takes position-sized arguments positionally")
+    new_args = (cut("hidden_states", args[0]),) + tuple(args[1:]) if args else ()
+    return new_args, {name: cut(name, value) for name, value in kwargs.items()}
+
+
+def _spans(value, n_tokens: int) -> bool:
+    """A tensor (or a tuple, list or dict holding one) with an axis as long as the prompt."""
+    if isinstance(value, torch.Tensor):
+        return n_tokens in value.shape
+    if isinstance(value, (tuple, list)):
+        return any(_spans(v, n_tokens) for v in value)
+    if isinstance(value, dict):
+        return any(_spans(v, n_tokens) for v in value.values())
+    return False
