@@ -322,8 +322,8 @@ def cached_stage(lm, dataset, trials, stage: str, fv: torch.Tensor, layers: Sequ
             n_ties += item["near_ties"]
             reruns += item["reruns"]
 
-    rows = min(len(layers), len(layers) if chunk is None else max(1, int(chunk))) + 1
-    groups = PromptGroups(lm, rows, run_group, budget=budget)
+    chunk = len(layers) if chunk is None else max(1, int(chunk))
+    groups = PromptGroups(lm, min(len(layers), chunk) + 1, run_group, budget=budget)
     with torch.no_grad():
         for j in progress(range(n), desc=desc or f"eval {stage}", enabled=show_progress):
             data, text = trial_prompt(lm, dataset, trials, stage, j, template)

@@ -45,7 +45,7 @@ import torch
 from fvkit.fast.cache import PrefixCache, is_cache_object
 from fvkit.fast.cache_names import cache_kwargs
 from fvkit.fast.indirect_effect import BATCH_ROW_MULTIPLE, clean_row_drift
-from fvkit.fast.prefix_attention import EAGER_FUNCTION, JoinedRows, SharedPrefixAttention
+from fvkit.fast.prefix_attention import EAGER_FUNCTION, JoinedRows, PrefixPart, SharedPrefixAttention
 from fvkit.fast.replay import ReplayUnsupported
 from fvkit.models import adapters
 from fvkit.models.placement import to_like
@@ -79,7 +79,7 @@ def _prefix_update(caches, state):
         prefixes = state.prefix[layer_idx]
         state.joined = None  # the previous layer's rows are not kept alive beside this layer's
         n_columns = max(k.shape[1] for k, _ in prefixes)
-        parts = [(start, stop, k, v, n_columns - k.shape[1]) for (start, stop), (k, v) in zip(state.rows, prefixes)]
+        parts = [PrefixPart(start, stop, k, v, n_columns - k.shape[1]) for (start, stop), (k, v) in zip(state.rows, prefixes)]
         state.joined = JoinedRows(parts, key_states, value_states, n_columns)
         return state.joined.keys, state.joined.values
 

@@ -48,6 +48,7 @@ from fvkit.models import adapters
 from fvkit.errors import FvkitError
 from fvkit.method.head_effect import check_patch_fired, effect, head_patch, target_probs
 from fvkit.fast.cache import drop_last, is_cache_object
+from fvkit.fast.relative_drift import relative_drift  # noqa: F401  (this module's agreement measure)
 from fvkit.fast.replay import (ReplayUnsupported, capture_last_token, clean_prefix, last_token_inputs,
                                prompt_block_calls)
 from fvkit.models.tracer import EditInput, first_tensor
@@ -117,15 +118,6 @@ _BLOCKS_REFUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def batch_rows(n_heads: int) -> int:
     """Rows per layer: one per head, one unpatched, padded (see BATCH_ROW_MULTIPLE)."""
     return -(-(n_heads + 1) // BATCH_ROW_MULTIPLE) * BATCH_ROW_MULTIPLE
-
-
-def relative_drift(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    """Largest absolute difference as a fraction of the largest absolute reference entry."""
-    scale = float(ref.abs().max())
-    diff = float((ours - ref).abs().max())
-    if scale == 0.0:
-        return 0.0 if diff == 0.0 else float("inf")
-    return diff / scale
 
 
 def clean_row_drift(logits: torch.Tensor, clean_logits: torch.Tensor) -> tuple:

@@ -32,9 +32,11 @@ import contextlib
 import sys
 import warnings
 import weakref
+from typing import NamedTuple
 
 import torch
 
+from fvkit.fast.relative_drift import relative_drift
 from fvkit.models.tracer import ReplaceMethod
 
 #: Name of the function replaced in a modeling module: what eager attention modules call
@@ -101,15 +103,25 @@ def shared_prefix_attention(query, prefix_k, prefix_v, new_k, new_v, mask, scali
     return out.reshape(n_rows, n_heads, 1, dim).transpose(1, 2).contiguous(), weights
 
 
+class PrefixPart(NamedTuple):
+    """Rows ``start .. stop - 1`` of a batch, which share one prompt's prefix ``keys``/``values``
+    (kv, P, d), placed from column ``first`` of the joined keys."""
+    start: int
+    stop: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    first: int
+
+
 class JoinedRows:
     """One layer's keys and values as a replay's cache update returned them, and how they were built.
 
-        joined = JoinedRows([(0, 8, prefix_k, prefix_v, 0)], new_k, new_v, n_columns=prefix_k.shape[1])
+        joined = JoinedRows([PrefixPart(0, 8, prefix_k, prefix_v, 0)], new_k, new_v, n_columns=prefix_k.shape[1])
         keys, values = joined.materialize()      # (8, kv, P + 1, d) each: the prefix, then each row's own
 
-    ``parts`` lists the groups of rows that share one prefix, as (first row, row after
-    the last, prefix keys (kv, P, d), prefix values, first column): rows of one prompt
-    see its prefix in columns ``first .. first + P - 1`` of ``n_columns`` (prompts of
+    ``parts`` lists the groups of rows that share one prefix (:class:`PrefixPart`):
+    rows of one prompt see its prefix in columns ``first .. first + P - 1`` of
+    ``n_columns`` (prompts of
     several lengths are left-padded to the longest; the attention mask hides the
     padding) and their own key in column ``n_columns``. ``new_k``/``new_v`` are the
     rows' own (R, kv, 1, d). ``keys``/``values`` are what the update returned: the
@@ -130,13 +142,13 @@ class JoinedRows:
         """The joined (keys, values) as eager attention reads them, zeros where the mask hides padding."""
         if not self.placeholders:
             return self.keys, self.values
-        return self._join(self.new_k, 2), self._join(self.new_v, 3)
+        return (self._join(self.new_k, [part.keys for part in self.parts]),
+                self._join(self.new_v, [part.values for part in self.parts]))
 
-    def _join(self, new: torch.Tensor, index: int) -> torch.Tensor:
+    def _join(self, new: torch.Tensor, prefixes: list) -> torch.Tensor:
         joined = new.new_zeros(self.keys.shape)
-        for part in self.parts:
-            start, stop, prefix, first = part[0], part[1], part[index], part[4]
-            joined[start:stop, :, first:first + prefix.shape[1]] = prefix
+        for part, prefix in zip(self.parts, prefixes):
+            joined[part.start:part.stop, :, part.first:part.first + prefix.shape[1]] = prefix
         joined[:, :, self.n_columns:] = new
         return joined
 
@@ -173,10 +185,10 @@ class SharedPrefixAttention(contextlib.AbstractContextManager):
         with calls.replaying():          # enters one of these for the blocks it replays
             ...
 
-    ``calls`` is the :class:`~fvkit.fast.replay.BlockCalls` (or any object with a
-    ``joined`` attribute) whose replaying cache update sets ``calls.joined`` to the
-    :class:`JoinedRows` of the keys and values it just returned. Each call that
-    receives them adds one to ``calls.attended`` where the object has that counter.
+    ``calls`` is the :class:`~fvkit.fast.replay.BlockCalls` (or any object with
+    ``joined`` and ``attended`` attributes) whose replaying cache update sets
+    ``calls.joined`` to the :class:`JoinedRows` of the keys and values it just
+    returned; each attention call that receives them adds one to ``calls.attended``.
     """
 
     def __init__(self, blocks, calls):
@@ -206,8 +218,7 @@ class SharedPrefixAttention(contextlib.AbstractContextManager):
             if joined is None or key is not joined.keys or value is not joined.values:
                 return original(module, query, key, value, attention_mask, *args, **kwargs)
             calls.joined = None  # read once; the rows' joined keys and values go with the attention call
-            if hasattr(calls, "attended"):
-                calls.attended += 1
+            calls.attended += 1
             own = lambda: original(module, query, *joined.materialize(), attention_mask, *args, **kwargs)  # noqa: E731
             if (args or query.shape[-2] != 1 or _CHECKED.get(module, True) is not True
                     or module.training or kwargs.get("scaling") is None or query.dtype not in CHECKED_DTYPES
@@ -217,7 +228,7 @@ class SharedPrefixAttention(contextlib.AbstractContextManager):
             out = joined_attention(joined, query, attention_mask, kwargs["scaling"], kwargs.get("softcap"))
             if module not in _CHECKED:
                 expected = own()
-                drift = _drift(out[0], expected[0])
+                drift = relative_drift(out[0], expected[0])
                 if not drift <= CHECK_REL_TOL:
                     _CHECKED[module] = (f"its output differs from {original.__module__}.{EAGER_FUNCTION}'s by "
                                         f"{drift:.2e} of the largest (allowed {CHECK_REL_TOL:.0e})")
@@ -234,9 +245,3 @@ def refusal(module) -> "str | None":
     """Why ``module`` keeps its own attention in replays (None when it does not, or was not checked)."""
     reason = _CHECKED.get(module)
     return reason if isinstance(reason, str) else None
-
-
-def _drift(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    scale = float(theirs.abs().max())
-    diff = float((ours - theirs).abs().max())
-    return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))

@@ -38,7 +38,7 @@ import torch
 from fvkit.fast.cache_names import cache_kwargs, output_cache
 from fvkit.errors import FvkitError
 from fvkit.fast.cache import PrefixCache, UnsupportedCache, last_token_inputs
-from fvkit.fast.prefix_attention import JoinedRows, SharedPrefixAttention
+from fvkit.fast.prefix_attention import JoinedRows, PrefixPart, SharedPrefixAttention
 from fvkit.models.tracer import BeforeCall, EditInput, ReplaceMethod
 
 
@@ -94,7 +94,8 @@ def join_prefix(keys: torch.Tensor, values: torch.Tensor, key_states: torch.Tens
     n_rows = key_states.shape[0]
     joined = (torch.cat([keys.expand(n_rows, *keys.shape[1:]), key_states], dim=-2),
               torch.cat([values.expand(n_rows, *values.shape[1:]), value_states], dim=-2))
-    record = JoinedRows([(0, n_rows, keys[0], values[0], 0)], key_states, value_states, keys.shape[-2], *joined)
+    record = JoinedRows([PrefixPart(0, n_rows, keys[0], values[0], 0)], key_states, value_states, keys.shape[-2],
+                        *joined)
     return joined, record
 
 
@@ -130,8 +131,10 @@ class BlockCalls:
         self.capture_rows = capture_rows
         self.owners: list = []      # cache objects the blocks were handed
         self.prefix: dict = {}      # layer_idx -> (keys, values) of one row, before the last token
-        #: What the replaying update last returned and what it joined (see fvkit.fast.prefix_attention).
-        self.joined: Optional[tuple] = None
+        #: What the replaying update last returned and what it joined, and how many attention calls
+        #: read such keys (see fvkit.fast.prefix_attention).
+        self.joined: Optional[JoinedRows] = None
+        self.attended = 0
 
     def hidden(self, layer: int) -> torch.Tensor:
         args, kwargs = self.calls[layer]
@@ -187,23 +190,30 @@ class BlockCalls:
         return stack
 
 
+def _record_block_calls(hooks: contextlib.ExitStack, blocks, rec: "BlockCalls", calls: list,
+                        n_new: Optional[int] = None) -> None:
+    """Enter on ``hooks`` what records each block's call into ``calls`` and has every cache object
+    the blocks are handed keep each layer's prefix in ``rec`` (see :meth:`BlockCalls._record`)."""
+    def on_call(layer):
+        def record(args, kwargs):
+            if not args and "hidden_states" not in kwargs:
+                raise ReplayUnsupported(f"block {layer} was called without a hidden-state argument")
+            calls[layer] = (args, dict(kwargs))
+            for owner in new_update_owners(args, kwargs, rec.owners):
+                rec.owners.append(owner)
+                # Undone with the block hooks when the recording pass ends.
+                hooks.enter_context(ReplaceMethod(owner, "update", rec._record(owner, n_new)))
+        return record
+
+    for i, block in enumerate(blocks):
+        hooks.enter_context(BeforeCall(block, on_call=on_call(i)))
+
+
 def capture_last_token(model, blocks, inputs, cache, n_rows: int, lm_head: Optional[torch.nn.Module] = None) -> BlockCalls:
     """Run the last token on ``cache`` and record every block's call and every layer's clean prefix."""
     rec = BlockCalls(blocks, n_rows)
     with contextlib.ExitStack() as hooks:
-        def on_call(layer):
-            def record(args, kwargs):
-                if not args and "hidden_states" not in kwargs:
-                    raise ReplayUnsupported(f"block {layer} was called without a hidden-state argument")
-                rec.calls[layer] = (args, dict(kwargs))
-                for owner in new_update_owners(args, kwargs, rec.owners):
-                    rec.owners.append(owner)
-                    # Undone with the block hooks when this capture ends.
-                    hooks.enter_context(ReplaceMethod(owner, "update", rec._record(owner)))
-            return record
-
-        for i, block in enumerate(blocks):
-            hooks.enter_context(BeforeCall(block, on_call=on_call(i)))
+        _record_block_calls(hooks, blocks, rec, rec.calls)
         # Its logits are not used: the blocks' recorded calls are what this run is for.
         with last_position_only(lm_head, first_row_only=True):
             model(**last_token_inputs(inputs, n_rows), **cache_kwargs(model, cache), use_cache=True)
@@ -224,24 +234,15 @@ def prompt_block_calls(model, blocks, inputs, n_rows: int, lm_head: Optional[tor
     as a capture would have recorded them. An argument spanning the prompt in a way not
     known here raises :class:`ReplayUnsupported` (the caller then captures).
     """
-    rec = BlockCalls(blocks, n_rows)
-    whole = [None] * len(blocks)
-    with contextlib.ExitStack() as hooks:
-        def on_call(layer):
-            def record(args, kwargs):
-                whole[layer] = (args, dict(kwargs))
-                for owner in new_update_owners(args, kwargs, rec.owners):
-                    rec.owners.append(owner)
-                    hooks.enter_context(ReplaceMethod(owner, "update", rec._record(owner, n_new=1)))
-            return record
-
-        for i, block in enumerate(blocks):
-            hooks.enter_context(BeforeCall(block, on_call=on_call(i)))
-        with last_position_only(lm_head):
-            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=True)
     n_tokens = inputs["input_ids"].shape[1]
     if n_tokens < 2:
         raise ReplayUnsupported("a one-token prompt has no prefix to replay on")
+    rec = BlockCalls(blocks, n_rows)
+    whole = [None] * len(blocks)
+    with contextlib.ExitStack() as hooks:
+        _record_block_calls(hooks, blocks, rec, whole, n_new=1)
+        with last_position_only(lm_head):
+            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=True)
     if any(call is None for call in whole) or len(rec.prefix) != len(blocks) or len(rec.owners) != 1:
         raise ReplayUnsupported("the blocks did not each run once with their keys in one cache object")
     if any(k.shape[-2] != n_tokens - 1 for k, _ in rec.prefix.values()):
