@@ -188,6 +188,69 @@ def test_a_prefix_cut_short_in_the_prompts_pass_falls_back_to_a_capture(prepared
     assert relative_drift(ie, exact[0]) <= FAST_VS_EXACT_REL_TOL
 
 
+def count_joins(monkeypatch) -> dict:
+    """How many replayed attention calls got the prefix copied per row, and how many placeholders."""
+    counts = {"copies": 0, "placeholders": 0}
+    join = kv_replay.join_prefix
+
+    def counted(keys, values, key_states, value_states, placeholders=False):
+        counts["placeholders" if placeholders else "copies"] += 1
+        return join(keys, values, key_states, value_states, placeholders)
+
+    monkeypatch.setattr(kv_replay, "join_prefix", counted)
+    return counts
+
+
+@pytest.mark.parametrize("alias", ["tiny-llama", "tiny-gemma", "tiny-neox"])
+def test_rows_get_no_prefix_copies_once_every_layer_was_seen_attending(prepared, antonym, antonym_trials,
+                                                                      monkeypatch, alias):
+    """A layer's first replay hands its attention real copies of the prefix (and learns that the
+    shared-prefix attention read them); from then on it hands placeholders, and the effects stay
+    the exact path's."""
+    lm, mean, exact = prepared(alias)
+    blocks = fast.adapters.resolve_blocks(lm.model, lm.spec)
+    monkeypatch.setattr(kv_replay, "_ATTENDING", kv_replay.weakref.WeakKeyDictionary())
+    counts = count_joins(monkeypatch)
+    setup = first_setup(lm, antonym, antonym_trials)
+    first = fast_trial(lm, setup, mean, strategy="blocks")
+    assert counts["copies"] >= lm.dims.n_layers, counts
+    assert kv_replay._ATTENDING[blocks] == set(range(lm.dims.n_layers))
+    counts.update(copies=0, placeholders=0)
+    second = fast_trial(lm, setup, mean, strategy="blocks")
+    assert counts == {"copies": 0, "placeholders": counts["placeholders"]} and counts["placeholders"] >= lm.dims.n_layers
+    for ie in (first, second):
+        drift = relative_drift(ie, exact[0])
+        assert drift <= FAST_VS_EXACT_REL_TOL, f"{alias}: {drift:.2e} of the largest |IE|"
+
+
+def test_placeholders_an_attention_does_not_read_through_the_shared_prefix_are_refused(
+        prepared, antonym, antonym_trials, monkeypatch):
+    """A layer once seen attending through the shared prefix whose attention later bypasses it
+    would compute on the placeholders' zeros: the block call is refused instead."""
+    lm, mean, _ = prepared("tiny-llama")
+    blocks = fast.adapters.resolve_blocks(lm.model, lm.spec)
+    monkeypatch.setattr(kv_replay, "_ATTENDING",
+                        kv_replay.weakref.WeakKeyDictionary({blocks: set(range(lm.dims.n_layers))}))
+    # The model's own eager attention stays in place, as under another attention implementation.
+    monkeypatch.setattr(kv_replay.SharedPrefixAttention, "__enter__", lambda self: self)
+    with pytest.raises(ReplayUnsupported, match="were placeholders"):
+        fast_trial(lm, first_setup(lm, antonym, antonym_trials), mean, strategy="blocks")
+
+
+def test_without_prefix_copies_a_pass_carries_more_layers():
+    class Dims:
+        n_layers, n_heads, head_dim = 30, 9, 64
+
+    class LM:
+        dims = Dims
+        model = torch.nn.Linear(1000, 1000)  # 4 MB of weights: the floor budget applies
+
+    copies = fast.layers_per_pass(LM, n_tokens=99, rows=10)
+    shared = fast.layers_per_pass(LM, n_tokens=99, rows=10, prefix_copies=False)
+    assert copies == fast.PASS_MEMORY_FLOOR_BYTES // (4 * 99 * 9 * 64 * 4 * 10)
+    assert shared == min(Dims.n_layers, fast.PASS_MAX_ROWS // 10) > copies
+
+
 @pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-llama"], ids=["legacy-tuple-cache", "cache-object"])
 def test_a_cache_of_the_wrong_length_is_refused(prepared, antonym, antonym_trials, monkeypatch, alias):
     lm, mean, _ = prepared(alias)

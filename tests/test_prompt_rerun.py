@@ -21,6 +21,9 @@ from fvkit.models.zoo import TINY_PARITY_MODELS
 PROMPT = "Q: hot\nA: cold\n\nQ: up\nA: down\n\nQ: big\nA:"
 #: Longer than prompt_rerun.HEAD_POSITIONS tokens: the output head then reads only the last
 #: positions, which must round as the whole prompt's head does.
+#: Shorter than prompt_rerun.HEAD_POSITIONS tokens on every tokenizer (a zero-shot prompt):
+#: the head reads SHORT_HEAD_POSITIONS of them once that was checked for the model.
+SHORT_PROMPT = "Q: big\nA:"
 LONG_PROMPT = "".join(f"Q: {a}\nA: {b}\n\n" for a, b in
                       [("hot", "cold"), ("up", "down"), ("wet", "dry"), ("early", "late"), ("open", "shut")]) + "Q: big\nA:"
 
@@ -29,7 +32,7 @@ def vector(lm, scale=5.0):
     return torch.randn(lm.dims.hidden_size, generator=torch.Generator().manual_seed(1)) * scale
 
 
-@pytest.mark.parametrize("prompt", [PROMPT, LONG_PROMPT], ids=["short", "long"])
+@pytest.mark.parametrize("prompt", [SHORT_PROMPT, PROMPT, LONG_PROMPT], ids=["zero-shot", "short", "long"])
 @pytest.mark.parametrize("alias", TINY_PARITY_MODELS)
 def test_rerun_from_the_record_equals_the_whole_prompt_pass(alias, prompt, zoo_model):
     lm = zoo_model(alias)
@@ -65,6 +68,56 @@ def test_a_rerun_that_differs_is_refused_and_the_whole_model_used(zoo_model, mon
         got = prompt_rerun.exact_rerun(lm, record, inputs, 0, fv)
         assert torch.equal(got, edited_logits(lm, inputs, 0, fv))
     assert "moved the logits" in prompt_rerun.rerun_refusal(lm.model)
+
+
+def head_rows(monkeypatch, lm) -> list:
+    """The number of positions the output head reads, call by call."""
+    seen = []
+    head = prompt_rerun.adapters.resolve_lm_head(lm.model, lm.spec)
+    forward = head.forward
+    monkeypatch.setattr(head, "forward", lambda x: seen.append(x.shape[-2]) or forward(x))
+    return seen
+
+
+@pytest.mark.parametrize("alias", TINY_PARITY_MODELS)
+def test_a_short_prompts_head_reads_few_positions_only_once_checked(alias, zoo_model, monkeypatch):
+    """The first short prompt's clean pass reads all positions and checks the head on the last
+    SHORT_HEAD_POSITIONS against them; later ones read those few only where the check passed.
+    Either way the logits are the whole prompt's, bit for bit."""
+    lm = zoo_model(alias)
+    monkeypatch.setattr(prompt_rerun, "_SHORT_HEAD", type(prompt_rerun._SHORT_HEAD)())
+    inputs = lm.tokenizer([SHORT_PROMPT], return_tensors="pt")
+    n_tokens = inputs["input_ids"].shape[1]
+    assert prompt_rerun.SHORT_HEAD_POSITIONS < n_tokens < prompt_rerun.HEAD_POSITIONS
+    seen = head_rows(monkeypatch, lm)
+    with torch.no_grad():
+        whole = lm.model(**inputs).logits[0, -1]
+        seen.clear()
+        first, _, _ = clean_pass(lm, inputs)
+        assert seen[0] == n_tokens and n_tokens in prompt_rerun._SHORT_HEAD[lm.model]
+        seen.clear()
+        second, _, _ = clean_pass(lm, inputs)
+    checked = prompt_rerun.short_head_refusal(lm.model) is None
+    assert seen == [prompt_rerun.SHORT_HEAD_POSITIONS if checked else n_tokens]
+    for logits in (first, second):
+        assert torch.equal(logits.reshape(-1), whole)
+
+
+def test_a_head_that_rounds_otherwise_on_few_positions_keeps_reading_all(zoo_model, monkeypatch):
+    lm = zoo_model("tiny-llama")
+    monkeypatch.setattr(prompt_rerun, "_SHORT_HEAD", type(prompt_rerun._SHORT_HEAD)())
+    inputs = lm.tokenizer([SHORT_PROMPT], return_tensors="pt")
+    n_tokens = inputs["input_ids"].shape[1]
+    head = prompt_rerun.adapters.resolve_lm_head(lm.model, lm.spec)
+    forward = head.forward
+    # Logits one ulp-scale step off whenever fewer than all positions are read.
+    monkeypatch.setattr(head, "forward", lambda x: forward(x) * (1 if x.shape[-2] == n_tokens else 1 + 1e-6))
+    with torch.no_grad():
+        clean_pass(lm, inputs)
+        assert "moved the last logits" in prompt_rerun.short_head_refusal(lm.model)
+        assert prompt_rerun.head_positions(lm.model, n_tokens) == n_tokens
+        again, _, _ = clean_pass(lm, inputs)
+        assert torch.equal(again.reshape(-1), lm.model(**inputs).logits[0, -1])
 
 
 @pytest.mark.parametrize("alias", ("tiny-gpt2", "tiny-llama"))

@@ -47,7 +47,7 @@ from fvkit.fast.cache_names import output_cache
 from fvkit.fast.cache import PrefixCache, UnsupportedCache, cache_length, drop_last
 from fvkit.fast.forward_rows import NoCacheUpdate, check_clean_row as check_forward_clean_row, group_rows
 from fvkit.fast.indirect_effect import CAPTURE_ROWS, LM_HEAD_ROWS, _whole_blocks
-from fvkit.fast.prompt_rerun import HEAD_POSITIONS, PromptRecord, exact_rerun
+from fvkit.fast.prompt_rerun import HEAD_POSITIONS, PromptRecord, check_short_head, exact_rerun, head_positions
 from fvkit.fast.replay import ReplayUnsupported, capture_last_token
 from fvkit.method.intervene import edited_logits, last_position_logits, token_rank
 from fvkit.method.run_defaults import TIE_POLICIES
@@ -156,8 +156,20 @@ def clean_pass(lm, inputs):
     model = lm.model
     head = adapters.resolve_lm_head(model, lm.spec)
     n_tokens = inputs["input_ids"].shape[1]
-    with _last_positions(head, min(HEAD_POSITIONS, n_tokens)), PromptRecord(lm) as record:
+    n = head_positions(model, n_tokens)
+    head_input = []
+
+    def last_positions(x):
+        if x.dim() != 3:
+            return x
+        if n == n_tokens:
+            head_input.append(x)  # all positions are read: the head's first short prompt is checked on them
+        return x[:, -n:, :]
+
+    with EditInput(head, last_positions), PromptRecord(lm) as record:
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=True)
+    if head_input:
+        check_short_head(model, head, head_input.pop())
     logits = last_position_logits(out)
     prefix = PrefixCache.from_output(output_cache(out), n_tokens)
     return logits, prefix, record

@@ -33,6 +33,10 @@ effect is measured against, so rounding that the single-token path adds is
 common to both sides of the difference. And its logits are compared with the
 clean full-prompt run's, so a cache, position or mask that the model did not
 take as intended stops the run instead of producing plausible wrong effects.
+``model`` runs one per layer; ``blocks`` one per pass, joining with the pass's
+first layer and going through every block above (a row per layer was a tenth
+of a SmolLM2-135M trial's work; fast-vs-exact drift stayed 0.8-6.5e-6 on the
+zoo models, SmolLM2-135M and gemma3-270m either way).
 """
 
 from __future__ import annotations
@@ -89,21 +93,30 @@ BATCH_ROW_MULTIPLE = 4
 #: keeps the recorded states on the kernels the other steps use.
 CAPTURE_ROWS = BATCH_ROW_MULTIPLE
 
-#: Rows per output-head call in the ``blocks`` strategy: large enough for an
-#: efficient matrix product, small enough that the logits of one call (and their
-#: softmax) stay near ten megabytes for a 50k-token vocabulary.
-LM_HEAD_ROWS = 64
+#: Rows per output-head call in the ``blocks`` strategy, at most: large enough for an
+#: efficient matrix product, small enough that one call's logits stay near 30 megabytes
+#: for a 50k-token vocabulary. The rows are split into calls of equal size: on
+#: SmolLM2-135M's head (49k tokens, one core) a row cost 0.51 ms in a call of 44 rows,
+#: 0.36 ms in one of 128, 0.31-0.32 ms in one of 150-160 and 0.42 ms in one of 192.
+LM_HEAD_ROWS = 160
 
-#: Rows of the ``blocks`` strategy in flight at once are limited so that attention's
-#: keys and values over the prompt for all of them take at most this fraction of
-#: the model's weight memory (but at least PASS_MEMORY_FLOOR_BYTES); layers beyond
-#: the limit go into further passes. More rows per pass means fewer passes over
-#: the weights and larger, more efficient matrix products.
+#: Rows per target-probability call: each row's softmax is the same in any slice, and 16 rows of
+#: a 50k-token vocabulary (3 MB) stay in a core's caches through the softmax's passes over them
+#: (SmolLM2-135M, one core: 66 ms of target probabilities per trial in 128-row slices, 38 ms in
+#: 16-row ones, the same bits).
+SOFTMAX_ROWS = 16
+
+#: Rows of the ``blocks`` strategy in flight at once are limited so that what
+#: attention holds for all of them takes at most this fraction of the model's
+#: weight memory (but at least PASS_MEMORY_FLOOR_BYTES); layers beyond the limit
+#: go into further passes. More rows per pass means fewer passes over the weights
+#: and larger, more efficient matrix products.
 PASS_MEMORY_FRACTION = 1 / 8
 PASS_MEMORY_FLOOR_BYTES = 32 * 2**20
 #: ... and to at most this many rows: beyond a few hundred rows matrix products
-#: gain nothing more, while a large model's attention memory keeps growing.
-PASS_MAX_ROWS = 256
+#: gain nothing more, while a large model's attention memory keeps growing. (Every
+#: pass's first blocks run on few rows; SmolLM2-135M's 30 layers of 10 rows fit one.)
+PASS_MAX_ROWS = 320
 
 STRATEGIES = ("auto", "blocks", "model")
 
@@ -139,14 +152,18 @@ def check_clean_row(logits: torch.Tensor, clean_logits: torch.Tensor, layer: int
         )
 
 
-def layers_per_pass(lm, n_tokens: int, rows: int) -> int:
-    """How many layers' rows one pass of the ``blocks`` strategy carries (see PASS_MEMORY_FRACTION)."""
+def layers_per_pass(lm, n_tokens: int, rows: int, prefix_copies: bool = True) -> int:
+    """How many layers' rows one pass of the ``blocks`` strategy carries (see PASS_MEMORY_FRACTION).
+
+    With ``prefix_copies`` each row's attention holds keys and values over the whole prompt;
+    without, only its scores and weights over it (the shared-prefix attention reads one copy
+    of the prefix for all rows, :func:`~fvkit.fast.replay.BlockCalls.placeholders_everywhere`)."""
     dims = lm.dims
     param_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     budget = max(PASS_MEMORY_FLOOR_BYTES, int(param_bytes * PASS_MEMORY_FRACTION))
     item = next(lm.model.parameters()).element_size()
-    # Per row, attention holds keys and values over the prompt for every head, and their concatenation.
-    row_bytes = 4 * n_tokens * dims.n_heads * dims.head_dim * item
+    per_head = dims.head_dim if prefix_copies else 1
+    row_bytes = 4 * n_tokens * dims.n_heads * per_head * item
     return max(1, min(dims.n_layers, budget // (row_bytes * rows), PASS_MAX_ROWS // rows))
 
 
@@ -156,11 +173,13 @@ def _whole_blocks(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x[:1].expand(pad, *x.shape[1:])]) if pad else x
 
 
-def _run_pass(lm, calls, blocks, setup, mean_acts, first: int, last: int, group: int) -> torch.Tensor:
-    """Final hidden states (before the norm) of the rows of layers ``first..last-1``.
+def _run_pass(lm, calls, blocks, setup, mean_acts, first: int, last: int) -> torch.Tensor:
+    """Final hidden states (before the norm) of the pass's unpatched row, then one row per head of
+    each of layers ``first..last-1``.
 
     Layer ``L``'s rows join the batch at block ``L``, so nothing below a patched layer
-    is computed and every block above runs once for all of them.
+    is computed and every block above runs once for all of them. The unpatched row joins
+    with the first layer's.
     """
     dims, model, spec = lm.dims, lm.model, lm.spec
     hidden = None
@@ -168,11 +187,12 @@ def _run_pass(lm, calls, blocks, setup, mean_acts, first: int, last: int, group:
         edit = contextlib.nullcontext()
         if layer < last:
             clean = calls.hidden(layer)[:1]
-            clean = clean.expand(group, *clean.shape[1:])
+            joining = dims.n_heads + (layer == first)
+            clean = clean.expand(joining, *clean.shape[1:])
             # Under a device map the previous block may have run on another device.
             hidden = clean if hidden is None else torch.cat([hidden.to(clean.device), clean])
             patch = head_patch(mean_acts, layer, setup.last_slots, dims.n_heads, dims.head_dim,
-                               first_row=(layer - first) * group)
+                               first_row=1 + (layer - first) * dims.n_heads)
             edit = EditInput(adapters.resolve_out_proj(model, spec, layer), patch)
         n_rows = hidden.shape[0]
         with edit:
@@ -186,10 +206,9 @@ def blocks_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
     """``blocks`` strategy (see module docstring)."""
     dims, model, spec = lm.dims, lm.model, lm.spec
     n_layers, n_heads = dims.n_layers, dims.n_heads
-    group = n_heads + 1  # one row per head, then the unpatched row
+    group = n_heads + 1  # rows per layer for the memory budget: one per head, and a pass's unpatched row
     blocks = adapters.resolve_blocks(model, spec)
     norm, head = adapters.resolve_final_norm(model, spec), adapters.resolve_lm_head(model, spec)
-    step = layers_per_pass(lm, setup.inputs["input_ids"].shape[1], group)
     calls = None
     if model not in _PROMPT_CALLS_REFUSED:
         try:
@@ -201,24 +220,34 @@ def blocks_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
             clean_logits, cache = clean_prefix(model, setup.inputs, CAPTURE_ROWS, lm_head=head)
             calls = capture_last_token(model, blocks, setup.inputs, cache, CAPTURE_ROWS, lm_head=head)
             del cache  # the recorded calls keep what the replay needs
+        step = layers_per_pass(lm, setup.inputs["input_ids"].shape[1], group,
+                               prefix_copies=not calls.placeholders_everywhere())
         with calls.replaying():
-            finals = [norm(_run_pass(lm, calls, blocks, setup, mean_acts, first, min(first + step, n_layers), group))
+            finals = [norm(_run_pass(lm, calls, blocks, setup, mean_acts, first, min(first + step, n_layers)))
                       for first in range(0, n_layers, step)]
     except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as err:
         # A block that cannot be called on its own with its recorded arguments (other shapes,
         # state kept outside the cache): this model needs the whole-model strategy.
         raise ReplayUnsupported(f"replaying the decoder blocks one by one failed ({type(err).__name__}: {err})") from err
     states = torch.cat(finals)[:, -1, :]
+    # Each pass's rows: its unpatched row, then its layers' rows, a row per head.
+    sizes = [rows.shape[0] for rows in finals]
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
     probs = []
-    for lo in range(0, states.shape[0], LM_HEAD_ROWS):
-        chunk = states[lo:lo + LM_HEAD_ROWS]
+    n_calls = -(-states.shape[0] // LM_HEAD_ROWS)
+    per_call = -(-states.shape[0] // n_calls)  # calls of equal size, none above LM_HEAD_ROWS
+    for lo in range(0, states.shape[0], per_call):
+        chunk = states[lo:lo + per_call]
         logits = head(_whole_blocks(chunk))[:chunk.shape[0]]
-        for i in range(lo, lo + chunk.shape[0]):
-            if i % group == n_heads:  # the unpatched row of layer i // group
-                check_clean_row(logits[i - lo], clean_logits, i // group, "blocks")
-        probs.append(target_probs(logits, setup.target_id))
-    probs = torch.cat(probs).view(n_layers, group)
-    return effect(probs[:, :n_heads], probs[:, n_heads:]).to(torch.float32)  # stored as the exact path stores it
+        for k, start in enumerate(starts):
+            if lo <= start < lo + chunk.shape[0]:  # pass k's unpatched row, which joined at layer k * step
+                check_clean_row(logits[start - lo], clean_logits, k * step, "blocks")
+        # Row by row the same softmax; in slices the logits stay in the CPU's caches between its passes.
+        probs += [target_probs(logits[r:r + SOFTMAX_ROWS], setup.target_id)
+                  for r in range(0, logits.shape[0], SOFTMAX_ROWS)]
+    probs = torch.cat(probs)
+    effects = [effect(probs[start + 1:start + size].view(-1, n_heads), probs[start]) for start, size in zip(starts, sizes)]
+    return torch.cat(effects).to(torch.float32)  # stored as the exact path stores it
 
 
 def model_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:

@@ -46,8 +46,55 @@ from fvkit.models.tracer import BeforeCall, ReplaceMethod, Trace, first_tensor
 #: any longer prompt on both, and a shorter prompt reads all of its positions, so the
 #: last row's logits are the whole-prompt pass's bit for bit at a fraction of its cost.
 #: A re-run is checked against the whole-model pass once per model for prompts up to
-#: this length and once for longer ones (:func:`exact_rerun`).
+#: this length and once for longer ones (:func:`exact_rerun`). Shorter prompts: see
+#: SHORT_HEAD_POSITIONS.
 HEAD_POSITIONS = 16
+
+#: Positions the output head reads for a prompt shorter than HEAD_POSITIONS. On the
+#: AVX-512 machine above products of 2-15 rows share one kernel, which reads the weights
+#: again for every row: SmolLM2-135M's head on the last 2 of a zero-shot prompt's 7
+#: positions took 7 ms against 22 ms on all 7 (one core), the same bits. Which row counts
+#: round alike depends on the CPU and the matrix (some tiny models' heads on 2 of 7 rows
+#: round otherwise), so it is checked once per model and prompt length
+#: (:func:`check_short_head`); until then, and where it fails, a short prompt's head reads
+#: all of its positions.
+SHORT_HEAD_POSITIONS = 2
+
+#: model -> {prompt length: True once its head's last row on SHORT_HEAD_POSITIONS positions
+#: equalled the row on all of them, or why not}.
+_SHORT_HEAD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def head_positions(model, n_tokens: int) -> int:
+    """How many of an ``n_tokens`` prompt's last positions the output head reads when only the last
+    position's logits are used, so that they are the whole-prompt pass's bit for bit."""
+    if n_tokens >= HEAD_POSITIONS:
+        return HEAD_POSITIONS
+    if _SHORT_HEAD.get(model, {}).get(n_tokens) is True:
+        return min(SHORT_HEAD_POSITIONS, n_tokens)
+    return n_tokens
+
+
+def check_short_head(model, head, states: torch.Tensor) -> None:
+    """On a model's first short prompt of its length whose head input ``states`` (rows, all positions,
+    hidden) is at hand: does the head on its last SHORT_HEAD_POSITIONS positions give the last row's
+    logits that it gives on all of them? The answer sets :func:`head_positions` for later prompts."""
+    n_tokens = states.shape[-2]
+    checked = _SHORT_HEAD.setdefault(model, {})
+    if n_tokens in checked or not SHORT_HEAD_POSITIONS < n_tokens < HEAD_POSITIONS:
+        return
+    whole = head(states)[:, -1]
+    short = head(states[:, -SHORT_HEAD_POSITIONS:])[:, -1]
+    checked[n_tokens] = True if torch.equal(whole, short) else (
+        f"the output head on the last {SHORT_HEAD_POSITIONS} of {n_tokens} positions moved the last logits "
+        f"by {(whole - short).abs().max().item():.3g}")
+
+
+def short_head_refusal(model) -> "str | None":
+    """Why some short prompts of ``model`` have the head read all their positions (None when none do,
+    or no short prompt has been seen)."""
+    return next((r for r in _SHORT_HEAD.get(model, {}).values() if isinstance(r, str)), None)
+
 
 #: model -> why re-running from a block did not reproduce the whole-prompt pass
 #: (the model's near ties are then re-run through the whole model).
@@ -115,8 +162,11 @@ class PromptRecord(contextlib.AbstractContextManager):
                 call = self._calls[i]
                 hidden = first_tensor(call_with_hidden(self.blocks[i], call.args, call.kwargs, hidden))
         norm, head = adapters.resolve_final_norm(model, spec), adapters.resolve_lm_head(model, spec)
-        n = min(HEAD_POSITIONS, hidden.shape[1])
+        n_tokens = hidden.shape[1]
+        n = head_positions(model, n_tokens)
         states = norm(hidden[:, -n:])
+        if n == n_tokens:
+            check_short_head(model, head, states)
         return head(states)[:, -1, :].clone()
 
 

@@ -31,6 +31,7 @@ cache is never modified in place.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Optional
 
 import torch
@@ -88,15 +89,24 @@ def call_with_hidden(block, args, kwargs, hidden: torch.Tensor):
     return block(**{**kwargs, "hidden_states": hidden})
 
 
-def join_prefix(keys: torch.Tensor, values: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor):
-    """(keys, values) of every row: the one-row prefix ``keys``/``values`` followed by that row's new
-    ones, and the record the shared-prefix attention reads (:class:`~fvkit.fast.prefix_attention.JoinedRows`)."""
+def join_prefix(keys: torch.Tensor, values: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor,
+                placeholders: bool = False) -> JoinedRows:
+    """What a replaying update returns for its rows: the one-row prefix ``keys``/``values`` followed by
+    each row's new ones, as :class:`~fvkit.fast.prefix_attention.JoinedRows`. With ``placeholders`` the
+    joined copies are not built (the shared-prefix attention reads the prefix once and builds them only
+    where the model's own attention has to read them)."""
     n_rows = key_states.shape[0]
+    parts = [PrefixPart(0, n_rows, keys[0], values[0], 0)]
+    if placeholders:
+        return JoinedRows(parts, key_states, value_states, keys.shape[-2])
     joined = (torch.cat([keys.expand(n_rows, *keys.shape[1:]), key_states], dim=-2),
               torch.cat([values.expand(n_rows, *values.shape[1:]), value_states], dim=-2))
-    record = JoinedRows([PrefixPart(0, n_rows, keys[0], values[0], 0)], key_states, value_states, keys.shape[-2],
-                        *joined)
-    return joined, record
+    return JoinedRows(parts, key_states, value_states, keys.shape[-2], *joined)
+
+
+#: decoder blocks -> attention layers (``layer_idx``) seen reading a replay's joined keys and values
+#: through the shared-prefix attention; their later replays get placeholders instead of copies.
+_ATTENDING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _widen(value, capture_rows: int, n_rows: int):
@@ -135,6 +145,9 @@ class BlockCalls:
         #: read such keys (see fvkit.fast.prefix_attention).
         self.joined: Optional[JoinedRows] = None
         self.attended = 0
+        #: (layer_idx, placeholders handed out) of the replaying update in the block call under way.
+        self._updated: Optional[tuple] = None
+        self._attending = _ATTENDING.setdefault(blocks, set())
 
     def hidden(self, layer: int) -> torch.Tensor:
         args, kwargs = self.calls[layer]
@@ -145,7 +158,21 @@ class BlockCalls:
         n_rows = hidden.shape[0]
         args = args[:1] + _widen(tuple(args[1:]), self.capture_rows, n_rows)  # args[0] is replaced by ``hidden``
         kwargs = {k: _widen(v, self.capture_rows, n_rows) for k, v in kwargs.items()}
-        return call_with_hidden(blocks[layer], args, kwargs, hidden)
+        before, self._updated = self.attended, None
+        out = call_with_hidden(blocks[layer], args, kwargs, hidden)
+        if self._updated is not None:
+            layer_idx, placeholders = self._updated
+            if self.attended == before + 1:
+                self._attending.add(layer_idx)
+            elif placeholders:
+                raise ReplayUnsupported(f"attention layer {layer_idx} did not read its rows' keys through the "
+                                        f"shared-prefix attention, and they were placeholders")
+        return out
+
+    def placeholders_everywhere(self) -> bool:
+        """Whether every replayed attention layer has been seen reading the shared prefix, so that no
+        layer copies the prefix per row (what a pass's rows hold then, see the fast indirect effect)."""
+        return bool(self.prefix) and set(self.prefix) <= self._attending
 
     def _record(self, owner, n_new=None):
         """``owner.update`` keeping each layer's keys and values before the new ones (before the
@@ -166,8 +193,12 @@ class BlockCalls:
             if layer_idx not in self.prefix:
                 raise ReplayUnsupported(f"no clean keys/values were recorded for attention layer {layer_idx}")
             self.joined = None  # the previous layer's rows are not kept alive beside this layer's
-            joined, self.joined = join_prefix(*self.prefix[layer_idx], key_states, value_states)
-            return joined
+            # A layer not yet seen attending through the shared prefix gets real copies: an attention
+            # that bypasses it then still computes right, and call_block learns which it was.
+            placeholders = layer_idx in self._attending
+            self._updated = (layer_idx, placeholders)
+            self.joined = join_prefix(*self.prefix[layer_idx], key_states, value_states, placeholders)
+            return self.joined.keys, self.joined.values
 
         return update
 
