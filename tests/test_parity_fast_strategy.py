@@ -40,11 +40,31 @@ def test_the_block_replay_passes(one_trial):
 def test_a_stale_replay_row_fails_the_gate_instead_of_falling_back(one_trial, monkeypatch):
     lm, run = one_trial
     real = BlockCalls.hidden
-    # The mutation harness's stale_fast_row: the replay hands out the row recorded for the layer below.
-    monkeypatch.setattr(BlockCalls, "hidden", lambda self, layer: real(self, max(layer - 1, 0)))
+    # The replay hands out the row recorded for the layer above, the pass's unpatched row included.
+    last = lm.dims.n_layers - 1
+    monkeypatch.setattr(BlockCalls, "hidden", lambda self, layer: real(self, min(layer + 1, last)))
     run()  # the fallback still computes the effects...
     failures, row = fallback_check(lm)  # ...but the gate names the refusal
     assert row.status == "FAIL"
     (failure,) = failures
     assert "gave up its blocks replay and fell back to the whole-model strategy" in failure
     assert "the unpatched row's logits differ from the clean run's" in failure
+
+
+def test_a_stale_row_the_unpatched_row_does_not_see_moves_the_effects(one_trial, monkeypatch, zoo_model, antonym,
+                                                                     antonym_trials):
+    """The mutation harness's stale_fast_row hands each layer the row recorded for the layer below;
+    a pass's unpatched row joins at its first layer, where that is the right row, so no refusal is
+    made, and what catches it is M3's comparison of the effects: they move by their own size."""
+    from fvkit.fast.indirect_effect import FAST_VS_EXACT_REL_TOL, relative_drift
+    from fvkit.pipeline import indirect_effects
+
+    lm, run = one_trial
+    mean = mean_head_activations(lm, antonym, antonym_trials, max_trials=1, show_progress=False)
+    exact = indirect_effects(lm, antonym, antonym_trials, mean, max_trials=1, mode="exact", show_progress=False)[0]
+    assert relative_drift(run(), exact) <= FAST_VS_EXACT_REL_TOL
+    real = BlockCalls.hidden
+    monkeypatch.setattr(BlockCalls, "hidden", lambda self, layer: real(self, max(layer - 1, 0)))
+    stale = run()
+    assert fallback_check(lm)[1].status == "PASS"
+    assert relative_drift(stale, exact) > 100 * FAST_VS_EXACT_REL_TOL
