@@ -145,9 +145,17 @@ def near_tie(logits: torch.Tensor, target: int, bound: float) -> bool:
     return int(close.sum().item()) > 1
 
 
-def _last_positions(lm_head, n: int):
-    """Let the output head read only the last ``n`` positions of every row."""
-    return EditInput(lm_head, lambda x: x[:, -n:, :] if x.dim() == 3 else x)
+def _last_positions(lm_head, n: int, seen: Optional[list] = None):
+    """Let the output head read only the last ``n`` positions of every row (appending its whole
+    input to ``seen``, where given)."""
+    def cut(x):
+        if x.dim() != 3:
+            return x
+        if seen is not None:
+            seen.append(x)
+        return x[:, -n:, :]
+
+    return EditInput(lm_head, cut)
 
 
 def clean_pass(lm, inputs):
@@ -157,20 +165,12 @@ def clean_pass(lm, inputs):
     head = adapters.resolve_lm_head(model, lm.spec)
     n_tokens = inputs["input_ids"].shape[1]
     n = head_positions(model, n_tokens)
-    head_input = []
-
-    def last_positions(x):
-        if x.dim() != 3:
-            return x
-        if n == n_tokens:
-            head_input.append(x)  # all positions are read: the head's first short prompt is checked on them
-        return x[:, -n:, :]
-
-    with EditInput(head, last_positions), PromptRecord(lm) as record:
+    head_input = [] if n == n_tokens else None  # all positions read: a short prompt's head is checked on them
+    with _last_positions(head, n, seen=head_input), PromptRecord(lm) as record:
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=True)
-    if head_input:
-        check_short_head(model, head, head_input.pop())
     logits = last_position_logits(out)
+    if head_input:
+        check_short_head(model, head, head_input.pop(), logits)
     prefix = PrefixCache.from_output(output_cache(out), n_tokens)
     return logits, prefix, record
 

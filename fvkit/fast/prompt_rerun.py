@@ -75,16 +75,17 @@ def head_positions(model, n_tokens: int) -> int:
     return n_tokens
 
 
-def check_short_head(model, head, states: torch.Tensor) -> None:
+def check_short_head(model, head, states: torch.Tensor, last_logits: torch.Tensor) -> None:
     """On a model's first short prompt of its length whose head input ``states`` (rows, all positions,
-    hidden) is at hand: does the head on its last SHORT_HEAD_POSITIONS positions give the last row's
-    logits that it gives on all of them? The answer sets :func:`head_positions` for later prompts."""
+    hidden) and last-position logits on all of them are at hand: does the head on the last
+    SHORT_HEAD_POSITIONS positions give the same last row? The answer sets :func:`head_positions`
+    for later prompts."""
     n_tokens = states.shape[-2]
     checked = _SHORT_HEAD.setdefault(model, {})
     if n_tokens in checked or not SHORT_HEAD_POSITIONS < n_tokens < HEAD_POSITIONS:
         return
-    whole = head(states)[:, -1]
     short = head(states[:, -SHORT_HEAD_POSITIONS:])[:, -1]
+    whole = last_logits.reshape(short.shape)
     checked[n_tokens] = True if torch.equal(whole, short) else (
         f"the output head on the last {SHORT_HEAD_POSITIONS} of {n_tokens} positions moved the last logits "
         f"by {(whole - short).abs().max().item():.3g}")
@@ -165,9 +166,10 @@ class PromptRecord(contextlib.AbstractContextManager):
         n_tokens = hidden.shape[1]
         n = head_positions(model, n_tokens)
         states = norm(hidden[:, -n:])
+        logits = head(states)[:, -1, :]
         if n == n_tokens:
-            check_short_head(model, head, states)
-        return head(states)[:, -1, :].clone()
+            check_short_head(model, head, states, logits)
+        return logits.clone()
 
 
 def exact_rerun(lm, record: PromptRecord, inputs, layer: int, fv: torch.Tensor) -> torch.Tensor:
