@@ -30,13 +30,27 @@ def cpu_run(antonym, antonym_trials):
     return run_pipeline(load_model("tiny-llama"), antonym, antonym_trials, show_progress=False, **SETTINGS)
 
 
+#: Budgets that split tiny-llama (embedding and output head 5.1 MB each, blocks a few kB, 10.4 MB
+#: in all) between the GPU and offloaded memory. accelerate keeps room for the largest module on
+#: every device, so 10.3 MB on GPU 0 holds the embedding and block 0, and the rest goes to CPU
+#: memory (6 MB there) or to disk (100 kB there): maps read off accelerate's
+#: infer_auto_device_map. The offloaded modules, output head included, run on the GPU through
+#: accelerate's hooks, and the model's forward hands its outputs back on its input's device.
+SPLIT_MAX_MEMORY = {"cpu": {0: 10_300_000, "cpu": 6_000_000}, "disk": {0: 10_300_000, "cpu": 100_000}}
+
+
 @pytest.mark.parametrize("options", [
     dict(device="cuda"),
-    dict(device="cuda", device_map="auto", max_memory={0: 6_000_000, "cpu": 10**9}),
-], ids=["whole", "dispatched"])
+    dict(device="cuda", device_map="auto", max_memory=SPLIT_MAX_MEMORY["cpu"]),
+    dict(device="cuda", device_map="auto", max_memory=SPLIT_MAX_MEMORY["disk"]),
+], ids=["whole", "gpu_and_cpu", "gpu_and_disk"])
 def test_gpu_run_gives_the_cpu_numbers(cpu_run, antonym, antonym_trials, options, tmp_path):
     lm = load_model("tiny-llama", parity=False, offload_dir=str(tmp_path) if "device_map" in options else None,
                     **options)
+    if "device_map" in options:
+        placed = lm.model.hf_device_map
+        offloaded_to = "cpu" if options["max_memory"] is SPLIT_MAX_MEMORY["cpu"] else "disk"
+        assert placed.get("model.layers.0") in (0, "cuda:0") and placed.get("lm_head") == offloaded_to, placed
     ours = run_pipeline(lm, antonym, antonym_trials, show_progress=False, **SETTINGS)
     for field in ("mean_activations", "indirect_effect", "function_vector"):
         assert rel(getattr(ours, field), getattr(cpu_run, field)) <= GPU_VS_CPU_REL_TOL, field

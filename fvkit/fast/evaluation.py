@@ -301,7 +301,9 @@ def _read_rank(rerun, target, layer, edited, cached_clean, clean_logits, gap, ti
     if near_tie(edited, target, noise_bound(edited, gap)):
         n_ties += 1
         if ties == "rerun":
-            edited = rerun(layer)
+            # A dispatched model's re-run ends in the output head on its execution device; the
+            # clean logits came back from the model's forward, on its input's device.
+            edited = rerun(layer).to(clean_logits.device)
             reruns += 1
     return token_rank(edited, target), (edited - clean_logits).abs().max().item(), n_ties, reruns
 

@@ -85,7 +85,9 @@ def check_short_head(model, head, states: torch.Tensor, last_logits: torch.Tenso
     if n_tokens in checked or not SHORT_HEAD_POSITIONS < n_tokens < HEAD_POSITIONS:
         return
     short = head(states[:, -SHORT_HEAD_POSITIONS:])[:, -1]
-    whole = last_logits.reshape(short.shape)
+    # A dispatched model's forward hands its logits back on the input's device; the head's own
+    # call leaves them on its execution device. Moving a tensor keeps its bits.
+    whole = last_logits.reshape(short.shape).to(short.device)
     checked[n_tokens] = True if torch.equal(whole, short) else (
         f"the output head on the last {SHORT_HEAD_POSITIONS} of {n_tokens} positions moved the last logits "
         f"by {(whole - short).abs().max().item():.3g}")
