@@ -41,6 +41,8 @@ def test_bad_max_memory(text, message):
     (dict(offload_dir="/tmp/x"), "add --device-map auto"),
     (dict(device_map="everywhere"), "unknown --device-map 'everywhere'"),
     (dict(quant="3bit"), "unknown quant '3bit'"),
+    (dict(device_map="auto", max_memory=f"{torch.cuda.device_count()}=1GB,cpu=1GB"),
+     f"gives memory to GPU {torch.cuda.device_count()}, but "),
 ])
 def test_bad_placement_is_one_message(options, message):
     with pytest.raises(FvkitError, match=message):

@@ -118,6 +118,13 @@ class Placement:
         if self.device_map not in DEVICE_MAPS:
             raise FvkitError(f"unknown --device-map '{self.device_map}'; use one of {', '.join(DEVICE_MAPS)}")
         check_accelerate()
+        gpus = sorted(key for key in (self.max_memory or {}) if isinstance(key, int))
+        n_gpus = torch.cuda.device_count()
+        if gpus and gpus[-1] >= n_gpus:
+            raise FvkitError(f"--max-memory gives memory to GPU {gpus[-1]}, but this machine has "
+                             f"{n_gpus} CUDA GPU(s); name only GPUs 0..{n_gpus - 1}" if n_gpus else
+                             f"--max-memory gives memory to GPU {gpus[-1]}, but torch sees no CUDA GPU here; "
+                             f"give memory to cpu (and disk through --offload-dir) only")
         if self.offload_dir is not None:
             path = Path(self.offload_dir)
             if path.exists() and not path.is_dir():
