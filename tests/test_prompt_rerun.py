@@ -120,6 +120,123 @@ def test_a_head_that_rounds_otherwise_on_few_positions_keeps_reading_all(zoo_mod
         assert torch.equal(again.reshape(-1), lm.model(**inputs).logits[0, -1])
 
 
+@pytest.fixture
+def fresh_window_checks(monkeypatch):
+    """No model's last-positions re-run checked or refused yet, on one thread (as in the suite's
+    parity runs: which products round alike depends on how the rows are split between threads)."""
+    for name in ("_WINDOW_CHECKED", "_WINDOW_REFUSED", "_REFUSED", "_CHECKED"):
+        monkeypatch.setattr(prompt_rerun, name, type(getattr(prompt_rerun, name))())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def block_widths(monkeypatch, lm) -> list:
+    """The number of positions each decoder block call runs on."""
+    seen = []
+    for block in prompt_rerun.adapters.resolve_blocks(lm.model, lm.spec):
+        forward = block.forward
+        monkeypatch.setattr(block, "forward", lambda *a, forward=forward, **k:
+                            seen.append(first_hidden(a, k).shape[-2]) or forward(*a, **k))
+    return seen
+
+
+def first_hidden(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@pytest.mark.parametrize("alias", TINY_PARITY_MODELS)
+def test_a_long_prompts_rerun_on_its_last_positions_is_checked_once(alias, zoo_model, fresh_window_checks,
+                                                                     monkeypatch):
+    """A long prompt's near tie is re-run on its last positions (rerun_width) where the model's
+    first such re-run equalled the whole-prompt pass bit for bit; elsewhere it is refused with the
+    reason and all positions are re-run. Either way every answer is the whole-prompt pass's."""
+    lm = zoo_model(alias)
+    fv = vector(lm)
+    inputs = lm.tokenizer([LONG_PROMPT * 2], return_tensors="pt")
+    width = prompt_rerun.rerun_width(inputs["input_ids"].shape[1])
+    assert width is not None
+    with torch.no_grad():
+        _, _, record = clean_pass(lm, inputs)
+        first = prompt_rerun.exact_rerun(lm, record, inputs, 0, fv)
+        refusal = prompt_rerun.window_refusal(lm.model)
+        widths = block_widths(monkeypatch, lm)
+        later = [prompt_rerun.exact_rerun(lm, record, inputs, layer, fv) for layer in range(lm.dims.n_layers)]
+        widths = list(widths)   # the re-runs' own calls, before the whole-prompt passes below
+        for layer, got in enumerate([first] + later):
+            assert torch.equal(got, edited_logits(lm, inputs, max(layer - 1, 0), fv)), f"{alias} layer {layer}"
+    if refusal is None:
+        assert prompt_rerun._WINDOW_CHECKED[lm.model] is True
+        assert set(widths) == {width}
+    else:
+        assert "positions from layer 1" in refusal
+        assert width not in widths
+
+
+def test_last_positions_rerun_is_used_on_some_tiny_models_and_refused_on_others(zoo_model, fresh_window_checks):
+    """Both branches of the check are exercised by the tiny models: a block taking the mask
+    positionally (tiny-gpt2, under either transformers line) cannot be cut to the last positions;
+    tiny-llama's blocks run on them as on the whole prompt."""
+    outcome = {}
+    for alias in ("tiny-gpt2", "tiny-llama"):
+        lm = zoo_model(alias)
+        inputs = lm.tokenizer([LONG_PROMPT], return_tensors="pt")
+        with torch.no_grad():
+            _, _, record = clean_pass(lm, inputs)
+            prompt_rerun.exact_rerun(lm, record, inputs, 0, vector(lm))
+        outcome[alias] = prompt_rerun.window_refusal(lm.model)
+    assert "failed (ReplayUnsupported" in outcome["tiny-gpt2"] and outcome["tiny-llama"] is None, outcome
+
+
+def test_a_window_that_meets_the_elementwise_loops_otherwise_is_caught(zoo_model, fresh_window_checks,
+                                                                      monkeypatch):
+    """Why the window is aligned: on tiny-llama (53 MLP features) the last 16 of 52 positions give
+    the last row's SiLU other bits than the whole prompt's pass (the rows before it alike, so the
+    per-block comparison cannot see it); exact_rerun's first check against the whole-prompt pass
+    does, refuses the window and answers with the whole-prompt pass."""
+    lm = zoo_model("tiny-llama")
+    fv = vector(lm)
+    inputs = lm.tokenizer([LONG_PROMPT], return_tensors="pt")
+    n_tokens = inputs["input_ids"].shape[1]
+    assert (n_tokens - 16) % prompt_rerun.RERUN_ALIGN and prompt_rerun.rerun_width(n_tokens) != 16
+    with torch.no_grad():
+        _, _, record = clean_pass(lm, inputs)
+        unaligned = record.edited_logits(1, fv, width=16)
+        aligned = record.edited_logits(1, fv, width=prompt_rerun.rerun_width(n_tokens))
+        whole = edited_logits(lm, inputs, 1, fv)
+    assert torch.equal(aligned, whole)
+    assert not torch.equal(unaligned, whole)
+    monkeypatch.setattr(prompt_rerun, "rerun_width", lambda n: 16)
+    with torch.no_grad():
+        assert torch.equal(prompt_rerun.exact_rerun(lm, record, inputs, 1, fv), whole)
+    assert "re-running the last 16 positions from layer 2 moved the logits" in prompt_rerun.window_refusal(lm.model)
+
+
+def test_a_last_positions_rerun_on_the_wrong_keys_is_refused(zoo_model, fresh_window_checks, monkeypatch):
+    """A window update that hands the blocks the keys and values shifted by one position (the kind
+    of off-by-one that the window's cut invites) is refused on the first re-run: the window's rows
+    before the last no longer come out of block 1 as in the recorded pass. That re-run's answer is
+    the whole-prompt pass's, and the window is not used after."""
+    lm = zoo_model("tiny-neox")
+    fv = vector(lm)
+    inputs = lm.tokenizer([LONG_PROMPT], return_tensors="pt")
+    def shifted_update(self, before):
+        def update(key_states, value_states, layer_idx, *args, **kwargs):
+            keys, values = self._keys[layer_idx]
+            return (torch.cat([keys[..., 1:before + 1, :], key_states], dim=-2),
+                    torch.cat([values[..., 1:before + 1, :], value_states], dim=-2))
+        return update
+
+    monkeypatch.setattr(prompt_rerun.PromptRecord, "_window_update", shifted_update)
+    with torch.no_grad():
+        _, _, record = clean_pass(lm, inputs)
+        got = prompt_rerun.exact_rerun(lm, record, inputs, 0, fv)
+        assert torch.equal(got, edited_logits(lm, inputs, 0, fv))
+        assert "block 1 on the last" in prompt_rerun.window_refusal(lm.model)
+        assert torch.equal(prompt_rerun.exact_rerun(lm, record, inputs, 1, fv), edited_logits(lm, inputs, 1, fv))
+
+
 @pytest.mark.parametrize("alias", ("tiny-gpt2", "tiny-llama"))
 def test_residual_norms_from_the_evaluation_equal_a_separate_clean_pass(alias, zoo_model, antonym, antonym_trials):
     lm = zoo_model(alias)

@@ -30,7 +30,7 @@ import weakref
 
 import torch
 
-from fvkit.fast.replay import call_with_hidden, new_update_owners
+from fvkit.fast.replay import ReplayUnsupported, call_with_hidden, last_positions_call, new_update_owners
 from fvkit.method.intervene import edited_logits
 from fvkit.models import adapters
 from fvkit.models.placement import to_like
@@ -107,6 +107,37 @@ _REFUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+#: Positions (at least) a near tie's re-run carries through the blocks above the edit, for a
+#: prompt longer than that: the function vector changes no earlier position, so those keep the
+#: recorded pass's keys and values, and products of 16 or more rows round as the whole prompt's
+#: do (see HEAD_POSITIONS). Elementwise kernels (an activation, a norm) run their vector loop
+#: from the tensor's first element and the last few elements through a scalar loop, so the
+#: window also starts a multiple of RERUN_ALIGN positions into the prompt: every row then
+#: meets the loops as it does in the whole pass (tiny-llama's SiLU over 53 features gave the
+#: last row other bits on 16 of 52 positions, the same on 20). On SmolLM2-135M (one core, the
+#: layer sweep of present-past) the 49 shuffled-prompt near ties took 7.2 s on 16-47 positions
+#: against 10.4 s on all 98-100, the same bits.
+RERUN_POSITIONS = HEAD_POSITIONS
+#: Two AVX-512 vectors of float32, the stride of torch's vectorized elementwise loop.
+RERUN_ALIGN = 32
+
+
+def rerun_width(n_tokens: int) -> "int | None":
+    """Positions a near tie of an ``n_tokens`` prompt is re-run on (None: all of them).
+
+    Only on one thread: elementwise kernels split their work between threads by the tensor's
+    size, so with several a window's rows might meet other loop boundaries (not measured)."""
+    width = RERUN_POSITIONS + (n_tokens - RERUN_POSITIONS) % RERUN_ALIGN
+    return width if width < n_tokens and torch.get_num_threads() == 1 else None
+
+
+_RERUN_ERRORS = (ReplayUnsupported, RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError)
+#: model -> True once a re-run on the last positions (rerun_width) equalled the whole-prompt pass.
+_WINDOW_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+#: model -> why re-running the last positions only was refused.
+_WINDOW_REFUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 class PromptRecord(contextlib.AbstractContextManager):
     """Every block's output and call arguments in one whole-prompt pass.
 
@@ -123,13 +154,32 @@ class PromptRecord(contextlib.AbstractContextManager):
         self._stack = None
         self._calls: list = []
         self._outputs: list = []
+        #: layer_idx -> (keys, values) an attention layer's cache update returned in the pass
+        #: (references to the pass's own tensors, for re-runs on the last positions).
+        self._keys: dict = {}
+        self._key_owners: list = []
 
     def __enter__(self):
         with contextlib.ExitStack() as stack:
-            self._calls = [stack.enter_context(BeforeCall(b, retain=True)) for b in self.blocks]
+            self._calls = [stack.enter_context(BeforeCall(b, retain=True, on_call=self._keep_keys))
+                           for b in self.blocks]
             self._outputs = [stack.enter_context(Trace(self.lm.model, "", module=b)) for b in self.blocks]
             self._stack = stack.pop_all()
         return self
+
+    def _keep_keys(self, args, kwargs):
+        """Have every cache object a block is handed keep, per layer, the keys and values its update returns."""
+        for owner in new_update_owners(args, kwargs, self._key_owners):
+            self._key_owners.append(owner)
+            original = owner.update
+
+            def update(key_states, value_states, layer_idx, *rest, original=original, **kw):
+                keys, values = original(key_states, value_states, layer_idx, *rest, **kw)
+                self._keys[layer_idx] = (keys, values)
+                return keys, values
+
+            # Restored with the block hooks when the recorded pass's ``with`` ends.
+            self._stack.enter_context(ReplaceMethod(owner, "update", update))
 
     def __exit__(self, exc_type, exc, tb):
         self._stack.close()
@@ -144,29 +194,52 @@ class PromptRecord(contextlib.AbstractContextManager):
         """L2 norm of block ``layer``'s output at the last position (what the injection adds to)."""
         return self.output(layer)[0, -1].float().norm().item()
 
+    def _window_update(self, before: int):
+        def update(key_states, value_states, layer_idx, *args, **kwargs):
+            if layer_idx not in self._keys:
+                raise ReplayUnsupported(f"attention layer {layer_idx} kept no keys in the recorded pass")
+            keys, values = self._keys[layer_idx]
+            return (torch.cat([keys[..., :before, :], key_states], dim=-2),
+                    torch.cat([values[..., :before, :], value_states], dim=-2))
+        return update
+
     def _owners(self) -> list:
         owners = []
         for call in self._calls:
             owners += new_update_owners(call.args, call.kwargs, owners)
         return owners
 
-    def edited_logits(self, layer: int, vec: torch.Tensor) -> torch.Tensor:
-        """(1, vocabulary) logits at the last position with ``vec`` added to block ``layer``'s output."""
+    def edited_logits(self, layer: int, vec: torch.Tensor, width: "int | None" = None) -> torch.Tensor:
+        """(1, vocabulary) logits at the last position with ``vec`` added to block ``layer``'s output.
+
+        With ``width``, blocks ``layer+1..`` run on the last ``width`` positions only, on top of
+        the recorded pass's keys and values of the others (the vector changes no earlier position).
+        """
         model, spec = self.lm.model, self.lm.spec
-        hidden = self.output(layer).clone()
+        n_tokens = self.output(layer).shape[1]
+        width = n_tokens if width is None else min(width, n_tokens)
+        hidden = self.output(layer).clone()[:, n_tokens - width:]
         hidden[:, -1] += to_like(vec.reshape(1, -1), hidden)
         with contextlib.ExitStack() as stack:
             # In the recorded pass every attention layer's cache started empty, so its update
             # returned the new keys and values themselves; the re-run must see exactly those
-            # and leave the cache (which later steps use) as it is.
+            # (the recorded ones of the positions before the window, then the window's own) and
+            # leave the cache (which later steps use) as it is.
+            update = (lambda k, v, *args, **kwargs: (k, v)) if width == n_tokens else self._window_update(n_tokens - width)
             for owner in self._owners():
-                stack.enter_context(ReplaceMethod(owner, "update", lambda k, v, *args, **kwargs: (k, v)))
+                stack.enter_context(ReplaceMethod(owner, "update", update))
             for i in range(layer + 1, len(self.blocks)):
                 call = self._calls[i]
-                hidden = first_tensor(call_with_hidden(self.blocks[i], call.args, call.kwargs, hidden))
+                args, kwargs = (call.args, call.kwargs) if width == n_tokens else \
+                    last_positions_call(call.args, call.kwargs, n_tokens, 1, width=width)
+                hidden = first_tensor(call_with_hidden(self.blocks[i], args, kwargs, hidden))
+                if width < n_tokens and not torch.equal(hidden[:, :-1], self.output(i)[:, n_tokens - width:-1]):
+                    # The vector changes only the last position: the window's other rows must come out
+                    # as the recorded pass computed them, or its products round otherwise.
+                    raise ReplayUnsupported(f"block {i} on the last {width} positions gave the positions before "
+                                            f"the last other numbers than the whole prompt's pass")
         norm, head = adapters.resolve_final_norm(model, spec), adapters.resolve_lm_head(model, spec)
-        n_tokens = hidden.shape[1]
-        n = head_positions(model, n_tokens)
+        n = min(head_positions(model, n_tokens), width)
         states = norm(hidden[:, -n:])
         logits = head(states)[:, -1, :]
         if n == n_tokens:
@@ -184,9 +257,26 @@ def exact_rerun(lm, record: PromptRecord, inputs, layer: int, fv: torch.Tensor) 
     if model in _REFUSED:
         return edited_logits(lm, inputs, layer, fv)
     vec = fv.reshape(lm.dims.hidden_size)
+    width = rerun_width(inputs["input_ids"].shape[1])
+    if width is not None and model not in _WINDOW_REFUSED:
+        try:
+            fast = record.edited_logits(layer, vec, width=width)
+        except _RERUN_ERRORS as err:
+            _WINDOW_REFUSED[model] = (f"re-running the last {width} positions from layer {layer + 1} "
+                                      f"failed ({type(err).__name__}: {err})")
+        else:
+            if model in _WINDOW_CHECKED:
+                return fast
+            whole = edited_logits(lm, inputs, layer, fv)
+            if torch.equal(fast, whole.to(fast.device)):
+                _WINDOW_CHECKED[model] = True
+            else:
+                _WINDOW_REFUSED[model] = (f"re-running the last {width} positions from layer {layer + 1} "
+                                          f"moved the logits by {(fast - whole.to(fast.device)).abs().max().item():.3g}")
+            return whole
     try:
         fast = record.edited_logits(layer, vec)
-    except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as err:
+    except _RERUN_ERRORS as err:
         _REFUSED[model] = f"re-running the blocks from layer {layer + 1} failed ({type(err).__name__}: {err})"
         return edited_logits(lm, inputs, layer, fv)
     length_class = inputs["input_ids"].shape[1] > HEAD_POSITIONS
@@ -204,3 +294,9 @@ def exact_rerun(lm, record: PromptRecord, inputs, layer: int, fv: torch.Tensor) 
 def rerun_refusal(model) -> "str | None":
     """Why near ties of ``model`` are re-run through the whole model (None when they are not)."""
     return _REFUSED.get(model)
+
+
+def window_refusal(model) -> "str | None":
+    """Why near ties of ``model``'s long prompts are re-run on all positions (None when they are not,
+    or no long prompt's near tie has been re-run)."""
+    return _WINDOW_REFUSED.get(model)

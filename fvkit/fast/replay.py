@@ -278,7 +278,7 @@ def prompt_block_calls(model, blocks, inputs, n_rows: int, lm_head: Optional[tor
         raise ReplayUnsupported("the blocks did not each run once with their keys in one cache object")
     if any(k.shape[-2] != n_tokens - 1 for k, _ in rec.prefix.values()):
         raise ReplayUnsupported("a layer's cache did not hold the prompt's positions")
-    rec.calls = [_last_position_call(args, kwargs, n_tokens, n_rows) for args, kwargs in whole]
+    rec.calls = [last_positions_call(args, kwargs, n_tokens, n_rows) for args, kwargs in whole]
     return out.logits[0, -1, :], rec
 
 
@@ -288,20 +288,22 @@ _POSITION_ARGS = {"hidden_states": (-2, True), "attention_mask": (-2, True), "po
                   "cache_position": (-1, False)}
 
 
-def _last_position_call(args, kwargs, n_tokens: int, n_rows: int) -> tuple:
+def last_positions_call(args, kwargs, n_tokens: int, n_rows: int, width: int = 1) -> tuple:
+    """A block call on the whole prompt cut to its last ``width`` query positions, in ``n_rows`` rows."""
     def cut(name, value):
         if isinstance(value, torch.Tensor) and name in _POSITION_ARGS:
             axis, batched = _POSITION_ARGS[name]
             if value.shape[axis] == n_tokens and (not batched or value.shape[0] == 1):
-                last = value.narrow(axis, n_tokens - 1, 1).clone()   # not a view of the prompt's tensor
+                last = value.narrow(axis, n_tokens - width, width).clone()   # not a view of the prompt's tensor
                 return last.expand(n_rows, *last.shape[1:]) if batched else last
         if name.startswith("position_embeddings") and isinstance(value, tuple) and all(
                 isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0] == 1 and t.shape[-2] == n_tokens
                 for t in value):
-            return tuple(t[..., -1:, :].clone().expand(n_rows, *t.shape[1:-2], 1, t.shape[-1]) for t in value)
+            return tuple(t[..., -width:, :].clone().expand(n_rows, *t.shape[1:-2], width, t.shape[-1])
+                         for t in value)
         if _spans(value, n_tokens):
             raise ReplayUnsupported(f"block argument '{name}' spans the prompt's positions in a way the "
-                                    f"last token's call cannot be cut from")
+                                    f"last positions' call cannot be cut from")
         return value
 
     if args and any(_spans(a, n_tokens) for a in args[1:]):
