@@ -160,17 +160,17 @@ def test_the_last_tokens_calls_come_from_the_prompts_pass(prepared, antonym, ant
 
 def test_a_wrong_position_cut_from_the_prompts_pass_is_refused(prepared, antonym, antonym_trials, monkeypatch):
     lm, mean, _ = prepared("tiny-llama")
-    right = kv_replay._last_position_call
+    right = kv_replay.last_positions_call
 
-    def second_to_last(args, kwargs, n_tokens, n_rows):  # the hidden state of the token before the last
+    def second_to_last(args, kwargs, n_tokens, n_rows, width=1):  # the hidden state of the token before the last
         kwargs = dict(kwargs)
         if args:
             args = (args[0].roll(1, dims=1),) + tuple(args[1:])
         else:
             kwargs["hidden_states"] = kwargs["hidden_states"].roll(1, dims=1)
-        return right(args, kwargs, n_tokens, n_rows)
+        return right(args, kwargs, n_tokens, n_rows, width)
 
-    monkeypatch.setattr(kv_replay, "_last_position_call", second_to_last)
+    monkeypatch.setattr(kv_replay, "last_positions_call", second_to_last)
     monkeypatch.setattr(fast, "_PROMPT_CALLS_REFUSED", fast.weakref.WeakKeyDictionary())
     with pytest.raises(ReplayUnsupported, match="unpatched row"):
         fast_trial(lm, first_setup(lm, antonym, antonym_trials), mean, strategy="blocks")
