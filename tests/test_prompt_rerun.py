@@ -155,7 +155,7 @@ def test_a_long_prompts_rerun_on_its_last_positions_is_checked_once(alias, zoo_m
     lm = zoo_model(alias)
     fv = vector(lm)
     inputs = lm.tokenizer([LONG_PROMPT * 2], return_tensors="pt")
-    width = prompt_rerun.rerun_width(inputs["input_ids"].shape[1])
+    width = prompt_rerun.rerun_width(inputs["input_ids"].shape[1], prompt_rerun.adapters.resolve_blocks(lm.model, lm.spec))
     assert width is not None
     with torch.no_grad():
         _, _, record = clean_pass(lm, inputs)
@@ -207,7 +207,7 @@ def test_a_window_that_meets_the_elementwise_loops_otherwise_is_caught(zoo_model
         whole = edited_logits(lm, inputs, 1, fv)
     assert torch.equal(aligned, whole)
     assert not torch.equal(unaligned, whole)
-    monkeypatch.setattr(prompt_rerun, "rerun_width", lambda n: 16)
+    monkeypatch.setattr(prompt_rerun, "rerun_width", lambda n, blocks=None: 16)
     with torch.no_grad():
         assert torch.equal(prompt_rerun.exact_rerun(lm, record, inputs, 1, fv), whole)
     assert "re-running the last 16 positions from layer 2 moved the logits" in prompt_rerun.window_refusal(lm.model)
@@ -287,3 +287,14 @@ def test_on_smollm2_a_long_prompts_clean_logits_and_rerun_equal_the_whole_prompt
         clean, _, record = clean_pass(lm, inputs)
         assert torch.equal(clean.reshape(-1), lm.model(**inputs).logits[0, -1])
         assert torch.equal(record.edited_logits(20, fv), edited_logits(lm, inputs, 20, fv))
+        # Its features are multiples of RERUN_ALIGN: near ties re-run on the last 16 positions
+        # (on one thread), the same bits at every layer checked here.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            width = prompt_rerun.rerun_width(inputs["input_ids"].shape[1], record.blocks)
+            assert width == prompt_rerun.RERUN_POSITIONS
+            for layer in (0, 9, 20, 28):
+                assert torch.equal(record.edited_logits(layer, fv, width=width), edited_logits(lm, inputs, layer, fv))
+        finally:
+            torch.set_num_threads(threads)

@@ -111,23 +111,37 @@ _CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 #: prompt longer than that: the function vector changes no earlier position, so those keep the
 #: recorded pass's keys and values, and products of 16 or more rows round as the whole prompt's
 #: do (see HEAD_POSITIONS). Elementwise kernels (an activation, a norm) run their vector loop
-#: from the tensor's first element and the last few elements through a scalar loop, so the
-#: window also starts a multiple of RERUN_ALIGN positions into the prompt: every row then
-#: meets the loops as it does in the whole pass (tiny-llama's SiLU over 53 features gave the
-#: last row other bits on 16 of 52 positions, the same on 20). On SmolLM2-135M (one core, the
-#: layer sweep of present-past) the 49 shuffled-prompt near ties took 7.2 s on 16-47 positions
-#: against 10.4 s on all 98-100, the same bits.
+#: from the tensor's first element and the last few elements through a scalar loop: where a
+#: block has a feature count that is not a multiple of RERUN_ALIGN, the window also starts a
+#: multiple of RERUN_ALIGN positions into the prompt, so that every row meets the loops as it
+#: does in the whole pass (tiny-llama's SiLU over 53 features gave the last row other bits on
+#: 16 of 52 positions, the same on 20). On SmolLM2-135M (one core, the layer sweep of
+#: present-past) the 49 shuffled-prompt near ties took 5.7 s on the last 16 positions against
+#: 10.4 s on all 98-100, the same bits.
 RERUN_POSITIONS = HEAD_POSITIONS
 #: Two AVX-512 vectors of float32, the stride of torch's vectorized elementwise loop.
 RERUN_ALIGN = 32
 
+#: decoder blocks -> whether every linear layer of the first has feature counts that are
+#: multiples of RERUN_ALIGN.
+_ALIGNED_FEATURES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
-def rerun_width(n_tokens: int) -> "int | None":
-    """Positions a near tie of an ``n_tokens`` prompt is re-run on (None: all of them).
+
+def _aligned_features(blocks) -> bool:
+    if blocks not in _ALIGNED_FEATURES:
+        sizes = [n for m in blocks[0].modules() if isinstance(m, torch.nn.Linear) for n in (m.in_features, m.out_features)]
+        _ALIGNED_FEATURES[blocks] = bool(sizes) and all(n % RERUN_ALIGN == 0 for n in sizes)
+    return _ALIGNED_FEATURES[blocks]
+
+
+def rerun_width(n_tokens: int, blocks=None) -> "int | None":
+    """Positions a near tie of an ``n_tokens`` prompt is re-run on (None: all of them); ``blocks``,
+    the model's decoder blocks, allow the shortest window where their features are aligned.
 
     Only on one thread: elementwise kernels split their work between threads by the tensor's
     size, so with several a window's rows might meet other loop boundaries (not measured)."""
-    width = RERUN_POSITIONS + (n_tokens - RERUN_POSITIONS) % RERUN_ALIGN
+    aligned = blocks is not None and _aligned_features(blocks)
+    width = RERUN_POSITIONS + (0 if aligned else (n_tokens - RERUN_POSITIONS) % RERUN_ALIGN)
     return width if width < n_tokens and torch.get_num_threads() == 1 else None
 
 
@@ -257,7 +271,7 @@ def exact_rerun(lm, record: PromptRecord, inputs, layer: int, fv: torch.Tensor) 
     if model in _REFUSED:
         return edited_logits(lm, inputs, layer, fv)
     vec = fv.reshape(lm.dims.hidden_size)
-    width = rerun_width(inputs["input_ids"].shape[1])
+    width = rerun_width(inputs["input_ids"].shape[1], record.blocks)
     if width is not None and model not in _WINDOW_REFUSED:
         try:
             fast = record.edited_logits(layer, vec, width=width)
