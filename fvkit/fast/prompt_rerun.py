@@ -197,6 +197,10 @@ class PromptRecord(contextlib.AbstractContextManager):
 
     def __exit__(self, exc_type, exc, tb):
         self._stack.close()
+        # The block hooks' callback is this record's method: without this, record and hooks
+        # would form a cycle that keeps a prompt's tensors alive until the cyclic collector runs.
+        for call in self._calls:
+            call.on_call = None
         return False
 
     def output(self, layer: int) -> torch.Tensor:
