@@ -236,7 +236,7 @@ class PromptRecord(contextlib.AbstractContextManager):
         model, spec = self.lm.model, self.lm.spec
         n_tokens = self.output(layer).shape[1]
         width = n_tokens if width is None else min(width, n_tokens)
-        hidden = self.output(layer).clone()[:, n_tokens - width:]
+        hidden = self.output(layer)[:, n_tokens - width:].clone()   # the window's rows only
         hidden[:, -1] += to_like(vec.reshape(1, -1), hidden)
         with contextlib.ExitStack() as stack:
             # In the recorded pass every attention layer's cache started empty, so its update
@@ -265,47 +265,58 @@ class PromptRecord(contextlib.AbstractContextManager):
         return logits.clone()
 
 
+def _against_whole_pass(fast: torch.Tensor, whole: torch.Tensor, what: str) -> "str | None":
+    """None where a re-run's logits equal the whole-model pass's bit for bit, else why ``what`` is refused."""
+    whole = whole.to(fast.device)
+    if torch.equal(fast, whole):
+        return None
+    return f"{what} moved the logits by {(fast - whole).abs().max().item():.3g}"
+
+
 def exact_rerun(lm, record: PromptRecord, inputs, layer: int, fv: torch.Tensor) -> torch.Tensor:
     """``edited_logits(lm, inputs, layer, fv)``, from the record where it gives the same numbers.
 
     A model's first call for a prompt up to HEAD_POSITIONS tokens long, and its first for
     a longer one, check the record's numbers against the whole-model pass and keep the
-    answer: equal bit for bit, or the whole model is used from then on."""
+    answer: equal bit for bit, or the whole model is used from then on. Before that, a long
+    prompt's re-run on its last positions (:func:`rerun_width`) is checked the same way on the
+    model's first one, and refused for good where it differs."""
     model = lm.model
     if model in _REFUSED:
         return edited_logits(lm, inputs, layer, fv)
     vec = fv.reshape(lm.dims.hidden_size)
     width = rerun_width(inputs["input_ids"].shape[1], record.blocks)
     if width is not None and model not in _WINDOW_REFUSED:
+        what = f"re-running the last {width} positions from layer {layer + 1}"
         try:
             fast = record.edited_logits(layer, vec, width=width)
         except _RERUN_ERRORS as err:
-            _WINDOW_REFUSED[model] = (f"re-running the last {width} positions from layer {layer + 1} "
-                                      f"failed ({type(err).__name__}: {err})")
+            _WINDOW_REFUSED[model] = f"{what} failed ({type(err).__name__}: {err})"
         else:
             if model in _WINDOW_CHECKED:
                 return fast
             whole = edited_logits(lm, inputs, layer, fv)
-            if torch.equal(fast, whole.to(fast.device)):
+            refusal = _against_whole_pass(fast, whole, what)
+            if refusal is None:
                 _WINDOW_CHECKED[model] = True
             else:
-                _WINDOW_REFUSED[model] = (f"re-running the last {width} positions from layer {layer + 1} "
-                                          f"moved the logits by {(fast - whole.to(fast.device)).abs().max().item():.3g}")
+                _WINDOW_REFUSED[model] = refusal
             return whole
+    what = f"re-running the blocks from layer {layer + 1}"
     try:
         fast = record.edited_logits(layer, vec)
     except _RERUN_ERRORS as err:
-        _REFUSED[model] = f"re-running the blocks from layer {layer + 1} failed ({type(err).__name__}: {err})"
+        _REFUSED[model] = f"{what} failed ({type(err).__name__}: {err})"
         return edited_logits(lm, inputs, layer, fv)
     length_class = inputs["input_ids"].shape[1] > HEAD_POSITIONS
     if length_class in _CHECKED.get(model, ()):
         return fast
     whole = edited_logits(lm, inputs, layer, fv)
-    if torch.equal(fast, whole.to(fast.device)):
+    refusal = _against_whole_pass(fast, whole, what)
+    if refusal is None:
         _CHECKED.setdefault(model, set()).add(length_class)
     else:
-        drift = (fast - whole.to(fast.device)).abs().max().item()
-        _REFUSED[model] = f"re-running the blocks from layer {layer + 1} moved the logits by {drift:.3g}"
+        _REFUSED[model] = refusal
     return whole
 
 
