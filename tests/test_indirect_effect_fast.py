@@ -8,6 +8,7 @@ import torch
 
 import fvkit.fast.indirect_effect as fast
 import fvkit.fast.cache as kv_cache
+import fvkit.fast.merged_pass as merged_pass
 import fvkit.fast.replay as kv_replay
 from fvkit.method.activations import mean_head_activations
 from fvkit.errors import FvkitError
@@ -18,6 +19,8 @@ from fvkit.fast.indirect_effect import FAST_VS_EXACT_REL_TOL, batch_rows, fast_t
 from fvkit.fast.replay import ReplayUnsupported
 from fvkit.method.prompts import DEFAULT_TEMPLATE
 from fvkit.method.token_labels import dummy_token_labels
+from fvkit.models import adapters
+from fvkit.models.tracer import BeforeCall, first_tensor, replace_first_tensor
 from fvkit.models.zoo import ZOO
 
 #: Every tiny zoo model: one per architecture, plus Gemma with n_heads*head_dim != hidden.
@@ -86,6 +89,95 @@ FLOAT64_REL_TOL = 1e-7
 
 
 # GPT-J is left out: its attention computes in float32 whatever the model's dtype.
+#: Architectures whose blocks the merged pass cannot extend in some supported release: GPT-2's
+#: blocks take the attention mask positionally (5.x) and its eager function gets no ``scaling``
+#: (4.49); transformers 4.49 hands GPT-J's blocks their hidden state by keyword.
+MERGED_MAY_REFUSE = {"tiny-gpt2", "tiny-gptj"}
+
+
+def o_proj_widths(lm, layer: int = 0) -> "tuple[BeforeCall, list]":
+    """A hook listing how many positions each call of an out-projection received."""
+    widths = []
+    hook = BeforeCall(adapters.resolve_out_proj(lm.model, lm.spec, layer),
+                      on_call=lambda args, kwargs: widths.append(args[0].shape[-2]))
+    return hook, widths
+
+
+@pytest.mark.parametrize("alias", TINY)
+def test_rows_carried_in_the_prompts_pass_give_the_exact_effects(prepared, antonym, antonym_trials, monkeypatch,
+                                                                 alias):
+    """The ``merged`` strategy multiplies the prompt's positions and the rows together in every
+    block and gives the exact path's effects; where it cannot extend a block it is refused with
+    the reason, and ``auto`` computes the same effects with ``blocks``."""
+    lm, mean, exact = prepared(alias)
+    monkeypatch.setattr(fast, "_MERGED_REFUSED", fast.weakref.WeakKeyDictionary())
+    setup = first_setup(lm, antonym, antonym_trials)
+    n_tokens = setup.inputs["input_ids"].shape[1]
+    hook, widths = o_proj_widths(lm)
+    try:
+        with hook:
+            ie = fast_trial(lm, setup, mean, strategy="merged")
+    except ReplayUnsupported as err:
+        assert alias in MERGED_MAY_REFUSE, f"{alias}: the merged pass was refused: {err}"
+        ie = fast_trial(lm, setup, mean)
+        assert fast.merged_refusal(lm.model) == str(err)
+    else:
+        # The first call is the merged pass: the prompt, the unpatched row and layer 0's rows, padded.
+        assert widths[0] >= n_tokens + 1 + lm.dims.n_heads, (widths, n_tokens)
+    drift = relative_drift(ie, exact[0])
+    assert drift <= FAST_VS_EXACT_REL_TOL, f"{alias}: {drift:.2e} of the largest |IE|"
+
+
+def test_a_model_that_mixes_positions_outside_attention_is_refused(prepared, antonym, antonym_trials, monkeypatch):
+    """Rows carried as positions would change the prompt's own computation in a model whose blocks
+    mix positions elsewhere than in attention; the first merged pass of a model is compared with a
+    pass without rows, which shows it."""
+    lm, mean, _ = prepared("tiny-llama")
+    monkeypatch.setattr(fast, "_MERGED_CHECKED", fast.weakref.WeakKeyDictionary())
+    block = adapters.resolve_blocks(lm.model, lm.spec)[0]
+
+    def mix(module, args, output):  # adds a tenth of the mean over positions
+        hidden = first_tensor(output)
+        return replace_first_tensor(output, hidden + 0.1 * hidden.mean(dim=1, keepdim=True))
+
+    handle = block.register_forward_hook(mix)
+    try:
+        with pytest.raises(ReplayUnsupported, match="mixes positions outside attention"):
+            fast_trial(lm, first_setup(lm, antonym, antonym_trials), mean, strategy="merged")
+    finally:
+        handle.remove()
+
+
+def test_rows_given_another_position_are_refused(prepared, antonym, antonym_trials, monkeypatch):
+    """Rows extended with the second-to-last position's rotary embedding and ids compute another
+    token; the unpatched row's logits show it."""
+    lm, mean, _ = prepared("tiny-llama")
+
+    def second_to_last(t, axis, r):
+        shape = list(t.shape)
+        shape[axis] = r
+        return torch.cat([t, t.narrow(axis, t.shape[axis] - 2, 1).expand(*shape)], dim=axis)
+
+    monkeypatch.setattr(merged_pass, "_repeat_last", second_to_last)
+    with pytest.raises(ReplayUnsupported, match="unpatched row"):
+        fast_trial(lm, first_setup(lm, antonym, antonym_trials), mean, strategy="merged")
+
+
+def test_a_block_whose_attention_bypasses_the_merged_function_is_refused(prepared, antonym, antonym_trials,
+                                                                          monkeypatch):
+    """Attention that does not go through the replaced eager function would treat the rows as later
+    prompt positions; the pass is refused, and ``auto`` uses ``blocks``."""
+    lm, mean, exact = prepared("tiny-llama")
+    monkeypatch.setattr(merged_pass, "modeling_modules", lambda blocks: [])
+    monkeypatch.setattr(fast, "_MERGED_REFUSED", fast.weakref.WeakKeyDictionary())
+    setup = first_setup(lm, antonym, antonym_trials)
+    with pytest.raises(ReplayUnsupported):
+        fast_trial(lm, setup, mean, strategy="merged")
+    ie = fast_trial(lm, setup, mean)
+    assert fast.merged_refusal(lm.model) is not None
+    assert relative_drift(ie, exact[0]) <= FAST_VS_EXACT_REL_TOL
+
+
 @pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-llama", "tiny-neox", "tiny-gemma-hd"])
 def test_in_float64_fast_equals_exact(prepared, antonym, antonym_trials, alias):
     lm, mean, _ = prepared(alias)
@@ -189,12 +281,15 @@ def test_a_prefix_cut_short_in_the_prompts_pass_falls_back_to_a_capture(prepared
 
 
 def count_joins(monkeypatch) -> dict:
-    """How many replayed attention calls got the prefix copied per row, and how many placeholders."""
-    counts = {"copies": 0, "placeholders": 0}
+    """How many replayed attention calls got the prefix copied per row (and for how many rows each),
+    and how many placeholders."""
+    counts = {"copies": 0, "placeholders": 0, "copied_rows": set()}
     join = kv_replay.join_prefix
 
     def counted(keys, values, key_states, value_states, placeholders=False):
         counts["placeholders" if placeholders else "copies"] += 1
+        if not placeholders:
+            counts["copied_rows"].add(key_states.shape[0])
         return join(keys, values, key_states, value_states, placeholders)
 
     monkeypatch.setattr(kv_replay, "join_prefix", counted)
@@ -204,20 +299,26 @@ def count_joins(monkeypatch) -> dict:
 @pytest.mark.parametrize("alias", ["tiny-llama", "tiny-gemma", "tiny-neox"])
 def test_rows_get_no_prefix_copies_once_every_layer_was_seen_attending(prepared, antonym, antonym_trials,
                                                                       monkeypatch, alias):
-    """A layer's first replay hands its attention real copies of the prefix (and learns that the
-    shared-prefix attention read them); from then on it hands placeholders, and the effects stay
-    the exact path's."""
+    """Before a model's first replay, every block is called once on a few rows with real copies of
+    the prefix (and learns that the shared-prefix attention read them); the trial's own rows, and
+    every later trial's, get placeholders in one pass, and the effects stay the exact path's."""
     lm, mean, exact = prepared(alias)
     blocks = fast.adapters.resolve_blocks(lm.model, lm.spec)
     monkeypatch.setattr(kv_replay, "_ATTENDING", kv_replay.weakref.WeakKeyDictionary())
+    monkeypatch.setattr(kv_replay, "_PROBED", kv_replay.weakref.WeakKeyDictionary())
     counts = count_joins(monkeypatch)
+    passes = []
+    run_pass = fast._run_pass
+    monkeypatch.setattr(fast, "_run_pass", lambda *a: passes.append(a[-2:]) or run_pass(*a))
     setup = first_setup(lm, antonym, antonym_trials)
     first = fast_trial(lm, setup, mean, strategy="blocks")
-    assert counts["copies"] >= lm.dims.n_layers, counts
+    assert counts["copies"] == lm.dims.n_layers and counts["copied_rows"] == {fast.CAPTURE_ROWS}, counts
+    assert counts["placeholders"] >= lm.dims.n_layers, counts
     assert kv_replay._ATTENDING[blocks] == set(range(lm.dims.n_layers))
+    assert passes == [(0, lm.dims.n_layers)], "the first trial's rows did not go in one pass"
     counts.update(copies=0, placeholders=0)
     second = fast_trial(lm, setup, mean, strategy="blocks")
-    assert counts == {"copies": 0, "placeholders": counts["placeholders"]} and counts["placeholders"] >= lm.dims.n_layers
+    assert counts["copies"] == 0 and counts["placeholders"] >= lm.dims.n_layers, counts
     for ie in (first, second):
         drift = relative_drift(ie, exact[0])
         assert drift <= FAST_VS_EXACT_REL_TOL, f"{alias}: {drift:.2e} of the largest |IE|"
@@ -259,13 +360,14 @@ def test_a_cache_of_the_wrong_length_is_refused(prepared, antonym, antonym_trial
     drop_last = kv_cache.drop_last
     monkeypatch.setattr(kv_cache, "drop_last", lambda cache, n: drop_last(cache, n + 1))
     with pytest.raises(FvkitError, match="positions after dropping the last"):
-        fast_trial(lm, first_setup(lm, antonym, antonym_trials), mean)
+        fast_trial(lm, first_setup(lm, antonym, antonym_trials), mean, strategy="blocks")
 
 
 def test_auto_falls_back_when_the_forward_does_more_than_its_blocks(prepared, antonym, antonym_trials, monkeypatch):
     lm, mean, _ = prepared("tiny-olmo")
     setup = first_setup(lm, antonym, antonym_trials)
     monkeypatch.setattr(fast, "_BLOCKS_REFUSED", fast.weakref.WeakKeyDictionary())
+    monkeypatch.setattr(fast, "_MERGED_REFUSED", fast.weakref.WeakKeyDictionary())
 
     def soft_cap(module, args, output):  # logit soft-capping after the output head, as Gemma 2 does
         output.logits = 5.0 * torch.tanh(output.logits / 5.0)
@@ -278,7 +380,7 @@ def test_auto_falls_back_when_the_forward_does_more_than_its_blocks(prepared, an
             fast_trial(lm, setup, mean, strategy="blocks")
         with pytest.warns(UserWarning, match="whole model"):
             first = fast_trial(lm, setup, mean)
-        assert lm.model in fast._BLOCKS_REFUSED
+        assert lm.model in fast._BLOCKS_REFUSED and "unpatched row" in fast.merged_refusal(lm.model)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # decided once per model
             again = fast_trial(lm, setup, mean)

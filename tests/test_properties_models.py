@@ -110,7 +110,7 @@ def random_trials(n_shots: int, seed: int):
 
 
 @given(alias=st.sampled_from(TINY), n_shots=st.integers(1, 5), seed=st.integers(0, 10_000),
-       scale=st.sampled_from([0.5, 1.0, 2.0]), strategy=st.sampled_from(["blocks", "model"]))
+       scale=st.sampled_from([0.5, 1.0, 2.0]), strategy=st.sampled_from(["auto", "blocks", "model"]))
 def test_replayed_last_token_equals_a_full_forward(zoo_model, alias, n_shots, seed, scale, strategy):
     """Random prompts (trials drawn with a random seed and shot count) and random head
     values: the key/value replay of the last token gives the exact path's effects."""

@@ -190,13 +190,39 @@ def _wrong_separator():
     DEFAULT_TEMPLATE.separators["output"] = "\n"
 
 
+def _blocks_replay_only():
+    """The fast path's ``auto`` strategy goes straight to the block replay, as it does for a model
+    whose blocks the merged pass cannot extend (not a fault: where the next one lives)."""
+    import fvkit.fast.indirect_effect as fast
+
+    def merged_trial(lm, setup, mean_acts):
+        raise fast.ReplayUnsupported("the mutation harness runs the block replay")
+    fast.merged_trial = merged_trial
+
+
 def _stale_fast_row():
+    _blocks_replay_only()
+
     def make(original):
         def hidden(self, layer):
             # FAULT: the fast path's replay hands out the row recorded for the layer below.
             return original(self, max(layer - 1, 0))
         return hidden
     replace_method("fvkit.fast.replay", "BlockCalls", "hidden", make)
+
+
+def _stale_merged_row():
+    import fvkit.fast.merged_pass as merged_pass
+
+    def make(original):
+        def extend_argument(name, value, n, r):
+            if name.startswith("position_embeddings") and isinstance(value, tuple):
+                # FAULT: the rows get the rotary embedding of the prompt's first position, not its last.
+                return tuple(merged_pass.torch.cat([t, t.narrow(-2, 0, 1).expand(*t.shape[:-2], r, t.shape[-1])], dim=-2)
+                             for t in value)
+            return original(name, value, n, r)
+        return extend_argument
+    replace("fvkit.fast.merged_pass", "extend_argument", make)
 
 
 def _stale_model_cache():
@@ -314,8 +340,10 @@ FAULTS = {f.name: f for f in (
           _top_heads_ascending),
     Fault("labels_unshuffled", "fixed trials", "shuffled-label stages left unshuffled", _labels_unshuffled),
     Fault("wrong_separator", "prompts", "output separator '\\n' instead of '\\n\\n'", _wrong_separator),
-    Fault("stale_fast_row", "fast indirect effect", "fast path replays the layer below's recorded row",
+    Fault("stale_fast_row", "fast indirect effect", "block replay hands each layer the layer below's recorded row",
           _stale_fast_row),
+    Fault("stale_merged_row", "fast indirect effect", "merged pass gives its rows the first position's rotary embedding",
+          _stale_merged_row),
     Fault("stale_model_cache", "fast indirect effect", "whole-model fast path reuses the previous step's cache row",
           _stale_model_cache),
     Fault("norm_skipped_in_decoding", "vocabulary decoding", "final norm skipped when decoding the vector",

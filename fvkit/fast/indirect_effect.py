@@ -10,8 +10,12 @@ taken once from the clean run (:mod:`fvkit.fast.replay`) and only the last token
 is computed again, for all heads of a layer at once: batch row ``h`` patches
 head ``h``, and the row after the last head stays unpatched.
 
-Two strategies compute the same numbers:
+Three strategies compute the same numbers:
 
+* ``merged``: the rows ride in the prompt's own pass, as positions after the
+  prompt's (:mod:`fvkit.fast.merged_pass`): each block multiplies the prompt's
+  positions and the rows that reached it in one product, so each layer's weights
+  are read once per trial. A layer's rows join at its block, as below.
 * ``blocks``: the decoder blocks are called one by one, as the model called
   them for the last token, followed by the spec's final norm and output head.
   A layer's rows join the batch at that layer's block, so nothing below a
@@ -24,9 +28,14 @@ Two strategies compute the same numbers:
 * ``model``: the last token goes through the model's own ``forward`` once per
   layer, on the cached prefix. Slower, but it assumes nothing beyond the cache.
 
-``auto`` uses ``blocks`` unless a model's forward does more than its blocks,
-final norm and head (it is then refused on the first trial and ``model`` is
-used for that model from then on).
+``auto`` uses ``merged`` unless a model's blocks or attention cannot be extended
+to the rows (GPT-2's blocks take their mask positionally) or one pass would hold
+more rows than the memory budget allows; it is then refused for that model and
+``blocks`` used. ``blocks`` in turn is refused where a model's forward does more
+than its blocks, final norm and head, and ``model`` used. Measured on
+SmolLM2-135M (one core, three runs each): ``merged`` 7.3-7.5 s for the ten
+trials of present-past, ``blocks`` 8.1-8.4 s, the same effects to 1.7e-6 of the
+largest.
 
 The unpatched row does two jobs. Its probabilities are the baseline each
 effect is measured against, so rounding that the single-token path adds is
@@ -53,6 +62,7 @@ from fvkit.errors import FvkitError
 from fvkit.method.head_effect import check_patch_fired, effect, head_patch, target_probs
 from fvkit.fast.cache import drop_last, is_cache_object
 from fvkit.fast.relative_drift import relative_drift  # noqa: F401  (this module's agreement measure)
+from fvkit.fast.merged_pass import merged_rows, prompt_logits
 from fvkit.fast.replay import (ReplayUnsupported, capture_last_token, clean_prefix, last_token_inputs,
                                prompt_block_calls)
 from fvkit.models.tracer import EditInput, first_tensor
@@ -118,11 +128,17 @@ PASS_MEMORY_FLOOR_BYTES = 32 * 2**20
 #: pass's first blocks run on few rows; SmolLM2-135M's 30 layers of 10 rows fit one.)
 PASS_MAX_ROWS = 320
 
-STRATEGIES = ("auto", "blocks", "model")
+STRATEGIES = ("auto", "merged", "blocks", "model")
 
 #: model -> why its blocks' last-token calls cannot be cut from the whole-prompt pass
 #: (:func:`~fvkit.fast.replay.prompt_block_calls`); a capture pass records them instead.
 _PROMPT_CALLS_REFUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+#: model -> the ReplayUnsupported that made ``auto`` give up the ``merged`` strategy (it then uses ``blocks``).
+_MERGED_REFUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+#: models whose prompt logits from a merged pass were seen equal to a pass's without rows.
+_MERGED_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 #: model -> why the ``blocks`` strategy does not fit it (``auto`` then uses ``model``).
 _BLOCKS_REFUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -220,15 +236,56 @@ def blocks_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
             clean_logits, cache = clean_prefix(model, setup.inputs, CAPTURE_ROWS, lm_head=head)
             calls = capture_last_token(model, blocks, setup.inputs, cache, CAPTURE_ROWS, lm_head=head)
             del cache  # the recorded calls keep what the replay needs
-        step = layers_per_pass(lm, setup.inputs["input_ids"].shape[1], group,
-                               prefix_copies=not calls.placeholders_everywhere())
         with calls.replaying():
+            calls.learn_attending()
+            step = layers_per_pass(lm, setup.inputs["input_ids"].shape[1], group,
+                                   prefix_copies=not calls.placeholders_everywhere())
             finals = [norm(_run_pass(lm, calls, blocks, setup, mean_acts, first, min(first + step, n_layers)))
                       for first in range(0, n_layers, step)]
     except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as err:
         # A block that cannot be called on its own with its recorded arguments (other shapes,
         # state kept outside the cache): this model needs the whole-model strategy.
         raise ReplayUnsupported(f"replaying the decoder blocks one by one failed ({type(err).__name__}: {err})") from err
+    return _effects(lm, setup, finals, clean_logits, step, "blocks")
+
+
+def merged_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
+    """``merged`` strategy (see module docstring and :mod:`fvkit.fast.merged_pass`)."""
+    dims, model, spec = lm.dims, lm.model, lm.spec
+    norm, head = adapters.resolve_final_norm(model, spec), adapters.resolve_lm_head(model, spec)
+    n_tokens = setup.inputs["input_ids"].shape[1]
+    if layers_per_pass(lm, n_tokens, dims.n_heads + 1, prefix_copies=False) < dims.n_layers:
+        raise ReplayUnsupported("one pass cannot carry every layer's rows within the memory budget")
+    try:
+        clean_logits, rows, edits = merged_rows(lm, setup, mean_acts, head, BATCH_ROW_MULTIPLE)
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as err:
+        raise ReplayUnsupported(f"carrying the rows in the prompt's pass failed ({type(err).__name__}: {err})") from err
+    for layer, edit in enumerate(edits):
+        check_patch_fired(edit, lm, layer)
+    try:
+        if model not in _MERGED_CHECKED:
+            drift, allowed = clean_row_drift(clean_logits, prompt_logits(model, setup.inputs, head))
+            if not drift <= allowed:
+                raise ReplayUnsupported(f"with the rows carried along, the prompt's logits differ from its pass alone "
+                                        f"by {drift:.2e} of their scale (allowed {allowed:.1e}): the model mixes "
+                                        f"positions outside attention")
+            _MERGED_CHECKED[model] = True
+        return _effects(lm, setup, [norm(rows[0].unsqueeze(1))], clean_logits, dims.n_layers, "merged")
+    except ReplayUnsupported as err:
+        raise RowsDisagree(str(err)) from None
+
+
+class RowsDisagree(ReplayUnsupported):
+    """The merged pass ran, but did not reproduce a pass without rows: its unpatched row's logits,
+    or the prompt's own, are not the clean run's. Unlike a block it cannot extend, this may be a
+    fault of fvkit's own, which the ``blocks`` fallback's right numbers would hide (see the parity
+    suite's gate M3)."""
+
+
+def _effects(lm, setup, finals: list, clean_logits: torch.Tensor, step: int, strategy: str) -> torch.Tensor:
+    """(n_layers, n_heads) effects from each pass's final rows after the norm (``(rows, 1, hidden)``:
+    its unpatched row, then a row per head of each of its ``step`` layers)."""
+    head, n_heads = adapters.resolve_lm_head(lm.model, lm.spec), lm.dims.n_heads
     states = torch.cat(finals)[:, -1, :]
     # Each pass's rows: its unpatched row, then its layers' rows, a row per head.
     sizes = [rows.shape[0] for rows in finals]
@@ -241,9 +298,9 @@ def blocks_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
         logits = head(_whole_blocks(chunk))[:chunk.shape[0]]
         for k, start in enumerate(starts):
             if lo <= start < lo + chunk.shape[0]:  # pass k's unpatched row, which joined at layer k * step
-                check_clean_row(logits[start - lo], clean_logits, k * step, "blocks")
+                check_clean_row(logits[start - lo], clean_logits, k * step, strategy)
         # Row by row the same softmax; in slices the logits stay in the CPU's caches between its passes.
-        probs += [target_probs(logits[r:r + SOFTMAX_ROWS], setup.target_id)
+        probs += [target_probs(logits[r:r + SOFTMAX_ROWS], setup.target_id, overwrite=True)
                   for r in range(0, logits.shape[0], SOFTMAX_ROWS)]
     probs = torch.cat(probs)
     effects = [effect(probs[start + 1:start + size].view(-1, n_heads), probs[start]) for start, size in zip(starts, sizes)]
@@ -276,6 +333,19 @@ def model_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
     return effects
 
 
+def merged_refusal(model) -> "str | None":
+    """Why ``auto`` gave up the ``merged`` strategy for ``model`` (None when it did not)."""
+    err = _MERGED_REFUSED.get(model)
+    return None if err is None else str(err)
+
+
+def merged_disagreement(model) -> "str | None":
+    """Why ``auto`` gave up the ``merged`` strategy for ``model`` when the pass ran but did not reproduce
+    the clean run (:class:`RowsDisagree`); None when it was not given up, or for a block it cannot extend."""
+    err = _MERGED_REFUSED.get(model)
+    return str(err) if isinstance(err, RowsDisagree) else None
+
+
 def blocks_refusal(model) -> "str | None":
     """Why ``auto`` gave up the ``blocks`` strategy for ``model`` and used ``model`` instead
     (None when it did not). The parity suite fails on it (gate M3): a block replay that
@@ -290,14 +360,33 @@ def fast_trial(lm, setup, mean_acts: torch.Tensor, strategy: str = "auto") -> to
         raise FvkitError(f"unknown fast indirect-effect strategy '{strategy}'; use one of {', '.join(STRATEGIES)}")
     if not setup.last_slots:
         return torch.zeros(lm.dims.n_layers, lm.dims.n_heads)  # nothing is patched, nothing changes
-    with torch.no_grad():
-        if strategy == "model" or (strategy == "auto" and lm.model in _BLOCKS_REFUSED):
-            return model_trial(lm, setup, mean_acts)
+    # Nothing a trial makes outlives it but its effects, so none of its tensors needs autograd's
+    # version counters (2.4% of a SmolLM2-135M trial, the same bits); the effects are cloned
+    # outside, into an ordinary tensor the caller may change in place.
+    with torch.inference_mode():
+        effects = _strategy_trial(lm, setup, mean_acts, strategy)
+    return effects.clone()
+
+
+def _strategy_trial(lm, setup, mean_acts: torch.Tensor, strategy: str) -> torch.Tensor:
+    if strategy in ("auto", "merged") and lm.model not in _MERGED_REFUSED:
         try:
-            return blocks_trial(lm, setup, mean_acts)
+            return merged_trial(lm, setup, mean_acts)
         except ReplayUnsupported as err:
-            if strategy == "blocks":
+            if strategy == "merged":
                 raise
-            _BLOCKS_REFUSED[lm.model] = str(err)
-            warnings.warn(f"{err}; recomputing the last token through the whole model instead", stacklevel=2)
-            return model_trial(lm, setup, mean_acts)
+            # A slower strategy computes the same (see merged_refusal). A copy without the traceback,
+            # whose frames would keep the failed pass's tensors alive as long as the model.
+            _MERGED_REFUSED[lm.model] = type(err)(str(err))
+    if strategy == "merged":
+        raise _MERGED_REFUSED[lm.model]
+    if strategy == "model" or (strategy == "auto" and lm.model in _BLOCKS_REFUSED):
+        return model_trial(lm, setup, mean_acts)
+    try:
+        return blocks_trial(lm, setup, mean_acts)
+    except ReplayUnsupported as err:
+        if strategy == "blocks":
+            raise
+        _BLOCKS_REFUSED[lm.model] = str(err)
+        warnings.warn(f"{err}; recomputing the last token through the whole model instead", stacklevel=3)
+        return model_trial(lm, setup, mean_acts)

@@ -108,6 +108,9 @@ def join_prefix(keys: torch.Tensor, values: torch.Tensor, key_states: torch.Tens
 #: through the shared-prefix attention; their later replays get placeholders instead of copies.
 _ATTENDING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
+#: decoder blocks -> indices of the blocks :meth:`BlockCalls.learn_attending` has called.
+_PROBED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
 
 def _widen(value, capture_rows: int, n_rows: int):
     """``value`` with every batch-sized tensor (leading dim ``capture_rows``) widened to ``n_rows`` rows.
@@ -168,6 +171,27 @@ class BlockCalls:
                 raise ReplayUnsupported(f"attention layer {layer_idx} did not read its rows' keys through the "
                                         f"shared-prefix attention, and they were placeholders")
         return out
+
+    def learn_attending(self) -> int:
+        """Call every block not called so before once, on ``capture_rows`` rows, so that each layer
+        learns whether its attention reads the shared prefix before the replay's own rows reach it.
+
+        Without this a layer's first replay handed every row its own copy of the prefix; a pass
+        of a few hundred such rows needs a tenth of the weights' memory, so a model's first trial
+        ran in several passes (SmolLM2-135M: five, 0.4 s more than the trials after it). These
+        calls copy the prefix for a few rows only, and their outputs are dropped. The rows are the
+        clean inputs of different blocks, so that the shared-prefix attention's first-call check
+        (:mod:`fvkit.fast.prefix_attention`) compares rows that differ. Returns how many blocks it called.
+        """
+        probed = _PROBED.setdefault(self.blocks, set())
+        todo = [layer for layer in range(len(self.blocks)) if layer not in probed]
+        for layer in todo:
+            own = self.hidden(layer)
+            # Under a device map each block's input lives where that block runs.
+            rows = [self.hidden((layer - k) % len(self.blocks))[:1].to(own.device) for k in range(self.capture_rows)]
+            self.call_block(self.blocks, layer, torch.cat(rows))
+            probed.add(layer)
+        return len(todo)
 
     def placeholders_everywhere(self) -> bool:
         """Whether every replayed attention layer has been seen reading the shared prefix, so that no
@@ -301,23 +325,23 @@ def last_positions_call(args, kwargs, n_tokens: int, n_rows: int, width: int = 1
                 for t in value):
             return tuple(t[..., -width:, :].clone().expand(n_rows, *t.shape[1:-2], width, t.shape[-1])
                          for t in value)
-        if _spans(value, n_tokens):
+        if spans_positions(value, n_tokens):
             raise ReplayUnsupported(f"block argument '{name}' spans the prompt's positions in a way the "
                                     f"last positions' call cannot be cut from")
         return value
 
-    if args and any(_spans(a, n_tokens) for a in args[1:]):
+    if args and any(spans_positions(a, n_tokens) for a in args[1:]):
         raise ReplayUnsupported("a block takes position-sized arguments positionally")
     new_args = (cut("hidden_states", args[0]),) + tuple(args[1:]) if args else ()
     return new_args, {name: cut(name, value) for name, value in kwargs.items()}
 
 
-def _spans(value, n_tokens: int) -> bool:
+def spans_positions(value, n_tokens: int) -> bool:
     """A tensor (or a tuple, list or dict holding one) with an axis as long as the prompt."""
     if isinstance(value, torch.Tensor):
         return n_tokens in value.shape
     if isinstance(value, (tuple, list)):
-        return any(_spans(v, n_tokens) for v in value)
+        return any(spans_positions(v, n_tokens) for v in value)
     if isinstance(value, dict):
-        return any(_spans(v, n_tokens) for v in value.values())
+        return any(spans_positions(v, n_tokens) for v in value.values())
     return False

@@ -55,10 +55,14 @@ def head_patch(mean_acts: torch.Tensor, layer: int, slots: Sequence[int], n_head
 SOFTMAX_FLOOR = 80.0
 
 
-def target_probs(logits: torch.Tensor, target_id: int) -> torch.Tensor:
-    """Probability of the target answer's first token, from last-token logits (``(vocab,)`` or ``(rows, vocab)``)."""
+def target_probs(logits: torch.Tensor, target_id: int, overwrite: bool = False) -> torch.Tensor:
+    """Probability of the target answer's first token, from last-token logits (``(vocab,)`` or ``(rows, vocab)``).
+
+    With ``overwrite`` the logits are raised to the floor in place (the same bits, without a copy
+    of them: a caller that has no further use for its logits)."""
     floor = logits.amax(dim=-1, keepdim=True) - SOFTMAX_FLOOR
-    return torch.softmax(torch.maximum(logits, floor), dim=-1)[..., target_id]
+    raised = torch.maximum(logits, floor, out=logits) if overwrite else torch.maximum(logits, floor)
+    return torch.softmax(raised, dim=-1)[..., target_id]
 
 
 def effect(patched: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:

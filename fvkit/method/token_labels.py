@@ -37,13 +37,14 @@ OUTPUT_SEPARATOR_POS = 5
 def extend_labels(groups: list, tokenizer, label_init: Optional[list] = None) -> list:
     labels = list(label_init or [])
     text = ""
+    n_tokens = len(tokenizer.tokenize(text))  # of ``text``, which only grows: each prefix is tokenized once
     for group in groups:
         for pos, (part, label) in enumerate(group):
             if not part:
                 continue
-            before = len(tokenizer.tokenize(text))
             text += part
-            added = len(tokenizer.tokenize(text)) - before
+            before, n_tokens = n_tokens, len(tokenizer.tokenize(text))
+            added = n_tokens - before
             if added == 0:
                 labels[-1] = label
             labels.extend([label] * added)

@@ -181,14 +181,16 @@ class BeforeCall(contextlib.AbstractContextManager):
     ``on_call(args, kwargs)`` runs first on every call (it may raise to stop the
     pass). ``edit_input(x)`` receives the first positional input and returns the
     tensor to use instead, so the module's own forward (weights, bias, layout)
-    computes the output. ``retain`` keeps the latest call's inputs as passed
-    (not copied).
+    computes the output; ``edit_call(args, kwargs)`` returns the ``(args, kwargs)``
+    to call with instead, for edits that span several arguments. ``retain`` keeps
+    the latest call's inputs as passed (not copied).
     """
 
     def __init__(self, module: torch.nn.Module, *, edit_input: Optional[Callable] = None,
-                 on_call: Optional[Callable] = None, retain: bool = False):
+                 on_call: Optional[Callable] = None, retain: bool = False, edit_call: Optional[Callable] = None):
         self.module = module
         self.edit_input = edit_input
+        self.edit_call = edit_call
         self.on_call = on_call
         self.retain = retain
         self.args = None
@@ -203,8 +205,10 @@ class BeforeCall(contextlib.AbstractContextManager):
         if self.retain:
             self.args, self.kwargs = args, dict(kwargs)
         if self.edit_input is not None:
-            return (self.edit_input(args[0]), *args[1:]), kwargs
-        return None
+            args = (self.edit_input(args[0]), *args[1:])
+        if self.edit_call is not None:
+            args, kwargs = self.edit_call(args, dict(kwargs))
+        return (args, kwargs) if self.edit_input is not None or self.edit_call is not None else None
 
     def __enter__(self):
         self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
