@@ -249,6 +249,13 @@ def blocks_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
     return _effects(lm, setup, finals, clean_logits, step, "blocks")
 
 
+class RowsDisagree(ReplayUnsupported):
+    """The merged pass ran, but did not reproduce a pass without rows: its unpatched row's logits,
+    or the prompt's own, are not the clean run's. Unlike a block it cannot extend, this may be a
+    fault of fvkit's own, which the ``blocks`` fallback's right numbers would hide (see the parity
+    suite's gate M3)."""
+
+
 def merged_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
     """``merged`` strategy (see module docstring and :mod:`fvkit.fast.merged_pass`)."""
     dims, model, spec = lm.dims, lm.model, lm.spec
@@ -273,13 +280,6 @@ def merged_trial(lm, setup, mean_acts: torch.Tensor) -> torch.Tensor:
         return _effects(lm, setup, [norm(rows[0].unsqueeze(1))], clean_logits, dims.n_layers, "merged")
     except ReplayUnsupported as err:
         raise RowsDisagree(str(err)) from None
-
-
-class RowsDisagree(ReplayUnsupported):
-    """The merged pass ran, but did not reproduce a pass without rows: its unpatched row's logits,
-    or the prompt's own, are not the clean run's. Unlike a block it cannot extend, this may be a
-    fault of fvkit's own, which the ``blocks`` fallback's right numbers would hide (see the parity
-    suite's gate M3)."""
 
 
 def _effects(lm, setup, finals: list, clean_logits: torch.Tensor, step: int, strategy: str) -> torch.Tensor:
@@ -379,7 +379,8 @@ def _strategy_trial(lm, setup, mean_acts: torch.Tensor, strategy: str) -> torch.
             # whose frames would keep the failed pass's tensors alive as long as the model.
             _MERGED_REFUSED[lm.model] = type(err)(str(err))
     if strategy == "merged":
-        raise _MERGED_REFUSED[lm.model]
+        refused = _MERGED_REFUSED[lm.model]
+        raise type(refused)(str(refused))  # a fresh one: raising the stored one would give it a traceback
     if strategy == "model" or (strategy == "auto" and lm.model in _BLOCKS_REFUSED):
         return model_trial(lm, setup, mean_acts)
     try:

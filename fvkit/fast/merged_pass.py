@@ -39,7 +39,7 @@ import torch
 
 from fvkit.fast.prefix_attention import (CHECKED_DTYPES, EAGER_FUNCTION, UNSUPPORTED_KWARGS, modeling_modules,
                                          shared_prefix_attention)
-from fvkit.fast.replay import ReplayUnsupported, last_position_only, spans_positions
+from fvkit.fast.replay import ReplayUnsupported, is_position_embeddings, last_position_only, spans_positions
 from fvkit.method.head_effect import head_patch
 from fvkit.models import adapters
 from fvkit.models.tracer import BeforeCall, EditInput, ReplaceMethod, Trace, first_tensor, replace_first_tensor
@@ -61,8 +61,7 @@ def extend_argument(name: str, value, n: int, r: int):
         return value  # read by the merged attention for the prompt's positions and, last row, for the rows
     if isinstance(value, torch.Tensor) and name in _POSITION_ARGS and value.shape[_POSITION_ARGS[name]] == n:
         return _repeat_last(value, _POSITION_ARGS[name], r)
-    if name.startswith("position_embeddings") and isinstance(value, tuple) and all(
-            isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-2] == n for t in value):
+    if is_position_embeddings(name, value, n):
         return tuple(_repeat_last(t, -2, r) for t in value)
     if spans_positions(value, n):
         raise ReplayUnsupported(f"block argument '{name}' spans the prompt's positions in a way the merged "
@@ -118,6 +117,8 @@ def merged_rows(lm, setup, mean_acts: torch.Tensor, head, row_multiple: int) -> 
             if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[1] != n:
                 raise ReplayUnsupported(f"block {layer} got hidden states of shape {tuple(hidden.shape)}, "
                                         f"not the prompt's (1, {n}, ...)")
+            if any(spans_positions(a, n) for a in args[1:]):
+                raise ReplayUnsupported(f"block {layer} takes position-sized arguments positionally")
             last = hidden[:, n - 1:n]
             joining = last.expand(1, dims.n_heads + (layer == 0), last.shape[-1])
             rows = joining if state.rows is None else torch.cat([state.rows.to(hidden.device), joining], dim=1)
@@ -126,8 +127,6 @@ def merged_rows(lm, setup, mean_acts: torch.Tensor, head, row_multiple: int) -> 
             if pad:
                 rows = torch.cat([rows, last.expand(1, pad, last.shape[-1])], dim=1)
             r = state.rows_in_block = rows.shape[1]
-            if any(spans_positions(a, n) for a in args[1:]):
-                raise ReplayUnsupported(f"block {layer} takes position-sized arguments positionally")
             return (torch.cat([hidden, rows], dim=1), *args[1:]), {k: extend_argument(k, v, n, r) for k, v in kwargs.items()}
         return edit
 

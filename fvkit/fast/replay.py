@@ -172,7 +172,7 @@ class BlockCalls:
                                         f"shared-prefix attention, and they were placeholders")
         return out
 
-    def learn_attending(self) -> int:
+    def learn_attending(self) -> None:
         """Call every block not called so before once, on ``capture_rows`` rows, so that each layer
         learns whether its attention reads the shared prefix before the replay's own rows reach it.
 
@@ -181,7 +181,7 @@ class BlockCalls:
         ran in several passes (SmolLM2-135M: five, 0.4 s more than the trials after it). These
         calls copy the prefix for a few rows only, and their outputs are dropped. The rows are the
         clean inputs of different blocks, so that the shared-prefix attention's first-call check
-        (:mod:`fvkit.fast.prefix_attention`) compares rows that differ. Returns how many blocks it called.
+        (:mod:`fvkit.fast.prefix_attention`) compares rows that differ.
         """
         probed = _PROBED.setdefault(self.blocks, set())
         todo = [layer for layer in range(len(self.blocks)) if layer not in probed]
@@ -191,7 +191,6 @@ class BlockCalls:
             rows = [self.hidden((layer - k) % len(self.blocks))[:1].to(own.device) for k in range(self.capture_rows)]
             self.call_block(self.blocks, layer, torch.cat(rows))
             probed.add(layer)
-        return len(todo)
 
     def placeholders_everywhere(self) -> bool:
         """Whether every replayed attention layer has been seen reading the shared prefix, so that no
@@ -320,9 +319,7 @@ def last_positions_call(args, kwargs, n_tokens: int, n_rows: int, width: int = 1
             if value.shape[axis] == n_tokens and (not batched or value.shape[0] == 1):
                 last = value.narrow(axis, n_tokens - width, width).clone()   # not a view of the prompt's tensor
                 return last.expand(n_rows, *last.shape[1:]) if batched else last
-        if name.startswith("position_embeddings") and isinstance(value, tuple) and all(
-                isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0] == 1 and t.shape[-2] == n_tokens
-                for t in value):
+        if is_position_embeddings(name, value, n_tokens):
             return tuple(t[..., -width:, :].clone().expand(n_rows, *t.shape[1:-2], width, t.shape[-1])
                          for t in value)
         if spans_positions(value, n_tokens):
@@ -334,6 +331,13 @@ def last_positions_call(args, kwargs, n_tokens: int, n_rows: int, width: int = 1
         raise ReplayUnsupported("a block takes position-sized arguments positionally")
     new_args = (cut("hidden_states", args[0]),) + tuple(args[1:]) if args else ()
     return new_args, {name: cut(name, value) for name, value in kwargs.items()}
+
+
+def is_position_embeddings(name: str, value, n_tokens: int) -> bool:
+    """Whether a block argument is a prompt's rotary embeddings: ``position_embeddings*``, a tuple of
+    one-row tensors with the prompt's positions on their second-to-last axis."""
+    return name.startswith("position_embeddings") and isinstance(value, tuple) and all(
+        isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0] == 1 and t.shape[-2] == n_tokens for t in value)
 
 
 def spans_positions(value, n_tokens: int) -> bool:

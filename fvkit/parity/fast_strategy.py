@@ -35,14 +35,14 @@ def _given_up(what: str, reason: str, hidden_by: str) -> str:
 def fallback_check(lm) -> tuple:
     """([failure, ...] or [], the stage row) for the fast mode's strategy on ``lm``."""
     failures, details = [], []
-    disagreement, refusal = merged_disagreement(lm.model), blocks_refusal(lm.model)
+    merged, disagreement, refusal = merged_refusal(lm.model), merged_disagreement(lm.model), blocks_refusal(lm.model)
     if disagreement is not None:
         failures.append(_given_up("carrying the rows in the prompt's pass (merged), which did not reproduce the "
                                   "clean run", disagreement, "the merged pass misplaced a row or a position, and "
                                   "the block replay's numbers would hide it"))
         details.append(f"merged pass disagreed: {disagreement}")
-    elif merged_refusal(lm.model) is not None:
-        details.append(f"merged pass not used: {merged_refusal(lm.model)}")
+    elif merged is not None:
+        details.append(f"merged pass not used: {merged}")
     if refusal is not None:
         failures.append(_given_up("its blocks replay and fell back to the whole-model strategy", refusal,
                                   "the replay fed a row that is not the clean run's (a stale or misplaced cache "
@@ -50,6 +50,6 @@ def fallback_check(lm) -> tuple:
         details.append(f"fell back to the whole-model strategy: {refusal}")
     if failures:
         return failures, StageRow(stage=STAGE, status="FAIL", detail="; ".join(details))
-    used = "blocks replay" if merged_refusal(lm.model) is not None else "merged pass"
+    used = "blocks replay" if merged is not None else "merged pass"
     return [], StageRow(stage=STAGE, status="PASS",
                         detail="; ".join([f"{used} reproduced the clean run's logits on every unpatched row"] + details))
